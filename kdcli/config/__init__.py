@@ -1,0 +1,1 @@
+"""Recipes: pydantic schemas (`schema`) and YAML loading with `key=value` overrides (`load`)."""

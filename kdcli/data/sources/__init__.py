@@ -1,0 +1,1 @@
+"""One module per raw source: raw files in, a dataset dir out (see `kdcli.data.coco`)."""

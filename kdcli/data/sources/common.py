@@ -1,0 +1,79 @@
+"""Helpers every source shares: class presets, box clipping, seeded val splits, id lists."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdcli.errors import KdcliError
+
+SLIVER = 1.0  # pixels: a clipped box thinner than this is dropped as a sliver
+
+
+@dataclass
+class Preset:
+    """Maps raw class ids to kept class names; a raw id absent from `mapping` is dropped."""
+
+    name: str
+    classes: list[str]
+    mapping: dict[int, str]
+    raw_names: dict[int, str]
+    seen: Counter[int] = field(default_factory=Counter)
+
+    def label(self, raw_id: int) -> int | None:
+        """0-based label of a raw class id, or None when the preset drops it."""
+        self.seen[raw_id] += 1
+        name = self.mapping.get(raw_id)
+        return None if name is None else self.classes.index(name)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One row per raw class seen or known: raw id, raw name, what became of it, object count."""
+        rows = []
+        for raw_id in sorted(set(self.raw_names) | set(self.seen)):
+            raw = self.raw_names.get(raw_id, f"unknown id {raw_id}")
+            target = self.mapping.get(raw_id)
+            if target is None:
+                fate = "dropped"
+            elif target == raw:
+                fate = "kept"
+            else:
+                fate = f"merged into {target}"
+            rows.append({"raw_id": raw_id, "raw_name": raw, "fate": fate, "objects": self.seen[raw_id]})
+        return rows
+
+
+def clip_box(x0: float, y0: float, x1: float, y1: float, w: float, h: float) -> tuple[tuple[float, ...], bool]:
+    """The box clipped to [0, w] x [0, h], and whether clipping changed it."""
+    c = (min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w), min(max(y1, 0.0), h))
+    return c, c != (x0, y0, x1, y1)
+
+
+def is_sliver(box: tuple[float, ...]) -> bool:
+    return box[2] - box[0] < SLIVER or box[3] - box[1] < SLIVER
+
+
+def val_split(ids: list[Any], fraction: float, seed: int, salt: int = 0) -> tuple[list[Any], list[Any]]:
+    """(train, val): a seeded share `fraction` of `ids` goes to val (at least one when fraction > 0)."""
+    if not 0 <= fraction < 1:
+        raise KdcliError(f"--val-fraction must be in [0, 1), got {fraction}")
+    n_val = 0 if fraction == 0 or len(ids) < 2 else max(1, round(fraction * len(ids)))
+    order = sorted(ids)
+    random.Random(seed * 1_000_003 + salt).shuffle(order)
+    val = set(order[:n_val])
+    return [i for i in ids if i not in val], [i for i in ids if i in val]
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """'1-5,7' -> [1, 2, 3, 4, 5, 7]."""
+    values: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, sep, hi = part.partition("-")
+            values += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise KdcliError(f"{what}: cannot read '{text}' as numbers", hint="write e.g. 1-5 or 1,3,5") from None
+    return sorted(set(values))
+
+SYNTHETIC_MARKER = "KDCLI_SYNTHETIC"  # file `kdcli prepare synthetic` leaves in a raw folder it wrote
