@@ -19,8 +19,11 @@ from kdcli.console import err
 from kdcli.errors import KdcliError
 
 
+_state = {"debug": False}  # set by the root callback for this invocation
+
+
 def debug_enabled() -> bool:
-    return os.environ.get("KDCLI_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    return _state["debug"] or os.environ.get("KDCLI_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 # Typer's own exceptions (usage errors, Exit, Abort) carry their exit codes and must pass through untouched.
@@ -43,6 +46,8 @@ class KdcliGroup(TyperGroup):
             if e.hint:
                 err.print(f"[dim]hint: {escape(e.hint)}[/]", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except BrokenPipeError:
+            raise  # `kdcli ... | head`: Typer exits quietly
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
@@ -81,15 +86,15 @@ def root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks (also KDCLI_DEBUG=1).")] = False,
 ) -> None:
     """kdcli: knowledge distillation for object detection on remote-sensing imagery."""
-    if debug:
-        os.environ["KDCLI_DEBUG"] = "1"
+    _state["debug"] = debug
 
 
 def _register() -> None:
-    from kdcli.cli import data, prepare
+    from kdcli.cli import data, prepare, recipe
 
     app.add_typer(prepare.app, name="prepare", rich_help_panel="Data")
     app.add_typer(data.app, name="data", rich_help_panel="Data")
+    app.add_typer(recipe.app, name="recipe", rich_help_panel="Recipes")
 
 
 _register()

@@ -58,13 +58,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _submodel(annotation: Any) -> type[BaseModel] | None:
+def submodel(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside a field annotation (`X`, `X | None`), if any."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         for arg in typing.get_args(annotation):
-            sub = _submodel(arg)
+            sub = submodel(arg)
             if sub is not None:
                 return sub
     return None
@@ -74,7 +74,7 @@ def leaf_keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
     """Every dotted key a recipe may set, e.g. `data.imgsz`."""
     keys = []
     for name, field in schema.model_fields.items():
-        sub = _submodel(field.annotation)
+        sub = submodel(field.annotation)
         if sub is not None:
             keys += leaf_keys(sub, f"{prefix}{name}.")
         else:
@@ -90,7 +90,7 @@ def _suggest(key: str, options: list[str]) -> str | None:
 def resolve_key(schema: type[BaseModel], key: str) -> list[str]:
     """A dotted override key as a path of field names; a bare leaf name (`fold`) is accepted when unique."""
     keys = leaf_keys(schema)
-    sections = [k for k, f in schema.model_fields.items() if _submodel(f.annotation)]
+    sections = [k for k, f in schema.model_fields.items() if submodel(f.annotation)]
     if key in keys or key in sections:
         return key.split(".")
     by_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == key]
@@ -152,13 +152,15 @@ class _Sources:
         self.root = root
         self.sections: dict[str, Path] = {}
         self.overrides: dict[tuple[str, ...], str] = {}
+        self.nested: set[str] = set()  # sections whose file wraps them in their own name
 
     def where(self, loc: tuple[Any, ...]) -> str:
         for n in range(len(loc), 0, -1):
             if tuple(map(str, loc[:n])) in self.overrides:
                 return f"override '{self.overrides[tuple(map(str, loc[:n]))]}'"
         if loc and str(loc[0]) in self.sections:
-            path, rest = self.sections[str(loc[0])], loc[1:]
+            path = self.sections[str(loc[0])]
+            rest = loc if str(loc[0]) in self.nested else loc[1:]
         elif self.root is not None:
             path, rest = self.root, loc
         else:
@@ -171,12 +173,16 @@ def _expand_sections(data: dict[str, Any], schema: type[BaseModel], base_dir: Pa
     """A section given as a string is a path to a YAML file holding that section."""
     for name, field in schema.model_fields.items():
         value = data.get(name)
-        if isinstance(value, str) and _submodel(field.annotation) and value.endswith((".yaml", ".yml")):
+        if isinstance(value, str) and submodel(field.annotation) and value.endswith((".yaml", ".yml")):
             p = Path(value)
             p = p if p.is_absolute() else (base_dir / p)
             if not p.is_file():
                 p = find_recipe(value)
-            data[name] = read_yaml(p)
+            section = read_yaml(p)
+            if set(section) == {name} and isinstance(section[name], dict):
+                section = section[name]  # a recipe file holding just this section, e.g. recipes/data/*.yaml
+                src.nested.add(name)
+            data[name] = section
             src.sections[name] = p
 
 

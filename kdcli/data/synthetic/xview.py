@@ -64,7 +64,7 @@ def generate(out: Path, n_scenes: int = 5, size: int = 2000, seed: int = 0) -> d
         # dirt: a type id that is no class, a box with no area, a box running far off the image
         features.append(_feature(scene, 75 if i % 2 == 0 else 82, (10, 10, 30, 30), len(features) + 1))
         features.append(_feature(scene, 18, (50, 60, 50, 80), len(features) + 1))
-        features.append(_feature(scene, 73, (w - 40, h - 40, w + 60, h + 60), len(features) + 1))
+        features.append(_feature(scene, 18, (w - 12, h - 40, w + 60, h - 28), len(features) + 1))  # runs off
     features.append(_feature("1395.tif", 18, (5, 5, 20, 20), len(features) + 1))  # absent scene
     with open(out / "xView_train.geojson", "w", encoding="utf-8") as f:
         json.dump({"type": "FeatureCollection", "features": features}, f)

@@ -1,0 +1,56 @@
+"""Session fixtures: small synthetic raw datasets in the real raw formats, generated once and shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+@pytest.fixture(scope="session")
+def vedai_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kdcli.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("raw") / "synthetic-vedai"
+    generate("vedai", out, seed=0, images=40, size=96)
+    return out
+
+
+@pytest.fixture(scope="session")
+def xview_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kdcli.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("raw") / "synthetic-xview"
+    generate("xview", out, seed=0, images=4, size=420)
+    return out
+
+
+@pytest.fixture(scope="session")
+def voc_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kdcli.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("raw") / "synthetic-voc"
+    generate("voc", out, seed=0, images=18, size=128)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vedai25(tmp_path_factory: pytest.TempPathFactory, vedai_raw: Path) -> Path:
+    from kdcli.data.sources import vedai
+
+    out = tmp_path_factory.mktemp("datasets") / "vedai25"
+    vedai.prepare(vedai_raw, out, res=25)
+    return out
+
+
+@pytest.fixture
+def datasets_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty KDCLI_DATASETS for a test, with the working dir inside it."""
+    root = tmp_path / "datasets"
+    root.mkdir()
+    monkeypatch.setenv("KDCLI_DATASETS", str(root))
+    monkeypatch.chdir(tmp_path)
+    return root

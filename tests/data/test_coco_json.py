@@ -1,0 +1,57 @@
+"""`prepare coco`: a user's COCO JSON becomes a dataset dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from kdcli.data.sources import coco_json
+from kdcli.errors import KdcliError
+
+
+def _user_dataset(tmp_path: Path, n: int = 10) -> tuple[Path, Path]:
+    images = tmp_path / "imgs"
+    images.mkdir()
+    data = {"images": [], "annotations": [], "categories": [{"id": 7, "name": "ship"}, {"id": 3, "name": "car"}]}
+    for i in range(n):
+        Image.new("RGB", (64, 48), (i * 10, 0, 0)).save(images / f"im{i}.jpg")
+        data["images"].append({"id": 100 + i, "file_name": f"im{i}.jpg", "width": 64, "height": 48})
+        data["annotations"].append({"id": i + 1, "image_id": 100 + i, "category_id": 7 if i % 2 else 3,
+                                    "bbox": [10, 10, 20, 15], "area": 300, "iscrowd": 0})
+    data["annotations"].append({"id": 99, "image_id": 100, "category_id": 3, "bbox": [50, 40, 30, 30], "iscrowd": 0})
+    data["annotations"].append({"id": 98, "image_id": 101, "category_id": 3, "bbox": [1, 1, 5, 5], "iscrowd": 1})
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps(data))
+    return ann, images
+
+
+def test_prepare_coco_renumbers_and_carves_val(tmp_path: Path):
+    ann, images = _user_dataset(tmp_path)
+    meta = coco_json.prepare(ann, images, tmp_path / "out", val_fraction=0.2, seed=0)
+    assert meta["classes"] == ["ship", "car"]
+    assert meta["splits"]["train"]["images"] == 8 and meta["splits"]["val"]["images"] == 2
+    assert meta["dropped"]["crowd box (dropped)"]["count"] == 1
+    assert meta["dropped"]["box clipped to the image"]["count"] == 1
+    both = [json.loads((tmp_path / "out" / "annotations" / f"{s}.json").read_text()) for s in ("train", "val")]
+    anns = [a for d in both for a in d["annotations"]]
+    assert len(anns) == 11
+    assert {a["category_id"] for a in anns} == {1, 2}
+    clipped = next(a for a in anns if a["bbox"][0] == 50)
+    assert clipped["bbox"] == [50, 40, 14, 8]
+
+
+def test_prepare_coco_errors(tmp_path: Path):
+    ann, images = _user_dataset(tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [], "annotations": []}')
+    with pytest.raises(KdcliError, match="no 'categories' list"):
+        coco_json.prepare(bad, images, tmp_path / "o")
+    bad.write_text('{"images": [\n,]}')
+    with pytest.raises(KdcliError, match=r"bad\.json:2: invalid JSON"):
+        coco_json.prepare(bad, images, tmp_path / "o")
+    with pytest.raises(KdcliError, match="image folder not found"):
+        coco_json.prepare(ann, tmp_path / "nope", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
