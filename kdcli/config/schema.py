@@ -51,6 +51,73 @@ class DataConfig(Strict):
     workers: int = Field(2, ge=0, description="dataloader worker processes")
 
 
+class ModelConfig(Strict):
+    """The detector (methods.md). Defaults are the paper's student: ResNet18 + FPN, max-pool removed, CEM."""
+
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = Field(
+        "resnet18", description="torchvision ResNet trunk")
+    pretrained: bool | str = Field(False, description="ImageNet weights: false, true (torch hub cache) or a "
+                                                      "path to a torchvision .pth file")
+    maxpool: bool = Field(False, description="keep the stem max-pool (strides 16/32, faster) instead of "
+                                            "ScratchDet's removal (8/16)")
+    neck: Literal["fpn", "pafpn"] = Field("fpn", description="feature pyramid: fpn (student) or pafpn (teacher)")
+    channels: int = Field(256, ge=8, description="channels of CEM, neck and head")
+    levels: int | None = Field(None, ge=2, le=6, description="pyramid levels from stride 8; default 4 below "
+                                                             "512 px input, else 5")
+    head_convs: int = Field(2, ge=0, description="conv blocks per head branch (RetinaNet uses 4; paper 2)")
+    assigner: Literal["mg", "iou"] = Field("mg", description="anchor assignment: mutual guidance or max-IoU")
+    pos_iou: float = Field(0.5, gt=0, le=1, description="iou assigner: positive at IoU >= this")
+    neg_iou: float = Field(0.4, ge=0, le=1, description="iou assigner: negative below this (ignored between)")
+    mg_sigma: float = Field(2.0, gt=0, description="mutual guidance: q_reg = IoU(anchor) * exp(p / sigma)")
+    mg_topk: int = Field(15, ge=1, description="mutual guidance: k = sum of the top-k qualities")
+    cls_weight: float = Field(2.0, ge=0, description="weight of the quality focal loss")
+    box_weight: float = Field(1.0, ge=0, description="weight of the balanced L1 box loss")
+    bl1_alpha: float = Field(0.5, gt=0, description="balanced L1 alpha")
+    bl1_gamma: float = Field(1.5, gt=0, description="balanced L1 gamma")
+    bl1_beta: float = Field(0.11, gt=0, description="balanced L1 beta")
+    qfl_beta: float = Field(2.0, ge=0, description="quality focal loss exponent on |t - p|")
+    conf: float = Field(0.05, ge=0, le=1, description="inference: minimum max-class score")
+    nms_iou: float = Field(0.5, gt=0, le=1, description="inference: NMS IoU threshold")
+    class_agnostic_nms: bool = Field(True, description="inference: NMS across classes (True) or per class")
+    max_det: int = Field(1000, ge=1, description="inference: detections kept per image (dense aerial scenes)")
+    pre_nms: int = Field(5000, ge=1, description="inference: top-scoring anchors considered before NMS")
+
+
+class TrainConfig(Strict):
+    """The training loop (methods.md: SGD 0.9, wd 5e-4, warm-up then cosine to lr/10, EMA, 70 epochs)."""
+
+    epochs: int = Field(70, ge=1, description="training epochs")
+    batch: int = Field(16, ge=2, description="images per step (per process under DDP; BatchNorm needs 2+)")
+    nominal_batch: int | None = Field(None, ge=1, description="accumulate gradients up to this many images "
+                                                             "per optimizer step (default: batch)")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimizer")
+    lr: float = Field(0.01, gt=0, description="peak learning rate (paper: 0.005 teacher, 0.01 student)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum / AdamW beta1")
+    weight_decay: float = Field(5e-4, ge=0, description="weight decay (none on biases and norm layers)")
+    warmup_iters: int = Field(500, ge=0, description="linear warm-up steps")
+    final_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * this")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on CUDA "
+                                                                           "(auto: bf16 if supported)")
+    ema: bool = Field(True, description="keep an EMA of the weights; it is evaluated and saved")
+    ema_decay: float = Field(0.9998, gt=0, lt=1, description="EMA decay (ramped by 1 - exp(-updates / tau))")
+    ema_tau: float = Field(2000, gt=0, description="EMA warm-up in updates")
+    grad_clip: float = Field(10.0, ge=0, description="clip the gradient norm (0: off)")
+    multiscale: list[int] = Field(default_factory=list, description="input sizes drawn per batch early in "
+                                                                    "training, e.g. [384, 512, 640]")
+    multiscale_until: float = Field(0.8, ge=0, le=1, description="share of epochs using multi-scale")
+    patience: int = Field(0, ge=0, description="stop after this many epochs without val improvement (0: off)")
+    val_every: int = Field(1, ge=1, description="validate every N epochs (and always at the end)")
+    nan_skip_limit: int = Field(5, ge=1, description="non-finite losses in a row before reloading the last "
+                                                     "good state")
+    deterministic: bool = Field(False, description="deterministic algorithms (slower; exact resume on CPU)")
+    device: str = Field("auto", description="auto, cpu, 0, or 0,1 (several GPUs: use torchrun)")
+    plots: bool = Field(True, description="write loss/metric curves and sample predictions as PNG")
+    max_batches: int | None = Field(None, ge=1, description="stop each epoch after this many batches "
+                                                            "(smoke tests)")
+    eval_iou_thresholds: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75],
+                                             description="IoU thresholds of the extra VOC-style AP columns")
+
+
 class Recipe(Strict):
     """A full recipe. Sections may be given inline or as a path to another YAML file."""
 
@@ -58,3 +125,5 @@ class Recipe(Strict):
     seed: int = Field(0, description="random seed for data order, augmentation and initialisation")
     data: DataConfig
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)

@@ -75,6 +75,8 @@ class DetectionDataset(Dataset):
         self.letterbox = letterbox
         self.transform = transform or eval_transform(imgsz, letterbox)
         self.cache: list[np.ndarray] | None = None
+        self.seed: int | None = None  # set for training: each sample's augmentation drawn from (seed, epoch, index)
+        self.epoch = 0
         if cache == "ram":
             self._fill_cache()
 
@@ -93,6 +95,8 @@ class DetectionDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         r = self.records[index]
         image = self.cache[index] if self.cache is not None else load_rgb(r.path)
+        if self.seed is not None:
+            self.transform.set_random_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**32)
         out = self.transform(image=image, bboxes=r.boxes, labels=r.labels)
         boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
         return {

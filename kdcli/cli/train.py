@@ -1,0 +1,208 @@
+"""`kdcli train`, `kdcli val` and `kdcli info model`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from pydantic import Field
+from rich.table import Table
+
+from kdcli import atomic, paths
+from kdcli.config import load
+from kdcli.config.schema import Recipe, Strict
+from kdcli.console import out
+from kdcli.errors import KdcliError
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. fold=2 train.epochs=3.")]
+
+RESUME_OVERRIDES = ("train.device", "data.workers", "train.epochs", "train.plots")
+
+
+def train(
+    recipe: Annotated[str | None, typer.Argument(help="Train recipe (file or name under recipes/).")] = None,
+    overrides: Overrides = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue exactly from a last.pt.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, 0 or 0,1 (same as train.device=).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
+) -> None:
+    """Train a detector (the teacher, or a student on hard labels). Writes runs/train/<name>/ with args.yaml,
+    results.csv, weights/{last,best}.pt and PNG curves.
+
+    Example: [bold]kdcli train recipes/train/vedai25_teacher.yaml fold=1 seed=0[/]
+    """
+    from kdcli.engine import checkpoint
+    from kdcli.engine.trainer import Trainer
+
+    extra = list(overrides or []) + ([f"train.device={device}"] if device else [])
+    if resume is not None:
+        ckpt = checkpoint.load(resume)
+        if "train_state" not in ckpt:
+            raise KdcliError(f"{resume}: no training state (best.pt cannot resume)", hint="resume from last.pt")
+        for item in extra:
+            key = ".".join(load.resolve_key(Recipe, load.parse_override(item)[0]))
+            if key not in RESUME_OVERRIDES:
+                raise KdcliError(f"'{item}' cannot change on resume", hint=f"allowed: {', '.join(RESUME_OVERRIDES)}")
+        r = load.load(Recipe, None, extra, defaults=ckpt["recipe"])
+        trainer = Trainer(r, resume=resume)
+    else:
+        if recipe is None:
+            raise KdcliError("give a train recipe (e.g. recipes/train/synthetic_student.yaml) or --resume last.pt")
+        r = load.load(Recipe, recipe, extra)
+        trainer = Trainer(r, recipe_path=recipe)
+    summary = trainer.fit()
+    _report(summary, as_json)
+
+
+def _report(summary: dict, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in summary.items() if k != "metrics"} |
+                              {"metrics": {k: v for k, v in summary["metrics"].items() if k != "per_class"}}))
+        return
+    m = summary["metrics"]
+    tail = f"  mAP50 {m['mAP50']:.4f}  mAP50-95 {m['mAP50-95']:.4f}" if m else ""
+    state = "interrupted (resume with --resume .../weights/last.pt)" if summary["interrupted"] else "done"
+    out.print(f"[green]{state}:[/] {summary['run_dir']}  epochs {summary['epochs']}, best epoch "
+              f"{summary['best_epoch']}{tail}", highlight=False, soft_wrap=True)
+
+
+class ValConfig(Strict):
+    """What `kdcli val` may change; everything else comes from the checkpoint."""
+
+    data: str | None = Field(None, description="dataset dir (default: the checkpoint's)")
+    fold: int | None = Field(None, description="fold (default: the checkpoint's)")
+    split: str = Field("test", description="split to evaluate: test, val, train, val_scenes, ...")
+    batch: int = Field(16, ge=1, description="images per batch")
+    workers: int = Field(2, ge=0, description="dataloader workers")
+    device: str = Field("auto", description="auto, cpu or a GPU index")
+    conf: float | None = Field(None, ge=0, le=1, description="score threshold (default: the checkpoint's)")
+    nms_iou: float | None = Field(None, gt=0, le=1, description="NMS IoU (default: the checkpoint's)")
+    max_det: int | None = Field(None, ge=1, description="detections per image (default: the checkpoint's)")
+    iou_thresholds: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75],
+                                        description="IoU thresholds of extra VOC-style AP columns")
+    coco_backend: Literal["auto", "pycocotools", "kdcli"] = Field("auto", description="COCO-style evaluator")
+    name: str | None = Field(None, description="run name under runs/val")
+
+
+def val(
+    weights: Annotated[Path, typer.Argument(help="Checkpoint (.pt) to evaluate.")],
+    overrides: Overrides = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON on stdout.")] = False,
+) -> None:
+    """Evaluate a checkpoint: mAP50 (VOC-style all-point AP at IoU 0.5, the headline), COCO AP50 and AP50:95,
+    AP at extra IoU thresholds, per class. Dataset, fold and classes come from the checkpoint.
+
+    Example: [bold]kdcli val runs/train/teacher/weights/best.pt split=test[/]
+    """
+    from torch.utils.data import DataLoader
+
+    from kdcli.data import coco
+    from kdcli.data.dataset import DetectionDataset, collate
+    from kdcli.engine import checkpoint, distributed
+    from kdcli.engine.plots import prediction_grid
+    from kdcli.engine.trainer import unique_run_dir
+    from kdcli.engine.validator import evaluate
+
+    cfg = load.load(ValConfig, None, list(overrides or []))
+    ckpt = checkpoint.load(weights)
+    model = checkpoint.model_from_checkpoint(ckpt, str(weights))
+    d, m = ckpt["data"], ckpt["model"]
+    dataset_dir = paths.resolve_dataset(cfg.data) if cfg.data else Path(d["path"])
+    fold = cfg.fold if cfg.fold is not None else d["fold"]
+    if coco.read_dataset_yaml(dataset_dir)["classes"] != m["classes"]:
+        raise KdcliError(f"{dataset_dir}: classes differ from the checkpoint's {m['classes']}")
+    model_cfg = model.cfg.model_copy(update={k: v for k, v in (("conf", cfg.conf), ("nms_iou", cfg.nms_iou),
+                                                               ("max_det", cfg.max_det)) if v is not None})
+    device = distributed.resolve_device(cfg.device)
+    model.to(device)
+    gt = coco.read_split(dataset_dir, cfg.split, fold)
+    ds = DetectionDataset(dataset_dir, cfg.split, fold, m["imgsz"], d["letterbox"], channels=d["channels"])
+    loader = DataLoader(ds, batch_size=cfg.batch, num_workers=cfg.workers, collate_fn=collate)
+    amp = None if device.type != "cuda" else __import__("torch").bfloat16
+    result, samples = evaluate(model, loader, gt, m["classes"], model_cfg, device, cfg.iou_thresholds,
+                               cfg.coco_backend, amp)
+    result.update({"weights": str(weights), "dataset": str(dataset_dir), "fold": fold, "split": cfg.split})
+    run_dir = unique_run_dir(paths.runs_root() / "val", cfg.name or Path(weights).parent.parent.name or "val")
+    run_dir.mkdir(parents=True)
+    atomic.write_json(run_dir / "metrics.json", result, indent=2)
+    prediction_grid(samples, m["classes"], run_dir / "predictions.png")
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    split_label = coco.split_name(cfg.split, fold)
+    t = Table(title=f"{weights} on {dataset_dir.name}/{split_label}  (mAP50 = VOC-style all-point AP @ IoU 0.5; "
+                    f"COCO columns: {result['coco_backend']}, max {result['max_det']} det/img)", title_justify="left")
+    extra = [k for k in result["per_class"][0] if k.startswith("AP") and k not in ("AP50", "AP50-95")] if \
+        result["per_class"] else []
+    for col in ("class", "GT", "det", "mAP50 (VOC)", "COCO AP50", "AP50-95", *extra):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for row in result["per_class"]:
+        t.add_row(row["class"], str(row["n_gt"]), str(row["n_det"]), fmt(row["AP50"]), fmt(row["coco_AP50"]),
+                  fmt(row["AP50-95"]), *(fmt(row[k]) for k in extra))
+    t.add_row("[bold]all[/]", str(result["objects"]), str(result["detections"]), f"[bold]{result['mAP50']:.4f}[/]",
+              f"{result['coco_AP50']:.4f}", f"{result['mAP50-95']:.4f}",
+              *(f"{result['m' + k]:.4f}" for k in extra))
+    out.print(t)
+    out.print(f"written: {run_dir}/metrics.json, predictions.png", highlight=False)
+
+
+def info_model(
+    models: Annotated[list[str], typer.Argument(help="One or two recipes or checkpoints (teacher first).")],
+    imgsz: Annotated[int | None, typer.Option("--imgsz", help="Input size for FLOPs [default: the recipe's].")]
+    = None,
+    classes: Annotated[int, typer.Option("--classes", help="Classes for a recipe without a dataset.")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Parameters (backbone/neck/head), FLOPs, output shapes per level; with two models, the parameter ratio
+    (the paper states 1.6 teacher/student).
+
+    Example: [bold]kdcli info model recipes/models/teacher_r50_pafpn.yaml recipes/models/student_r18_fpn.yaml[/]
+    """
+    from kdcli.engine.info import describe
+
+    if not 1 <= len(models) <= 2:
+        raise KdcliError("give one or two models")
+    rows = []
+    for spec in models:
+        model, size = _model_for_info(spec, classes)
+        rows.append({"model": spec, **describe(model, imgsz or size)})
+    result: dict = {"models": rows}
+    if len(rows) == 2:
+        result["param_ratio"] = round(rows[0]["params"]["total"] / rows[1]["params"]["total"], 3)
+        result["flop_ratio"] = round(rows[0]["gflops"] / rows[1]["gflops"], 3)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    t = Table(title="models", title_justify="left")
+    for col in ("model", "backbone+neck", "input", "params backbone", "neck", "head", "total", "GFLOPs", "levels"):
+        t.add_column(col, justify="left" if col in ("model", "backbone+neck", "levels") else "right")
+    for r in rows:
+        p = r["params"]
+        lv = " ".join(f"s{x['stride']}:{x['shape'][1]}x{x['shape'][2]}" for x in r["levels"])
+        t.add_row(r["model"], f"{r['backbone']}+{r['neck']}", str(r["imgsz"]), f"{p['backbone'] / 1e6:.2f}M",
+                  f"{p['neck'] / 1e6:.2f}M", f"{p['head'] / 1e6:.2f}M", f"{p['total'] / 1e6:.2f}M",
+                  f"{r['gflops']:.1f}", lv)
+    out.print(t)
+    if len(rows) == 2:
+        out.print(f"parameter ratio {result['param_ratio']:.2f} (paper: 1.6), FLOP ratio {result['flop_ratio']:.2f}",
+                  highlight=False)
+
+
+def _model_for_info(spec: str, classes: int):
+    from kdcli.engine import checkpoint
+    from kdcli.models.detector import build_detector
+
+    if spec.endswith(".pt"):
+        ckpt = checkpoint.load(spec)
+        return checkpoint.model_from_checkpoint(ckpt, spec), ckpt["model"]["imgsz"]
+    path = load.find_recipe(spec)
+    raw = load.read_yaml(path)
+    if "data" not in raw:  # a model recipe alone: no dataset needed to count parameters
+        r = load.load(Recipe, path, defaults={"data": {"path": "-"}})
+    else:
+        r = load.load(Recipe, path)
+    model_cfg = r.model.model_copy(update={"pretrained": False})
+    return build_detector(model_cfg, classes, r.data.imgsz, r.data.anchor_size), r.data.imgsz

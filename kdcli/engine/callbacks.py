@@ -1,0 +1,87 @@
+"""Callbacks: event name -> list of functions taking the trainer. Loggers, plots and checkpoints are callbacks,
+so a user (or a distillation trainer) adds behaviour without touching the loop.
+
+Events: on_train_start, on_epoch_start, on_batch_end, on_epoch_end (after validation and saving),
+on_train_end.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from kdcli import atomic
+
+if TYPE_CHECKING:
+    from kdcli.engine.trainer import Trainer
+
+EVENTS = ("on_train_start", "on_epoch_start", "on_batch_end", "on_epoch_end", "on_train_end")
+
+
+class Callbacks:
+    def __init__(self) -> None:
+        self.handlers: dict[str, list[Callable[[Trainer], None]]] = defaultdict(list)
+
+    def add(self, event: str, fn: Callable[[Trainer], None]) -> None:
+        if event not in EVENTS:
+            raise ValueError(f"unknown callback event {event!r}; events: {', '.join(EVENTS)}")
+        self.handlers[event].append(fn)
+
+    def run(self, event: str, trainer: Trainer) -> None:
+        for fn in self.handlers.get(event, []):
+            fn(trainer)
+
+
+def write_results_csv(trainer: Trainer) -> None:
+    """results.csv: one row per epoch, every loss term, lr, metrics and time (rewritten whole, atomically)."""
+    rows: list[dict[str, Any]] = trainer.history
+    if not rows:
+        return
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    path = trainer.run_dir / "results.csv"
+    with atomic.atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+
+def plot_curves(trainer: Trainer) -> None:
+    if trainer.recipe.train.plots and (trainer.run_dir / "results.csv").is_file():
+        from kdcli.engine.plots import plot_results
+
+        plot_results(trainer.run_dir / "results.csv", trainer.run_dir / "results.png")
+
+
+def tensorboard_logger() -> Callable[[Trainer], None] | None:
+    """An on_epoch_end callback writing scalars to runs/<name>/tensorboard, when tensorboard is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:
+        return None
+    writers: dict[str, Any] = {}
+
+    def log(trainer: Trainer) -> None:
+        if "w" not in writers:
+            writers["w"] = SummaryWriter(str(trainer.run_dir / "tensorboard"))
+        row = trainer.history[-1]
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "epoch":
+                writers["w"].add_scalar(k, v, row["epoch"])
+        writers["w"].flush()
+
+    return log
+
+
+def default_callbacks() -> Callbacks:
+    cb = Callbacks()
+    cb.add("on_epoch_end", write_results_csv)
+    cb.add("on_epoch_end", plot_curves)
+    tb = tensorboard_logger()
+    if tb is not None:
+        cb.add("on_epoch_end", tb)
+    return cb

@@ -1,0 +1,76 @@
+"""Self-contained checkpoints: model recipe, class names, image size, dataset dir/fold/split, weights, metrics,
+training recipe and versions, in plain tensors and dicts so `torch.load(weights_only=True)` reads them.
+
+`best.pt` holds the deployable model alone; `last.pt` adds `train_state` (raw weights, optimizer, scaler,
+RNG states, epoch, history) for exact resume. Files are written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdcli import __version__
+from kdcli.atomic import atomic_path
+from kdcli.config.schema import ModelConfig
+from kdcli.errors import KdcliError
+
+FORMAT_VERSION = 1
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> None:
+    payload = {"format_version": FORMAT_VERSION, "kdcli_version": __version__, "torch_version": torch.__version__,
+               "python_version": platform.python_version(),
+               "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **payload}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise KdcliError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise KdcliError(f"{path}: not a readable kdcli checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt or "model" not in ckpt:
+        raise KdcliError(f"{path}: not a kdcli checkpoint (no format_version/model)")
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise KdcliError(f"{path}: checkpoint format {ckpt['format_version']} is newer than this kdcli understands "
+                         f"({FORMAT_VERSION})", hint=f"it was written by kdcli {ckpt.get('kdcli_version')}; upgrade "
+                                                     "kdcli")
+    return ckpt
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load weights exactly; a mismatch is an error listing what is missing and unexpected."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} ({', '.join(missing[:3])}...)")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])}...)")
+        if shape:
+            parts.append(f"shape mismatch {len(shape)} ({', '.join(shape[:3])}...)")
+        raise KdcliError(f"{where}: weights do not fit the model: {'; '.join(parts)}")
+    module.load_state_dict(state, strict=True)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint") -> torch.nn.Module:
+    """Rebuild the detector from a checkpoint alone (no ImageNet weights needed) and load its weights."""
+    from kdcli.models.detector import build_detector
+
+    m = ckpt["model"]
+    cfg = ModelConfig(**{**m["config"], "pretrained": False})
+    model = build_detector(cfg, len(m["classes"]), m["imgsz"], m["anchor_size"])
+    load_state_strict(model, ckpt["weights"], where)
+    return model

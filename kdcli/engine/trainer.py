@@ -1,0 +1,470 @@
+"""The training loop. A reader should hold it in their head at once: setup, then per epoch
+`train_one_epoch` -> `validate` -> `save`; subclasses (distillation) override `build_extra`, `compute_loss`
+and `checkpoint_extra`.
+
+Reproducibility: data order is drawn from (seed, epoch), each sample's augmentation from (seed, epoch, index),
+multi-scale sizes from (seed, step), so resuming at an epoch boundary replays exactly what a straight run
+does. `last.pt` is written every epoch and on SIGTERM/SIGINT; `best.pt` when validation mAP50 improves.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from kdcli import atomic, paths
+from kdcli.config.load import dump
+from kdcli.config.schema import Recipe
+from kdcli.console import err
+from kdcli.data import coco
+from kdcli.data.dataset import DetectionDataset, collate
+from kdcli.data.transforms import train_transform
+from kdcli.engine import checkpoint, distributed as dist
+from kdcli.engine.callbacks import Callbacks, default_callbacks
+from kdcli.engine.ema import ModelEMA
+from kdcli.engine.schedule import lr_at
+from kdcli.engine.validator import evaluate
+from kdcli.errors import FAILED, KdcliError
+from kdcli.models.detector import Detector, build_detector
+from kdcli.models.losses import DetectionLoss
+
+MAX_RELOADS = 3
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tuples(state["python"]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def unique_run_dir(root: Path, name: str) -> Path:
+    d, n = root / name, 2
+    while d.exists():
+        d, n = root / f"{name}{n}", n + 1
+    return d
+
+
+def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv/linear weights only: none on biases and normalisation layers."""
+    decay, no_decay = [], []
+    for module in modules:
+        for m in module.modules():
+            for name, p in m.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                if name == "bias" or isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+                    no_decay.append(p)
+                else:
+                    decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    task = "train"
+
+    def __init__(self, recipe: Recipe, run_dir: Path | None = None, resume: str | Path | None = None,
+                 callbacks: Callbacks | None = None, recipe_path: str | None = None):
+        self.recipe = recipe
+        self.resume_path = Path(resume) if resume else None
+        self.callbacks = callbacks or default_callbacks()
+        name = recipe.name or (Path(recipe_path).stem if recipe_path else self.task)
+        self.run_dir = run_dir or (self.resume_path.parent.parent if self.resume_path else
+                                   unique_run_dir(paths.runs_root() / self.task, name))
+        self.weights_dir = self.run_dir / "weights"
+        self.history: list[dict[str, Any]] = []
+        self.best_fitness = -1.0
+        self.best_epoch = -1
+        self.epoch = 0
+        self.step = 0  # optimizer steps taken
+        self.stop_requested = False
+        self.bad_steps = 0
+        self.reloads = 0
+        self.last_metrics: dict[str, Any] = {}
+
+    # ---- setup -------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        r, t = self.recipe, self.recipe.train
+        seed_everything(r.seed, t.deterministic)
+        self.device = dist.resolve_device(t.device)
+        dist.init(self.device)
+        self.dataset_dir = paths.resolve_dataset(r.data.path).resolve()
+        self.meta = coco.read_dataset_yaml(self.dataset_dir)
+        d = r.data
+        self.train_set = DetectionDataset(self.dataset_dir, d.train_split, d.fold, d.imgsz, d.letterbox,
+                                          train_transform(r.augment, d.imgsz, d.letterbox), d.channels, d.cache)
+        if len(self.train_set) == 0:
+            raise KdcliError(f"{coco.split_path(self.dataset_dir, d.train_split, d.fold)}: no training images")
+        self.classes = self.train_set.classes
+        self.train_set.seed = r.seed
+        self.val_json = coco.read_split(self.dataset_dir, d.val_split, d.fold) if coco.split_path(
+            self.dataset_dir, d.val_split, d.fold).is_file() else None
+        self.val_set = None
+        if self.val_json and self.val_json["images"]:
+            self.val_set = DetectionDataset(self.dataset_dir, d.val_split, d.fold, d.imgsz, d.letterbox,
+                                            channels=d.channels, cache=d.cache)
+        torch.manual_seed(r.seed)
+        self.model = self.build_model().to(self.device)
+        self.loss_fn = DetectionLoss(r.model, len(self.classes))
+        self.build_extra()
+        self.ema = ModelEMA(self.model, t.ema_decay, t.ema_tau) if t.ema else None
+        groups = param_groups([self.model, *self.trainable_extra()], t.weight_decay)
+        if t.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.momentum, 0.999))
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.accumulate = max(1, round((t.nominal_batch or t.batch) / t.batch))
+        self.steps_per_epoch = math.ceil(self._batches_per_epoch() / self.accumulate)
+        self.total_steps = t.epochs * self.steps_per_epoch
+        if self.resume_path:
+            self.load_resume(self.resume_path)
+        if dist.world_size() > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def build_model(self) -> Detector:
+        r = self.recipe
+        return build_detector(r.model, len(self.classes), r.data.imgsz, r.data.anchor_size)
+
+    def build_extra(self) -> None:
+        """Hook: more modules trained beside the model (distillation adapters)."""
+
+    def trainable_extra(self) -> list[nn.Module]:
+        return []
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        mode = self.recipe.train.amp
+        if self.device.type != "cuda" or mode == "off":
+            return None
+        if mode == "fp16":
+            return torch.float16
+        if mode == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+
+    def _drop_last(self) -> bool:
+        """Drop a ragged last batch (BatchNorm on the CEM's 1x1 global branch needs 2+ images) when it leaves
+        at least one full batch."""
+        return len(self.train_set) // dist.world_size() >= self.recipe.train.batch
+
+    def _batches_per_epoch(self) -> int:
+        per_rank = len(self.train_set) / dist.world_size() / self.recipe.train.batch
+        n = math.floor(per_rank) if self._drop_last() else math.ceil(per_rank)
+        return min(n, self.recipe.train.max_batches or n)
+
+    @property
+    def bare_model(self) -> Detector:
+        return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+
+    def train_loader(self, epoch: int) -> DataLoader:
+        t, d = self.recipe.train, self.recipe.data
+        self.train_set.epoch = epoch
+        if dist.world_size() > 1:
+            sampler = DistributedSampler(self.train_set, seed=self.recipe.seed)
+            sampler.set_epoch(epoch)
+        else:
+            g = torch.Generator().manual_seed(self.recipe.seed * 100_003 + epoch)
+            sampler = RandomSampler(self.train_set, generator=g)
+        return DataLoader(self.train_set, batch_size=t.batch, sampler=sampler, num_workers=d.workers,
+                          collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=self._drop_last())
+
+    def val_loader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.recipe.train.batch * 2, shuffle=False,
+                          num_workers=self.recipe.data.workers, collate_fn=collate)
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+    def preprocess(self, batch: dict[str, Any], epoch: int) -> dict[str, Any]:
+        """Move to the device; multi-scale: resize the batch to a size drawn for this step."""
+        t, imgsz = self.recipe.train, self.recipe.data.imgsz
+        images = batch["images"].to(self.device, non_blocking=True).float()
+        boxes = [b.to(self.device) for b in batch["boxes"]]
+        if t.multiscale and epoch < t.multiscale_until * t.epochs:
+            size = random.Random(self.recipe.seed * 1_000_003 + self.step).choice(t.multiscale)
+            if size != images.shape[-1]:
+                images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+                boxes = [b * (size / imgsz) for b in boxes]
+        return {**batch, "images": images, "boxes": boxes, "labels": [x.to(self.device) for x in batch["labels"]]}
+
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Loss terms for one batch; `total` is what is optimised. Distillation adds its own terms."""
+        out = self.model(batch["images"])
+        return self.loss_fn(out, batch["boxes"], batch["labels"])
+
+    # ---- loop --------------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        self.setup()
+        t = self.recipe.train
+        if dist.is_main():
+            self.weights_dir.mkdir(parents=True, exist_ok=True)
+            atomic.write_yaml(self.run_dir / "args.yaml", dump(self.recipe))
+            err.print(f"[bold]{self.task}[/] -> {self.run_dir}  ({len(self.train_set)} train images, "
+                      f"{len(self.val_set) if self.val_set else 0} val, device {self.device}"
+                      f"{', AMP ' + str(self.amp_dtype).split('.')[-1] if self.amp_dtype else ''})", highlight=False)
+        self.callbacks.run("on_train_start", self)
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            signal.signal(s, self._on_signal)
+        self._remember_good_state()
+        try:
+            while self.epoch < t.epochs and not self.stop_requested:
+                self.callbacks.run("on_epoch_start", self)
+                t0 = time.perf_counter()
+                losses, complete = self.train_one_epoch(self.epoch)
+                if not complete:  # interrupted mid-epoch: save and restart this epoch on resume
+                    self.save(epoch_complete=False)
+                    break
+                row = {"epoch": self.epoch + 1, **{f"loss_{k}": round(v, 6) for k, v in losses.items()},
+                       "lr": self.optimizer.param_groups[0]["lr"]}
+                last = self.epoch + 1 == t.epochs
+                if self.val_set is not None and ((self.epoch + 1) % t.val_every == 0 or last):
+                    self.last_metrics = self.validate()
+                    row.update({k: round(self.last_metrics[k], 6) for k in ("mAP50", "mAP50-95")})
+                row["time_s"] = round(time.perf_counter() - t0, 2)
+                self.history.append(row)
+                self.epoch += 1
+                improved = self._update_best(row)
+                if dist.is_main():
+                    self.save(epoch_complete=True, best=improved)
+                    self._print_epoch(row, improved)
+                self._remember_good_state()
+                self.callbacks.run("on_epoch_end", self)
+                if t.patience and self.epoch - self.best_epoch >= t.patience and self.val_set is not None:
+                    err.print(f"early stop: no mAP50 improvement for {t.patience} epochs (best at epoch "
+                              f"{self.best_epoch})")
+                    break
+            self.callbacks.run("on_train_end", self)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            dist.cleanup()
+        return {"run_dir": str(self.run_dir), "epochs": self.epoch, "best_epoch": self.best_epoch,
+                "best_fitness": self.best_fitness, "metrics": self.last_metrics,
+                "interrupted": self.stop_requested}
+
+    def train_one_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
+        t = self.recipe.train
+        self.model.train()
+        for m in self.trainable_extra():
+            m.train()
+        loader = self.train_loader(epoch)
+        n_batches = self._batches_per_epoch()
+        sums: dict[str, float] = {}
+        count = 0
+        show = dist.is_main()
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[losses]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                      console=err, disable=not show, transient=True) as bar:
+            task = bar.add_task(f"{self.task} {epoch + 1}/{t.epochs}", total=n_batches, losses="")
+            self.optimizer.zero_grad(set_to_none=True)
+            for i, batch in enumerate(loader):
+                if i >= n_batches:
+                    break
+                batch = self.preprocess(batch, epoch)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    terms = self.compute_loss(batch)
+                total = terms["total"]
+                if not torch.isfinite(total.detach()).all():
+                    self._on_nonfinite(terms)
+                    continue
+                self.scaler.scale(total / self.accumulate).backward()
+                if (i + 1) % self.accumulate == 0 or i + 1 == n_batches:
+                    self._optimizer_step()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                count += 1
+                bar.update(task, advance=1, losses="  ".join(f"{k} {v / count:.4f}" for k, v in sums.items()))
+                self.callbacks.run("on_batch_end", self)
+                if self.stop_requested:
+                    return {k: v / max(count, 1) for k, v in sums.items()}, i + 1 >= n_batches
+        means = torch.tensor([sums.get(k, 0.0) / max(count, 1) for k in sorted(sums)], device=self.device)
+        means = dist.all_reduce_mean(means).tolist()
+        return dict(zip(sorted(sums), means)), True
+
+    def _optimizer_step(self) -> None:
+        t = self.recipe.train
+        lr = lr_at(self.step, self.total_steps, t.lr, t.warmup_iters, t.final_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(norm) and self.amp_dtype != torch.float16:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._on_nonfinite({"grad_norm": norm})
+            return
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.bad_steps = 0
+        if self.ema is not None:
+            self.ema.update(self.bare_model)
+
+    def _on_nonfinite(self, terms: dict[str, torch.Tensor]) -> None:
+        """Skip a non-finite step; after `nan_skip_limit` in a row, reload the last good state."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        bad = ", ".join(k for k, v in terms.items() if not torch.isfinite(v.detach()).all())
+        err.print(f"[yellow]warning:[/] non-finite {bad} at step {self.step}: step skipped "
+                  f"({self.bad_steps}/{self.recipe.train.nan_skip_limit})")
+        if self.bad_steps >= self.recipe.train.nan_skip_limit:
+            self.reloads += 1
+            if self.reloads > MAX_RELOADS:
+                raise KdcliError(f"training diverged: non-finite losses persist after {MAX_RELOADS} reloads of the "
+                                 "last good state", hint="lower train.lr, raise train.warmup_iters, or set "
+                                                         "train.amp=off", exit_code=FAILED)
+            err.print(f"[yellow]reloading the last good state[/] (reload {self.reloads}/{MAX_RELOADS})")
+            self._restore_good_state()
+            self.bad_steps = 0
+
+    def _remember_good_state(self) -> None:
+        self._good = {"model": copy.deepcopy(self.bare_model.state_dict()),
+                      "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                      "ema": copy.deepcopy(self.ema.module.state_dict()) if self.ema else None,
+                      "extra": [copy.deepcopy(m.state_dict()) for m in self.trainable_extra()]}
+
+    def _restore_good_state(self) -> None:
+        self.bare_model.load_state_dict(self._good["model"])
+        self.optimizer.load_state_dict(self._good["optimizer"])
+        if self.ema is not None and self._good["ema"] is not None:
+            self.ema.module.load_state_dict(self._good["ema"])
+        for m, s in zip(self.trainable_extra(), self._good["extra"]):
+            m.load_state_dict(s)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        err.print(f"[yellow]{signal.Signals(signum).name}: stopping after this batch, saving last.pt[/]")
+
+    def _update_best(self, row: dict[str, Any]) -> bool:
+        fitness = row.get("mAP50")
+        if fitness is None:  # no validation split: the last model is the one reported
+            self.best_epoch = self.epoch
+            return True
+        if fitness > self.best_fitness:
+            self.best_fitness, self.best_epoch = float(fitness), self.epoch
+            return True
+        return False
+
+    def _print_epoch(self, row: dict[str, Any], improved: bool) -> None:
+        losses = "  ".join(f"{k[5:]} {v:.4f}" for k, v in row.items() if k.startswith("loss_"))
+        metric = f"  mAP50 {row['mAP50']:.4f}  mAP50-95 {row['mAP50-95']:.4f}" if "mAP50" in row else ""
+        star = " [green]*best[/]" if improved and "mAP50" in row else ""
+        err.print(f"epoch {row['epoch']}/{self.recipe.train.epochs}  {losses}{metric}  ({row['time_s']:.1f}s){star}",
+                  highlight=False)
+
+    # ---- validation and checkpoints ----------------------------------------------------------------------------
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.bare_model
+
+    def validate(self) -> dict[str, Any]:
+        if not dist.is_main():
+            dist.barrier()
+            return {"mAP50": 0.0, "mAP50-95": 0.0}
+        metrics, samples = evaluate(self.eval_model(), self.val_loader(), self.val_json, self.classes,
+                                    self.recipe.model, self.device, self.recipe.train.eval_iou_thresholds,
+                                    amp_dtype=self.amp_dtype)
+        if self.recipe.train.plots and samples:
+            from kdcli.engine.plots import prediction_grid
+
+            prediction_grid(samples, self.classes, self.run_dir / "val_predictions.png")
+        dist.barrier()
+        return metrics
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """Hook: metadata a subclass adds to both checkpoints (distillation: teacher, method)."""
+        return {}
+
+    def train_state_extra(self) -> dict[str, Any]:
+        """Hook: training-only state a subclass keeps in last.pt (distillation: adapters)."""
+        return {}
+
+    def base_payload(self) -> dict[str, Any]:
+        r = self.recipe
+        return {
+            "kind": "detector", "task": self.task,
+            "model": {"config": r.model.model_dump(mode="json"), "classes": self.classes, "imgsz": r.data.imgsz,
+                      "anchor_size": r.data.anchor_size},
+            "data": {"path": str(self.dataset_dir), "fold": r.data.fold, "train_split": r.data.train_split,
+                     "val_split": r.data.val_split, "test_split": r.data.test_split, "letterbox": r.data.letterbox,
+                     "channels": r.data.channels, "source": self.meta.get("source")},
+            "recipe": dump(r), "weights": self.eval_model().state_dict(), "epoch": self.epoch,
+            "metrics": {k: v for k, v in self.last_metrics.items() if k != "per_class"},
+            "per_class": self.last_metrics.get("per_class", []), **self.checkpoint_extra(),
+        }
+
+    def save(self, epoch_complete: bool = True, best: bool = False) -> None:
+        payload = self.base_payload()
+        state = {"model": self.bare_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "ema_updates": self.ema.updates if self.ema else 0,
+                 "step": self.step, "epoch": self.epoch, "epoch_complete": epoch_complete,
+                 "best_fitness": self.best_fitness, "best_epoch": self.best_epoch, "history": self.history,
+                 "rng": rng_state(), "reloads": self.reloads, **self.train_state_extra()}
+        checkpoint.save(self.weights_dir / "last.pt", {**payload, "train_state": state})
+        if best:
+            checkpoint.save(self.weights_dir / "best.pt", payload)
+
+    def load_resume(self, path: Path) -> None:
+        ckpt = checkpoint.load(path)
+        state = ckpt.get("train_state")
+        if state is None:
+            raise KdcliError(f"{path}: no training state (best.pt cannot resume)", hint="resume from last.pt")
+        checkpoint.load_state_strict(self.bare_model, state["model"], str(path))
+        if self.ema is not None:
+            checkpoint.load_state_strict(self.ema.module, ckpt["weights"], str(path))
+            self.ema.updates = state["ema_updates"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.best_fitness, self.best_epoch = state["best_fitness"], state["best_epoch"]
+        self.history, self.reloads = list(state["history"]), state.get("reloads", 0)
+        self.last_metrics = dict(ckpt.get("metrics", {}))
+        set_rng_state(state["rng"])
+        self.load_train_state_extra(state)
+        err.print(f"resuming {path} at epoch {self.epoch + 1} (step {self.step})")
+
+    def load_train_state_extra(self, state: dict[str, Any]) -> None:
+        """Hook: restore what `train_state_extra` saved."""

@@ -1,0 +1,27 @@
+"""ThunderNet's Context Enhancement Module: C4, upsampled C5 and global context of C5, summed."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+
+class CEM(nn.Module):
+    """out = LeakyReLU(bn(1x1 C4) + up2(bn(1x1 C5)) + broadcast(bn(1x1 GAP(C5)))) at C4's stride."""
+
+    def __init__(self, c4: int, c5: int, channels: int = 256):
+        super().__init__()
+        self.lat4 = _conv_bn(c4, channels)
+        self.lat5 = _conv_bn(c5, channels)
+        self.glb = _conv_bn(c5, channels)
+        self.act = nn.LeakyReLU(0.1, inplace=True)
+
+    def forward(self, c4: torch.Tensor, c5: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(self.lat5(c5), size=c4.shape[-2:], mode="nearest")
+        glb = self.glb(F.adaptive_avg_pool2d(c5, 1))
+        return self.act(self.lat4(c4) + up + glb)

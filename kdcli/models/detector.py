@@ -1,0 +1,80 @@
+"""The one-stage detector: ResNet trunk -> CEM -> pyramid levels -> FPN/PAFPN -> shared head.
+
+`forward` returns a `DetectorOutput` that the loss, inference and distillation all read. It takes uint8 (or
+0-255 float) images and normalises them itself, so loaders stay uint8. `head=False` stops after the neck
+(a teacher used for feature imitation only needs that far).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kdcli.config.schema import ModelConfig
+from kdcli.models.anchors import ANCHORS_PER_LOCATION, level_shapes, make_anchors
+from kdcli.models.backbones import ResNetTrunk
+from kdcli.models.cem import CEM
+from kdcli.models.head import Head
+from kdcli.models.necks import NECKS, Levels
+
+MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclass
+class DetectorOutput:
+    features: list[torch.Tensor]  # neck features per level, [B, C, H_l, W_l]
+    anchors: torch.Tensor  # [A, 4] xyxy input pixels, A = 6 x locations over all levels
+    strides: list[int]
+    cls_logits: torch.Tensor | None = None  # [B, A, K]
+    box_deltas: torch.Tensor | None = None  # [B, A, 4]
+    level_sizes: list[int] = field(default_factory=list)  # anchors per level
+
+
+def default_levels(imgsz: int) -> int:
+    return 4 if imgsz < 512 else 5
+
+
+class Detector(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_classes: int, imgsz: int = 512, anchor_size: float = 16.0):
+        super().__init__()
+        self.cfg, self.num_classes, self.anchor_size = cfg, num_classes, anchor_size
+        n_levels = cfg.levels or default_levels(imgsz)
+        self.backbone = ResNetTrunk(cfg.backbone, cfg.pretrained, cfg.maxpool)
+        c4, c5 = self.backbone.out_channels
+        self.cem = CEM(c4, c5, cfg.channels)
+        self.levels = Levels(cfg.channels, n_levels)
+        self.neck = NECKS[cfg.neck](cfg.channels, n_levels)
+        self.head = Head(cfg.channels, num_classes, ANCHORS_PER_LOCATION, cfg.head_convs)
+        first = self.backbone.strides[0]
+        self.strides = [first * 2 ** k for k in range(n_levels)]
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        self._anchor_cache: dict[tuple, torch.Tensor] = {}
+
+    def anchors(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        key = (height, width, str(device))
+        if key not in self._anchor_cache:
+            shapes = level_shapes(height, width, self.strides)
+            self._anchor_cache[key] = make_anchors(shapes, self.strides, self.anchor_size, device)
+        return self._anchor_cache[key]
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = (images.float() - self.mean) / self.std
+        c4, c5 = self.backbone(x)
+        return self.neck(self.levels(self.cem(c4, c5)))
+
+    def forward(self, images: torch.Tensor, head: bool = True) -> DetectorOutput:
+        feats = self.features(images)
+        h, w = images.shape[-2:]
+        out = DetectorOutput(feats, self.anchors(h, w, images.device), self.strides,
+                             level_sizes=[f.shape[-2] * f.shape[-1] * ANCHORS_PER_LOCATION for f in feats])
+        if head:
+            out.cls_logits, out.box_deltas = self.head(feats)
+        return out
+
+
+def build_detector(cfg: ModelConfig, num_classes: int, imgsz: int, anchor_size: float) -> Detector:
+    return Detector(cfg, num_classes, imgsz, anchor_size)

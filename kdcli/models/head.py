@@ -1,0 +1,37 @@
+"""The RetinaNet-style head shared across levels: a class branch and a box branch of `head_convs` conv blocks
+each, then a 1x1 output conv. Outputs are flattened level by level, location (y, x) by location, anchor by
+anchor, which is the order `anchors.make_anchors` uses."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kdcli.models.blocks import conv_block
+
+PRIOR = 0.01
+
+
+class Head(nn.Module):
+    def __init__(self, channels: int, num_classes: int, num_anchors: int = 6, convs: int = 2):
+        super().__init__()
+        self.num_classes, self.num_anchors = num_classes, num_anchors
+        self.cls_tower = nn.Sequential(*(conv_block(channels, channels) for _ in range(convs)))
+        self.box_tower = nn.Sequential(*(conv_block(channels, channels) for _ in range(convs)))
+        self.cls_out = nn.Conv2d(channels, num_anchors * num_classes, 1)
+        self.box_out = nn.Conv2d(channels, num_anchors * 4, 1)
+        for conv in (self.cls_out, self.box_out):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+        nn.init.constant_(self.cls_out.bias, -math.log((1 - PRIOR) / PRIOR))
+
+    def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits [B, A_total, K], box deltas [B, A_total, 4])."""
+        cls, box = [], []
+        for f in feats:
+            b = f.shape[0]
+            cls.append(self.cls_out(self.cls_tower(f)).permute(0, 2, 3, 1).reshape(b, -1, self.num_classes))
+            box.append(self.box_out(self.box_tower(f)).permute(0, 2, 3, 1).reshape(b, -1, 4))
+        return torch.cat(cls, 1), torch.cat(box, 1)
