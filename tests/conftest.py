@@ -54,3 +54,28 @@ def datasets_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("KDCLI_DATASETS", str(root))
     monkeypatch.chdir(tmp_path)
     return root
+
+
+def tiny_recipe(dataset: Path, **sections):
+    """The smallest training recipe that exercises every code path (CPU, seconds)."""
+    from kdcli.config.schema import Recipe
+
+    base = {
+        "data": {"path": str(dataset), "fold": 1, "imgsz": 96, "anchor_size": 16, "workers": 0},
+        "model": {"channels": 16},
+        "train": {"epochs": 2, "batch": 4, "max_batches": 2, "warmup_iters": 2, "ema_tau": 5, "device": "cpu",
+                  "plots": False},
+    }
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v}
+    return Recipe.model_validate(base)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, vedai25: Path) -> Path:
+    """A tiny trained detector checkpoint (best.pt), made once per session."""
+    from kdcli.engine.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    Trainer(tiny_recipe(vedai25, train={"plots": True}), run_dir=run).fit()
+    return run / "weights" / "best.pt"

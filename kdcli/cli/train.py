@@ -168,7 +168,7 @@ def info_model(
     rows = []
     for spec in models:
         model, size = _model_for_info(spec, classes)
-        rows.append({"model": spec, **describe(model, imgsz or size)})
+        rows.append({"model": Path(spec).stem, **describe(model, imgsz or size)})
     result: dict = {"models": rows}
     if len(rows) == 2:
         result["param_ratio"] = round(rows[0]["params"]["total"] / rows[1]["params"]["total"], 3)

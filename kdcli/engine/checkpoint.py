@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:
-    payload = {"format_version": FORMAT_VERSION, "kdcli_version": __version__, "torch_version": torch.__version__,
+    payload = {"format_version": FORMAT_VERSION, "kdcli_version": __version__, "torch_version": str(torch.__version__),
                "python_version": platform.python_version(),
                "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **payload}
     with atomic_path(path) as tmp:

@@ -107,7 +107,9 @@ def _pycoco(dets: M.Detections, gt_json: dict[str, Any], max_det: int, backend: 
             valid = p[t] > -1
             if valid.any():
                 per[t, c] = p[t][valid].mean()
-    return per[0], np.nanmean(per, 0) if np.isfinite(per).any() else per[0]
+    with np.errstate(all="ignore"):
+        mean = np.array([np.nanmean(per[:, c]) if np.isfinite(per[:, c]).any() else np.nan for c in range(k)])
+    return per[0], mean
 
 
 def compute_metrics(dets: M.Detections, gt_json: dict[str, Any], classes: list[str], max_det: int,

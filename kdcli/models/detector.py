@@ -47,7 +47,7 @@ class Detector(nn.Module):
         self.cem = CEM(c4, c5, cfg.channels)
         self.levels = Levels(cfg.channels, n_levels)
         self.neck = NECKS[cfg.neck](cfg.channels, n_levels)
-        self.head = Head(cfg.channels, num_classes, ANCHORS_PER_LOCATION, cfg.head_convs)
+        self.head = Head(cfg.channels, num_classes, n_levels, ANCHORS_PER_LOCATION, cfg.head_convs)
         first = self.backbone.strides[0]
         self.strides = [first * 2 ** k for k in range(n_levels)]
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)

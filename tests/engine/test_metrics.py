@@ -1,0 +1,106 @@
+"""Metrics: VOC-style AP by hand, and COCO-style AP equal to pycocotools on the same detections."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+
+from kdcli.engine.metrics import Detections, coco_per_class, ground_truth, voc_ap, voc_per_class
+from kdcli.engine.validator import compute_metrics
+
+
+def _gt(boxes_by_image: dict[int, list[tuple]], difficult: set[int] = frozenset()) -> dict:
+    images, anns = [], []
+    for im, boxes in boxes_by_image.items():
+        images.append({"id": im, "file_name": f"{im}.png", "width": 100, "height": 100})
+        for c, x0, y0, x1, y1 in boxes:
+            a = {"id": len(anns) + 1, "image_id": im, "category_id": c + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                 "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+            if len(anns) + 1 in difficult:
+                a["difficult"] = 1
+            anns.append(a)
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+
+
+def _dets(rows: list[tuple]) -> Detections:
+    return Detections(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), np.array([r[2] for r in rows]),
+                      np.array([r[3:] for r in rows], dtype=np.float64).reshape(-1, 4))
+
+
+def test_voc_ap_by_hand():
+    gt = _gt({1: [(0, 0, 0, 10, 10)], 2: [(0, 0, 0, 10, 10)]})
+    dets = _dets([(1, 0, 0.9, 0, 0, 10, 10), (1, 0, 0.8, 50, 50, 60, 60), (2, 0, 0.7, 1, 1, 10, 10)])
+    # ranks: TP, FP, TP -> recall .5 .5 1, precision 1 .5 .667 -> AP = .5 * 1 + .5 * 2/3
+    ap = voc_per_class(dets, ground_truth(gt), 2, 0.5)
+    assert ap[0] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert np.isnan(ap[1])  # no ground truth of class b
+    assert voc_ap(np.array([1.0]), np.array([1.0])) == 1.0
+
+
+def test_voc_duplicate_is_false_positive_and_difficult_ignored():
+    gt = _gt({1: [(0, 0, 0, 10, 10), (0, 40, 40, 60, 60)]}, difficult={2})
+    dets = _dets([(1, 0, 0.9, 0, 0, 10, 10), (1, 0, 0.8, 0, 0, 10, 10), (1, 0, 0.7, 40, 40, 60, 60)])
+    ap = voc_per_class(dets, ground_truth(gt), 2, 0.5)
+    # one countable GT: TP at rank 1 (precision 1 at recall 1), the duplicate is FP, the difficult match ignored
+    assert ap[0] == pytest.approx(1.0)
+    assert compute_metrics(dets, gt, ["a", "b"], 100, [0.5])["objects"] == 1
+
+
+def _random_case(seed: int):
+    rng = np.random.default_rng(seed)
+    images, anns, rows = [], [], []
+    for i in range(1, 31):
+        images.append({"id": i, "file_name": f"{i}.png", "width": 300, "height": 300})
+        for _ in range(rng.integers(0, 7)):
+            x, y = rng.uniform(0, 250, 2)
+            w, h = rng.uniform(4, 50, 2)
+            c = int(rng.integers(0, 3))
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": c + 1, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": 0})
+            if rng.random() < 0.8:
+                j = np.clip(rng.normal(0, 3, 4), -1.5, 1.5)  # jittered but valid boxes, as a detector gives
+                cc = c if rng.random() < 0.85 else int(rng.integers(0, 3))
+                rows.append((i, cc, float(rng.random()), x + j[0], y + j[1], x + w + j[2], y + h + j[3]))
+        for _ in range(rng.integers(0, 4)):
+            x, y = rng.uniform(0, 250, 2)
+            w, h = rng.uniform(4, 50, 2)
+            rows.append((i, int(rng.integers(0, 3)), float(rng.random()), x, y, x + w, y + h))
+    gt = {"images": images, "annotations": anns, "categories": [{"id": k + 1, "name": str(k)} for k in range(3)]}
+    return gt, _dets(rows)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coco_style_ap_equals_pycocotools(seed: int):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt, dets = _random_case(seed)
+    res = [{"image_id": int(i), "category_id": int(c) + 1, "score": float(s),
+            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
+           for i, c, s, b in zip(dets.image_ids, dets.labels, dets.scores, dets.boxes.tolist())]
+    with contextlib.redirect_stdout(io.StringIO()):
+        cg = COCO()
+        cg.dataset = gt
+        cg.createIndex()
+        ev = COCOeval(cg, cg.loadRes(res), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    ours = coco_per_class(dets, ground_truth(gt), 3, [im["id"] for im in gt["images"]], max_det=100)
+    assert np.nanmean(ours) == pytest.approx(ev.stats[0], abs=1e-4)
+    assert np.nanmean(ours[0]) == pytest.approx(ev.stats[1], abs=1e-4)
+    assert np.nanmean(ours[5]) == pytest.approx(ev.stats[2], abs=1e-4)
+    a = compute_metrics(dets, gt, ["0", "1", "2"], 100, [0.5], backend="kdcli")
+    b = compute_metrics(dets, gt, ["0", "1", "2"], 100, [0.5], backend="pycocotools")
+    assert a["mAP50-95"] == pytest.approx(b["mAP50-95"], abs=1e-4) and a["coco_AP50"] == pytest.approx(b["coco_AP50"],
+                                                                                                         abs=1e-4)
+    assert a["mAP50"] == b["mAP50"]  # the VOC-style headline is ours in both
+
+
+def test_empty_detections_do_not_crash_pycocotools():
+    gt, _ = _random_case(0)
+    m = compute_metrics(Detections.empty(), gt, ["0", "1", "2"], 100, [0.25, 0.5], backend="pycocotools")
+    assert m["mAP50"] == 0.0 and m["mAP50-95"] == 0.0 and m["mAP0.25"] == 0.0 and m["detections"] == 0

@@ -1,0 +1,134 @@
+"""The trainer: overfitting, exact resume, checkpoints, NaN guard, DDP."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kdcli.data.sources import vedai
+from kdcli.engine import checkpoint
+from kdcli.engine.trainer import Trainer
+from kdcli.errors import KdcliError
+from tests.conftest import tiny_recipe
+
+NO_AUG = {"hsv": 0, "brightness_contrast": 0, "fliplr": 0, "flipud": 0, "rot90": 0, "zoom": 0}
+
+
+def test_tiny_model_overfits_a_handful_of_images(tmp_path: Path, vedai_raw: Path):
+    data = tmp_path / "one_class"
+    vedai.prepare(vedai_raw, data, classes="vehicle", folds=[1], val_fraction=0)
+    recipe = tiny_recipe(data, data={"train_split": "test", "val_split": "test"}, augment=NO_AUG,
+                         model={"channels": 32},
+                         train={"epochs": 70, "batch": 4, "max_batches": 1, "optimizer": "adamw", "lr": 0.003,
+                                "weight_decay": 1e-4, "warmup_iters": 10, "ema_decay": 0.9, "val_every": 70})
+    summary = Trainer(recipe, run_dir=tmp_path / "run").fit()
+    assert summary["metrics"]["mAP50"] > 0.9, summary["metrics"]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = checkpoint.load(path)
+    return {**{f"ema.{k}": v for k, v in ckpt["weights"].items()},
+            **{f"raw.{k}": v for k, v in ckpt["train_state"]["model"].items()}}
+
+
+def test_resume_is_exact(tmp_path: Path, vedai25: Path):
+    recipe = tiny_recipe(vedai25, train={"deterministic": True, "epochs": 2, "max_batches": 2})
+    Trainer(recipe, run_dir=tmp_path / "straight").fit()
+
+    class StopAfterFirst(Trainer):
+        def train_one_epoch(self, epoch):
+            result = super().train_one_epoch(epoch)
+            if epoch == 0:
+                self.stop_requested = True  # as SIGTERM at the end of epoch 1 would
+            return result
+
+    s = StopAfterFirst(recipe, run_dir=tmp_path / "split").fit()
+    assert s["epochs"] == 1 and s["interrupted"]
+    last = tmp_path / "split" / "weights" / "last.pt"
+    Trainer(recipe, run_dir=tmp_path / "split", resume=last).fit()
+    a, b = _weights(tmp_path / "straight" / "weights" / "last.pt"), _weights(last)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = list(csv.DictReader(open(tmp_path / "split" / "results.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert rows == list(csv.DictReader(open(tmp_path / "straight" / "results.csv"))) or all(
+        rows[i]["loss_total"] == r["loss_total"] for i, r in
+        enumerate(csv.DictReader(open(tmp_path / "straight" / "results.csv"))))
+
+
+def test_checkpoint_is_self_contained(tiny_checkpoint: Path, tmp_path: Path):
+    run = tiny_checkpoint.parent.parent
+    ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    assert ckpt["format_version"] == checkpoint.FORMAT_VERSION and "train_state" not in ckpt
+    assert ckpt["model"]["classes"][0] == "car" and ckpt["model"]["imgsz"] == 96
+    assert ckpt["data"]["fold"] == 1 and Path(ckpt["data"]["path"]).is_dir()
+    assert {"kdcli_version", "torch_version", "recipe", "metrics"} <= set(ckpt)
+    model = checkpoint.model_from_checkpoint(ckpt).eval()
+    x = torch.randint(0, 255, (1, 3, 96, 96), dtype=torch.uint8)
+    ref = checkpoint.model_from_checkpoint(checkpoint.load(tiny_checkpoint)).eval()
+    assert torch.equal(model(x).cls_logits, ref(x).cls_logits)
+    assert (run / "results.csv").is_file() and (run / "args.yaml").is_file() and (run / "results.png").is_file()
+    assert yaml.safe_load((run / "args.yaml").read_text())["model"]["channels"] == 16
+    header = (run / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "loss_cls", "loss_box", "loss_total", "lr", "mAP50", "mAP50-95", "time_s"} <= set(header)
+    newer = dict(ckpt, format_version=checkpoint.FORMAT_VERSION + 1)
+    torch.save(newer, tmp_path / "new.pt")
+    with pytest.raises(KdcliError, match="newer than this kdcli understands"):
+        checkpoint.load(tmp_path / "new.pt")
+    broken = dict(ckpt, weights={k: v for k, v in ckpt["weights"].items() if "head" not in k})
+    with pytest.raises(KdcliError, match=r"weights do not fit the model: missing \d+"):
+        checkpoint.model_from_checkpoint(broken, "broken.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(KdcliError, match="not a readable kdcli checkpoint"):
+        checkpoint.load(tmp_path / "junk.pt")
+
+
+def test_nan_guard_skips_then_reloads_then_gives_up(tmp_path: Path, vedai25: Path, capsys):
+    class Poisoned(Trainer):
+        calls = 0
+
+        def compute_loss(self, batch):
+            terms = super().compute_loss(batch)
+            Poisoned.calls += 1
+            if Poisoned.calls in (2, 3):
+                terms = {**terms, "total": terms["total"] * float("nan")}
+            return terms
+
+    recipe = tiny_recipe(vedai25, train={"epochs": 2, "max_batches": 3, "nan_skip_limit": 2})
+    t = Poisoned(recipe, run_dir=tmp_path / "nan")
+    t.fit()
+    assert t.reloads == 1
+    err = capsys.readouterr().err
+    assert "non-finite total" in err and "reloading the last good state" in err
+    assert all(torch.isfinite(v).all() for v in t.bare_model.state_dict().values() if v.is_floating_point())
+
+    class AlwaysNan(Trainer):
+        def compute_loss(self, batch):
+            terms = super().compute_loss(batch)
+            return {**terms, "total": terms["total"] * float("nan")}
+
+    with pytest.raises(KdcliError, match="training diverged"):
+        AlwaysNan(tiny_recipe(vedai25, train={"epochs": 3, "max_batches": 3, "nan_skip_limit": 1}),
+                  run_dir=tmp_path / "nan2").fit()
+
+
+def test_ddp_two_cpu_processes(tmp_path: Path, vedai25: Path):
+    recipe = tmp_path / "r.yaml"
+    r = tiny_recipe(vedai25, train={"epochs": 1, "max_batches": 2})
+    recipe.write_text(yaml.safe_dump(r.model_dump(mode="json")))
+    env = {**os.environ, "KDCLI_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29533", "-m", "kdcli", "train", str(recipe), "name=ddp"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "train" / "ddp"
+    assert (run / "weights" / "best.pt").is_file() and not (tmp_path / "runs" / "train" / "ddp2").exists()
+    assert len((run / "results.csv").read_text().splitlines()) == 2
