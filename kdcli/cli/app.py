@@ -90,13 +90,14 @@ def root(
 
 
 def _register() -> None:
-    from kdcli.cli import data, prepare, recipe, train
+    from kdcli.cli import benchmark, data, prepare, recipe, train
 
     app.command("train", rich_help_panel="Train and evaluate")(train.train)
     app.command("val", rich_help_panel="Train and evaluate")(train.val)
     info = typer.Typer(help="Describe models.", no_args_is_help=True, rich_markup_mode="rich")
     info.command("model")(train.info_model)
     app.add_typer(info, name="info", rich_help_panel="Train and evaluate")
+    app.command("benchmark", rich_help_panel="Deploy and measure")(benchmark.benchmark)
 
     app.add_typer(prepare.app, name="prepare", rich_help_panel="Data")
     app.add_typer(data.app, name="data", rich_help_panel="Data")

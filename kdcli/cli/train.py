@@ -12,7 +12,7 @@ from rich.table import Table
 
 from kdcli import atomic, paths
 from kdcli.config import load
-from kdcli.config.schema import Recipe, Strict
+from kdcli.config.schema import Device, Recipe, Strict
 from kdcli.console import out
 from kdcli.errors import KdcliError
 
@@ -37,6 +37,10 @@ def train(
     from kdcli.engine.trainer import Trainer
 
     extra = list(overrides or []) + ([f"train.device={device}"] if device else [])
+    if resume is not None and recipe is not None:
+        if "=" not in recipe:
+            raise KdcliError("give a recipe or --resume, not both", hint="the recipe of a resumed run is in last.pt")
+        extra.insert(0, recipe)  # `kdcli train --resume last.pt key=value`: the first override lands here
     if resume is not None:
         ckpt = checkpoint.load(resume)
         if "train_state" not in ckpt:
@@ -76,7 +80,7 @@ class ValConfig(Strict):
     split: str = Field("test", description="split to evaluate: test, val, train, val_scenes, ...")
     batch: int = Field(16, ge=1, description="images per batch")
     workers: int = Field(2, ge=0, description="dataloader workers")
-    device: str = Field("auto", description="auto, cpu or a GPU index")
+    device: Device = Field("auto", description="auto, cpu or a GPU index")
     conf: float | None = Field(None, ge=0, le=1, description="score threshold (default: the checkpoint's)")
     nms_iou: float | None = Field(None, gt=0, le=1, description="NMS IoU (default: the checkpoint's)")
     max_det: int | None = Field(None, ge=1, description="detections per image (default: the checkpoint's)")

@@ -6,9 +6,12 @@ file, line and field and suggests the closest valid key.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+# `device=0` arrives from YAML as an int, `device=0,1` as a string: both mean GPU indices
+Device = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else v)]
 
 
 class Strict(BaseModel):
@@ -110,7 +113,7 @@ class TrainConfig(Strict):
     nan_skip_limit: int = Field(5, ge=1, description="non-finite losses in a row before reloading the last "
                                                      "good state")
     deterministic: bool = Field(False, description="deterministic algorithms (slower; exact resume on CPU)")
-    device: str = Field("auto", description="auto, cpu, 0, or 0,1 (several GPUs: use torchrun)")
+    device: Device = Field("auto", description="auto, cpu, 0, or 0,1 (several GPUs: use torchrun)")
     plots: bool = Field(True, description="write loss/metric curves and sample predictions as PNG")
     max_batches: int | None = Field(None, ge=1, description="stop each epoch after this many batches "
                                                             "(smoke tests)")

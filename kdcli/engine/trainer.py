@@ -233,6 +233,11 @@ class Trainer:
         return self.loss_fn(out, batch["boxes"], batch["labels"])
 
     # ---- loop --------------------------------------------------------------------------------------------------
+    def run_callbacks(self, event: str) -> None:
+        """Callbacks (loggers, plots) run on the main process only."""
+        if dist.is_main():
+            self.callbacks.run(event, self)
+
     def fit(self) -> dict[str, Any]:
         self.setup()
         t = self.recipe.train
@@ -242,14 +247,14 @@ class Trainer:
             err.print(f"[bold]{self.task}[/] -> {self.run_dir}  ({len(self.train_set)} train images, "
                       f"{len(self.val_set) if self.val_set else 0} val, device {self.device}"
                       f"{', AMP ' + str(self.amp_dtype).split('.')[-1] if self.amp_dtype else ''})", highlight=False)
-        self.callbacks.run("on_train_start", self)
+        self.run_callbacks("on_train_start")
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in previous:
             signal.signal(s, self._on_signal)
         self._remember_good_state()
         try:
             while self.epoch < t.epochs and not self.stop_requested:
-                self.callbacks.run("on_epoch_start", self)
+                self.run_callbacks("on_epoch_start")
                 t0 = time.perf_counter()
                 losses, complete = self.train_one_epoch(self.epoch)
                 if not complete:  # interrupted mid-epoch: save and restart this epoch on resume
@@ -269,12 +274,12 @@ class Trainer:
                     self.save(epoch_complete=True, best=improved)
                     self._print_epoch(row, improved)
                 self._remember_good_state()
-                self.callbacks.run("on_epoch_end", self)
+                self.run_callbacks("on_epoch_end")
                 if t.patience and self.epoch - self.best_epoch >= t.patience and self.val_set is not None:
                     err.print(f"early stop: no mAP50 improvement for {t.patience} epochs (best at epoch "
                               f"{self.best_epoch})")
                     break
-            self.callbacks.run("on_train_end", self)
+            self.run_callbacks("on_train_end")
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
@@ -315,7 +320,7 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 count += 1
                 bar.update(task, advance=1, losses="  ".join(f"{k} {v / count:.4f}" for k, v in sums.items()))
-                self.callbacks.run("on_batch_end", self)
+                self.run_callbacks("on_batch_end")
                 if self.stop_requested:
                     return {k: v / max(count, 1) for k, v in sums.items()}, i + 1 >= n_batches
         means = torch.tensor([sums.get(k, 0.0) / max(count, 1) for k in sorted(sums)], device=self.device)

@@ -107,9 +107,13 @@ def _pycoco(dets: M.Detections, gt_json: dict[str, Any], max_det: int, backend: 
             valid = p[t] > -1
             if valid.any():
                 per[t, c] = p[t][valid].mean()
-    with np.errstate(all="ignore"):
-        mean = np.array([np.nanmean(per[:, c]) if np.isfinite(per[:, c]).any() else np.nan for c in range(k)])
-    return per[0], mean
+    return per[0], _column_means(per)
+
+
+def _column_means(a: np.ndarray) -> np.ndarray:
+    """Mean over thresholds per class, NaN where a class has no value (no ground truth)."""
+    return np.array([a[:, c][np.isfinite(a[:, c])].mean() if np.isfinite(a[:, c]).any() else np.nan
+                     for c in range(a.shape[1])])
 
 
 def compute_metrics(dets: M.Detections, gt_json: dict[str, Any], classes: list[str], max_det: int,
@@ -121,8 +125,7 @@ def compute_metrics(dets: M.Detections, gt_json: dict[str, Any], classes: list[s
     extra = {t: M.voc_per_class(dets, gt, k, t) for t in iou_thresholds if abs(t - 0.5) > 1e-9}
     if backend == "kdcli":
         coco = M.coco_per_class(dets, gt, k, [im["id"] for im in gt_json["images"]], max_det=max_det)
-        with np.errstate(all="ignore"):
-            coco50, coco5095 = coco[0], np.where(np.isnan(coco).all(0), np.nan, np.nanmean(coco, 0))
+        coco50, coco5095 = coco[0], _column_means(coco)
     else:
         coco50, coco5095 = _pycoco(dets, gt_json, max_det, backend)
 

@@ -1,0 +1,1 @@
+"""Deployment and measurement: benchmarks (and, later, predict and export)."""

@@ -1,0 +1,123 @@
+"""Training-step benchmarks: time per image for a detector recipe (forward, assignment + losses, backward,
+optimizer step), the share spent in assignment + losses, peak GPU memory, and torchvision's
+`retinanet_resnet50_fpn` on the same batch as a reference row. Warm-up steps first, then the median and spread
+of timed steps.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from kdcli.config.schema import ModelConfig
+from kdcli.models.detector import build_detector
+from kdcli.models.losses import DetectionLoss
+
+
+def machine() -> dict[str, Any]:
+    info = {"python": platform.python_version(), "torch": str(torch.__version__), "cpu": platform.processor() or
+            platform.machine(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_batch(batch: int, imgsz: int, num_classes: int, device: torch.device, seed: int = 0):
+    """A batch of random images with 10 boxes each (vehicle-sized), identical for every model measured."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 255, (batch, 3, imgsz, imgsz), generator=g, dtype=torch.uint8).to(device)
+    boxes, labels = [], []
+    for _ in range(batch):
+        xy = torch.rand(10, 2, generator=g) * (imgsz - 40)
+        wh = 8 + torch.rand(10, 2, generator=g) * 30
+        boxes.append(torch.cat([xy, xy + wh], 1).to(device))
+        labels.append(torch.randint(0, num_classes, (10,), generator=g).to(device))
+    return images, boxes, labels
+
+
+def _time(step: Callable[[], dict[str, float]], device: torch.device, warmup: int, repeats: int
+          ) -> tuple[list[float], dict[str, float]]:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, parts = [], {}
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        p = step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        for k, v in p.items():
+            parts.setdefault(k, []).append(v)
+    return times, {k: statistics.median(v) for k, v in parts.items()}
+
+
+def train_step(cfg: ModelConfig, imgsz: int, batch: int, device: torch.device, amp: torch.dtype | None,
+               num_classes: int = 8, anchor_size: float = 16.0, warmup: int = 2, repeats: int = 5) -> dict[str, Any]:
+    model = build_detector(cfg, num_classes, imgsz, anchor_size).to(device).train()
+    loss_fn = DetectionLoss(cfg, num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    images, boxes, labels = synthetic_batch(batch, imgsz, num_classes, device)
+
+    def step() -> dict[str, float]:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = model(images)
+        _sync(device)
+        t0 = time.perf_counter()
+        terms = loss_fn(out, boxes, labels)
+        _sync(device)
+        t_loss = time.perf_counter() - t0
+        terms["total"].backward()
+        opt.step()
+        return {"loss_s": t_loss}
+
+    times, parts = _time(step, device, warmup, repeats)
+    med = statistics.median(times)
+    return {"model": f"{cfg.backbone}+{cfg.neck}", "imgsz": imgsz, "batch": batch,
+            "step_s": round(med, 4), "step_min_s": round(min(times), 4), "step_max_s": round(max(times), 4),
+            "ms_per_image": round(1000 * med / batch, 2), "images_per_s": round(batch / med, 2),
+            "assign_loss_share": round(parts["loss_s"] / med, 3),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
+            else None, "amp": str(amp).split(".")[-1] if amp else "off"}
+
+
+def torchvision_reference(imgsz: int, batch: int, device: torch.device, amp: torch.dtype | None,
+                          num_classes: int = 8, warmup: int = 2, repeats: int = 5) -> dict[str, Any]:
+    """torchvision's RetinaNet (ResNet50-FPN, 4 head convs, focal loss) on the same batch, random init."""
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
+                                   min_size=imgsz, max_size=imgsz).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    images, boxes, labels = synthetic_batch(batch, imgsz, num_classes, device)
+    imgs = [im.float() / 255 for im in images]
+    targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
+
+    def step() -> dict[str, float]:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            losses = model(imgs, targets)
+        sum(losses.values()).backward()
+        opt.step()
+        return {}
+
+    times, _ = _time(step, device, warmup, repeats)
+    med = statistics.median(times)
+    return {"model": "torchvision retinanet_resnet50_fpn", "imgsz": imgsz, "batch": batch, "step_s": round(med, 4),
+            "step_min_s": round(min(times), 4), "step_max_s": round(max(times), 4),
+            "ms_per_image": round(1000 * med / batch, 2), "images_per_s": round(batch / med, 2),
+            "assign_loss_share": None,
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
+            else None, "amp": str(amp).split(".")[-1] if amp else "off"}

@@ -1,0 +1,105 @@
+"""`kdcli train`, `kdcli val`, `kdcli info model` and `kdcli benchmark` through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from kdcli.cli.app import app
+from tests.conftest import tiny_recipe
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), terminal_width=200)
+
+
+def test_train_then_resume_refusals(tmp_path: Path, vedai25: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(vedai25, train={"epochs": 1}).model_dump(mode="json")))
+    r = run("train", str(recipe), "seed=1", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    run_dir = Path(summary["run_dir"])
+    assert run_dir == tmp_path / "runs" / "train" / "tiny" and summary["epochs"] == 1
+    assert yaml.safe_load((run_dir / "args.yaml").read_text())["seed"] == 1
+    r = run("train", "--resume", str(run_dir / "weights" / "last.pt"), "train.lr=0.1")
+    assert r.exit_code == 2 and "cannot change on resume" in r.output
+    r = run("train", "--resume", str(run_dir / "weights" / "best.pt"))
+    assert r.exit_code == 2 and "best.pt cannot resume" in r.output
+    r = run("train", "--resume", str(run_dir / "weights" / "last.pt"), "train.epochs=2")
+    assert r.exit_code == 0, r.output
+    assert len((run_dir / "results.csv").read_text().splitlines()) == 3
+    r = run("train", str(recipe), "model.backbone=resnet19")
+    assert r.exit_code == 2 and "model.backbone" in r.output
+
+
+def test_train_missing_pretrained_weights_is_a_clear_error(tmp_path: Path, vedai25: Path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(vedai25, model={"pretrained": True}).model_dump(mode="json")))
+    r = run("train", str(recipe))
+    assert r.exit_code == 2
+    text = r.output.replace("\n", "")
+    assert "ImageNet weights for resnet18 not found" in text and "resnet18-f37072fd.pth" in text
+    assert "model.pretrained=false" in text
+
+
+def test_pretrained_from_local_file(tmp_path: Path):
+    import torch
+    import torchvision
+
+    from kdcli.config.schema import ModelConfig
+    from kdcli.models.detector import Detector
+
+    net = torchvision.models.resnet18(weights=None)
+    torch.nn.init.constant_(net.conv1.weight, 0.5)
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    model = Detector(ModelConfig(channels=8, pretrained=str(tmp_path / "r18.pth")), 2, 64, 16)
+    assert torch.all(model.backbone.stem[0].weight == 0.5)
+
+
+def test_val_prints_table_json_and_files(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    r = run("val", str(tiny_checkpoint), "split=test", "coco_backend=kdcli", "--json")
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output.strip().splitlines()[-1])
+    assert 0 <= m["mAP50"] <= 1 and m["coco_backend"] == "kdcli" and m["split"] == "test" and m["fold"] == 1
+    assert {"mAP0.1", "mAP0.25", "mAP0.75", "coco_AP50", "mAP50-95"} <= set(m)
+    assert len(m["per_class"]) == 8
+    r = run("val", str(tiny_checkpoint), "split=val")
+    assert r.exit_code == 0 and "mAP50" in r.output and "car" in r.output
+    val_runs = sorted((tmp_path / "runs" / "val").iterdir())
+    assert len(val_runs) == 2 and (val_runs[0] / "metrics.json").is_file() and (val_runs[0] / "predictions.png").is_file()
+    assert json.loads((val_runs[1] / "metrics.json").read_text())["coco_backend"] == "pycocotools"
+    r = run("val", str(tiny_checkpoint), "splt=val")
+    assert r.exit_code == 2 and "did you mean 'split'" in r.output
+    r = run("val", str(tmp_path / "nope.pt"))
+    assert r.exit_code == 2 and "checkpoint not found" in r.output
+
+
+def test_info_model_ratio_and_json():
+    r = run("info", "model", "models/teacher_r50_pafpn", "models/student_r18_fpn", "--imgsz", "128", "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    t, s = info["models"]
+    assert t["params"]["total"] == sum(v for k, v in t["params"].items() if k != "total")
+    assert 1.5 < info["param_ratio"] < 1.75  # the paper states 1.6
+    assert len(t["levels"]) == 5 and t["levels"][0]["stride"] == 8  # 5 levels: the recipe size is 512 and t["levels"][0]["shape"] == [256, 16, 16]
+    assert t["gflops"] > s["gflops"] > 0
+
+
+def test_benchmark_reduced_mode_writes_json(tmp_path: Path):
+    r = run("benchmark", "--imgsz", "64", "--batch", "2", "--repeats", "1", "-m", "models/student_r18_fpn",
+            "--save", str(tmp_path / "b.json"), "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert [row["model"] for row in data["rows"]] == ["resnet18+fpn", "torchvision retinanet_resnet50_fpn"]
+    assert data["rows"][0]["ms_per_image"] > 0 and 0 <= data["rows"][0]["assign_loss_share"] <= 1
