@@ -132,3 +132,57 @@ def test_ddp_two_cpu_processes(tmp_path: Path, vedai25: Path):
     run = tmp_path / "runs" / "train" / "ddp"
     assert (run / "weights" / "best.pt").is_file() and not (tmp_path / "runs" / "train" / "ddp2").exists()
     assert len((run / "results.csv").read_text().splitlines()) == 2
+
+
+def test_multiscale_and_accumulation(tmp_path: Path, vedai25: Path):
+    seen = []
+
+    class Watch(Trainer):
+        def compute_loss(self, batch):
+            seen.append(batch["images"].shape[-1])
+            return super().compute_loss(batch)
+
+    recipe = tiny_recipe(vedai25, train={"epochs": 2, "max_batches": 4, "nominal_batch": 8, "multiscale": [64, 128],
+                                         "multiscale_until": 0.5})
+    t = Watch(recipe, run_dir=tmp_path / "ms")
+    t.fit()
+    assert t.accumulate == 2 and t.step == 4  # 8 batches of 4 images, one optimizer step per 8 images
+    assert set(seen[:4]) <= {64, 128} and len(set(seen[:4])) == 2  # epoch 1: drawn sizes
+    assert set(seen[4:]) == {96}  # after multiscale_until: the recipe size
+
+
+def test_early_stopping(tmp_path: Path, vedai25: Path):
+    class Flat(Trainer):
+        def validate(self):
+            return {"mAP50": 0.5, "mAP50-95": 0.1}
+
+    t = Flat(tiny_recipe(vedai25, train={"epochs": 10, "max_batches": 1, "patience": 2}), run_dir=tmp_path / "es")
+    summary = t.fit()
+    assert summary["epochs"] == 3 and summary["best_epoch"] == 1
+
+
+def test_sigterm_mid_epoch_saves_last_and_resumes(tmp_path: Path, vedai25: Path):
+    import signal
+    import time
+
+    recipe = tmp_path / "r.yaml"
+    r = tiny_recipe(vedai25, train={"epochs": 3, "max_batches": 16, "batch": 2})
+    recipe.write_text(yaml.safe_dump(r.model_dump(mode="json")))
+    env = {**os.environ, "KDCLI_RUNS": str(tmp_path / "runs")}
+    proc = subprocess.Popen([sys.executable, "-m", "kdcli", "train", str(recipe), "name=term"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "runs" / "train" / "term" / "weights" / "last.pt"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.3)  # inside epoch 2 (16 batches)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM: stopping after this batch" in err
+    state = checkpoint.load(last)["train_state"]
+    assert state["epoch"] == 1 and state["epoch_complete"] is False
+    done = subprocess.run([sys.executable, "-m", "kdcli", "train", "--resume", str(last)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert checkpoint.load(last)["train_state"]["epoch"] == 3
