@@ -90,9 +90,10 @@ def root(
 
 
 def _register() -> None:
-    from kdcli.cli import benchmark, data, prepare, recipe, train
+    from kdcli.cli import benchmark, data, distill, prepare, recipe, train
 
     app.command("train", rich_help_panel="Train and evaluate")(train.train)
+    app.command("distill", rich_help_panel="Train and evaluate")(distill.distill)
     app.command("val", rich_help_panel="Train and evaluate")(train.val)
     info = typer.Typer(help="Describe models.", no_args_is_help=True, rich_markup_mode="rich")
     info.command("model")(train.info_model)

@@ -21,6 +21,14 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides
 RESUME_OVERRIDES = ("train.device", "data.workers", "train.epochs", "train.plots")
 
 
+def split_recipe(recipe: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:
+    """The optional RECIPE argument swallows the first `key=value` when no recipe is given: give it back."""
+    extra = list(overrides or [])
+    if recipe is not None and "=" in recipe and not Path(recipe).exists():
+        return None, [recipe, *extra]
+    return recipe, extra
+
+
 def train(
     recipe: Annotated[str | None, typer.Argument(help="Train recipe (file or name under recipes/).")] = None,
     overrides: Overrides = None,
@@ -36,11 +44,10 @@ def train(
     from kdcli.engine import checkpoint
     from kdcli.engine.trainer import Trainer
 
-    extra = list(overrides or []) + ([f"train.device={device}"] if device else [])
+    recipe, extra = split_recipe(recipe, overrides)
+    extra += [f"train.device={device}"] if device else []
     if resume is not None and recipe is not None:
-        if "=" not in recipe:
-            raise KdcliError("give a recipe or --resume, not both", hint="the recipe of a resumed run is in last.pt")
-        extra.insert(0, recipe)  # `kdcli train --resume last.pt key=value`: the first override lands here
+        raise KdcliError("give a recipe or --resume, not both", hint="the recipe of a resumed run is in last.pt")
     if resume is not None:
         ckpt = checkpoint.load(resume)
         if "train_state" not in ckpt:
@@ -57,10 +64,10 @@ def train(
         r = load.load(Recipe, recipe, extra)
         trainer = Trainer(r, recipe_path=recipe)
     summary = trainer.fit()
-    _report(summary, as_json)
+    report(summary, as_json)
 
 
-def _report(summary: dict, as_json: bool) -> None:
+def report(summary: dict, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "metrics"} |
                               {"metrics": {k: v for k, v in summary["metrics"].items() if k != "per_class"}}))

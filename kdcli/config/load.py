@@ -93,7 +93,7 @@ def resolve_key(schema: type[BaseModel], key: str) -> list[str]:
     sections = [k for k, f in schema.model_fields.items() if submodel(f.annotation)]
     if key in keys or key in sections:
         return key.split(".")
-    by_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == key]
+    by_leaf = [k for k in keys if k == key or k.endswith("." + key)]  # a unique tail: fold, pdf.variant
     if len(by_leaf) == 1:
         return by_leaf[0].split(".")
     if len(by_leaf) > 1:

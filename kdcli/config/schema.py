@@ -121,6 +121,53 @@ class TrainConfig(Strict):
                                              description="IoU thresholds of the extra VOC-style AP columns")
 
 
+class SoftConfig(Strict):
+    """Soft labels: the teacher's outputs as targets (methods.md)."""
+
+    cls_weight: float = Field(5e3, ge=0, description="weight of the focal BCE on teacher probabilities (its mean "
+                                                      "over every anchor and class is tiny, hence 5e3)")
+    alpha: float = Field(0.25, ge=0, le=1, description="focal alpha of the soft class term")
+    gamma: float = Field(1.0, ge=0, description="focal gamma of the soft class term")
+    box_weight: float = Field(1.0, ge=0, description="weight of balanced L1 between student and teacher deltas")
+
+
+class MSEConfig(Strict):
+    weight: float = Field(5.0, ge=0, description="weight of the adapted-feature MSE")
+
+
+class PDFConfig(Strict):
+    weight: float = Field(5.0, ge=0, description="weight of the disagreement-weighted feature imitation")
+    variant: Literal["bmvc", "plus"] = Field("bmvc", description="bmvc: features only; plus: also disagreement-"
+                                                                "weighted class and box terms (later code)")
+    cls_weight: float = Field(1.0, ge=0, description="plus: weight of the disagreement-weighted class term")
+    box_weight: float = Field(1.0, ge=0, description="plus: weight of the L1 between student and teacher deltas")
+
+
+class DeFeatConfig(Strict):
+    variant: Literal["anchors", "level"] = Field(
+        "anchors", description="anchors: every location whose anchor centre lies in a GT box, on all levels "
+                               "(the paper authors' later code); level: each box's region on one level (official)")
+    fg_weight: float | None = Field(None, ge=0, description="foreground weight (default: anchors 1, level 3)")
+    bg_weight: float | None = Field(None, ge=0, description="background weight (default: anchors 1, level 12)")
+    level_base: float = Field(56.0, gt=0, description="level variant: level = floor(log2(sqrt(wh) / base))")
+
+
+class DistillConfig(Strict):
+    """Knowledge distillation from a teacher checkpoint into the student of this recipe."""
+
+    teacher: str | None = Field(None, description="teacher checkpoint (.pt); data, fold and classes come from it")
+    labels: Literal["hard", "soft", "hard+soft"] = Field("hard", description="ground truth, teacher outputs, or both")
+    method: str = Field("none", description="feature imitation: none, mse, pdf, defeat")
+    adapter_kernel: int = Field(3, ge=1, description="kernel of the per-level student->teacher adapter conv "
+                                                     "(paper: 3x3)")
+    teacher_min_map: float = Field(0.05, ge=0, le=1, description="refuse a teacher whose val mAP50 is below this")
+    stop_epoch: int | None = Field(None, ge=0, description="switch distillation terms off after this epoch")
+    soft: SoftConfig = Field(default_factory=SoftConfig)
+    mse: MSEConfig = Field(default_factory=MSEConfig)
+    pdf: PDFConfig = Field(default_factory=PDFConfig)
+    defeat: DeFeatConfig = Field(default_factory=DeFeatConfig)
+
+
 class Recipe(Strict):
     """A full recipe. Sections may be given inline or as a path to another YAML file."""
 
@@ -130,3 +177,4 @@ class Recipe(Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)

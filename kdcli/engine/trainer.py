@@ -171,6 +171,9 @@ class Trainer:
     def build_extra(self) -> None:
         """Hook: more modules trained beside the model (distillation adapters)."""
 
+    def before_train(self) -> None:
+        """Hook: checks after setup, before the first epoch (distillation: the teacher check)."""
+
     def trainable_extra(self) -> list[nn.Module]:
         return []
 
@@ -240,6 +243,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         self.setup()
+        self.before_train()
         t = self.recipe.train
         if dist.is_main():
             self.weights_dir.mkdir(parents=True, exist_ok=True)

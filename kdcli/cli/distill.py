@@ -1,0 +1,80 @@
+"""`kdcli distill`: train the student against a teacher checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kdcli.cli.train import Overrides, RESUME_OVERRIDES, report, split_recipe
+from kdcli.config import load
+from kdcli.config.schema import Recipe
+from kdcli.errors import KdcliError
+
+STUDENT_MODEL = "models/student_r18_fpn"
+STUDENT_LR = 0.01  # methods.md: the student's learning rate
+
+
+def student_defaults(teacher_ckpt: dict[str, Any]) -> dict[str, Any]:
+    """With no recipe: the teacher's data, fold, image size and training schedule, and the paper's R18+FPN
+    student sharing the teacher's channels, levels, max-pool and ImageNet-weights setting."""
+    tr = teacher_ckpt["recipe"]
+    model = load.read_yaml(load.find_recipe(STUDENT_MODEL))["model"]
+    model.update({k: tr["model"][k] for k in ("pretrained", "channels", "levels", "maxpool")})
+    return {"seed": tr["seed"], "data": {**tr["data"], "path": teacher_ckpt["data"]["path"]},
+            "augment": tr["augment"], "model": model, "train": {**tr["train"], "lr": STUDENT_LR}}
+
+
+def distill(
+    recipe: Annotated[str | None, typer.Argument(help="Distill recipe (optional: defaults come from the "
+                                                      "teacher's checkpoint).")] = None,
+    overrides: Overrides = None,
+    teacher: Annotated[Path | None, typer.Option("--teacher", "-t", help="Teacher checkpoint (best.pt).")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="Feature imitation: none, mse, pdf, defeat "
+                                                                "[default: none].")] = None,
+    labels: Annotated[str | None, typer.Option("--labels", help="hard, soft or hard+soft [default: hard].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Distil even from a teacher that looks untrained.")] = False,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue exactly from a distill last.pt.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, 0 or 0,1 (same as train.device=).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
+) -> None:
+    """Distil a teacher into a student. Without a recipe, the dataset dir, fold, classes and image size come
+    from the teacher's checkpoint and the student is the paper's ResNet18 + FPN. Each loss term is its own
+    column in the progress line and results.csv; adapters are reported at start.
+
+    Example: [bold]kdcli distill --teacher t.pt --method defeat[/]
+    """
+    from kdcli.engine import checkpoint
+    from kdcli.engine.distill_trainer import DistillTrainer
+
+    recipe, extra = split_recipe(recipe, overrides)
+    extra += [f"train.device={device}"] if device else []
+    if resume is not None:
+        if recipe is not None:
+            raise KdcliError("give a recipe or --resume, not both")
+        ckpt = checkpoint.load(resume)
+        if "train_state" not in ckpt or ckpt.get("task") != "distill":
+            raise KdcliError(f"{resume}: not a distillation last.pt")
+        for item in extra:
+            key = ".".join(load.resolve_key(Recipe, load.parse_override(item)[0]))
+            if key not in RESUME_OVERRIDES:
+                raise KdcliError(f"'{item}' cannot change on resume", hint=f"allowed: {', '.join(RESUME_OVERRIDES)}")
+        r = load.load(Recipe, None, extra, defaults=ckpt["recipe"])
+        summary = DistillTrainer(r, resume=resume, force=force).fit()
+        report(summary, as_json)
+        return
+    flags = [f"distill.{k}={v}" for k, v in (("teacher", teacher), ("method", method), ("labels", labels)) if v]
+    teacher_path = teacher
+    if teacher_path is None and recipe is not None:
+        teacher_path = load.read_yaml(load.find_recipe(recipe)).get("distill", {}).get("teacher")
+    if teacher_path is None:
+        raise KdcliError("no teacher given", hint="pass --teacher runs/train/<name>/weights/best.pt")
+    t_ckpt = checkpoint.load(teacher_path)
+    defaults = student_defaults(t_ckpt)
+    r = load.load(Recipe, recipe, flags + extra, defaults=defaults)
+    if r.name is None:
+        name = r.distill.labels.replace("+", "_") + ("" if r.distill.method == "none" else f"_{r.distill.method}")
+        r = r.model_copy(update={"name": name})
+    summary = DistillTrainer(r, recipe_path=recipe, force=force).fit()
+    report(summary, as_json)
