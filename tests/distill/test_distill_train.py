@@ -1,0 +1,116 @@
+"""Distillation end to end: the nine student rows from the CLI, a frozen teacher, checkpoints, checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kdcli.cli.app import app
+from kdcli.config.schema import Recipe
+from kdcli.engine import checkpoint
+from kdcli.engine.distill_trainer import DistillTrainer
+
+runner = CliRunner()
+ROWS = [("hard", "none"), ("hard+soft", "none"), ("hard", "mse"), ("hard", "pdf"), ("hard", "defeat"),
+        ("soft", "none"), ("soft", "mse"), ("soft", "pdf"), ("soft", "defeat")]
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), terminal_width=200)
+
+
+@pytest.mark.parametrize("labels,method", ROWS, ids=[f"{a}+{b}" for a, b in ROWS])
+def test_nine_rows_from_the_cli(labels: str, method: str, tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    r = run("distill", "--teacher", str(tiny_checkpoint), "--method", method, "--labels", labels,
+            "train.epochs=1", "train.max_batches=2", "distill.teacher_min_map=0", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    run_dir = Path(summary["run_dir"])
+    header = (run_dir / "results.csv").read_text().splitlines()[0].split(",")
+    expected = ({"loss_cls", "loss_box"} if "hard" in labels else set()) | (
+        {"loss_soft_cls", "loss_soft_box"} if "soft" in labels else set()) | {
+        "none": set(), "mse": {"loss_feat"}, "pdf": {"loss_feat"}, "defeat": {"loss_feat_fg", "loss_feat_bg"}}[method]
+    assert {h for h in header if h.startswith("loss_") and h != "loss_total"} == expected
+    best = checkpoint.load(run_dir / "weights" / "best.pt")
+    assert best["distill"]["labels"] == labels and best["distill"]["method"] == method
+    assert best["distill"]["teacher_sha256"] and best["data"]["fold"] == 1
+    assert not any(k.startswith("adapters") for k in best["weights"]) and "train_state" not in best
+    assert best["model"]["config"]["backbone"] == "resnet18" and best["model"]["config"]["neck"] == "fpn"
+    last = checkpoint.load(run_dir / "weights" / "last.pt")
+    assert ("adapters" in last["train_state"]) == (method != "none")
+    model = checkpoint.model_from_checkpoint(best)  # a plain detector checkpoint
+    assert model.num_classes == 8
+
+
+def test_teacher_frozen_student_and_adapters_trained(tiny_checkpoint: Path, tmp_path: Path):
+    teacher_ckpt = checkpoint.load(tiny_checkpoint)
+    from kdcli.cli.distill import student_defaults
+
+    recipe = Recipe.model_validate({**student_defaults(teacher_ckpt), "distill": {
+        "teacher": str(tiny_checkpoint), "labels": "hard+soft", "method": "pdf", "teacher_min_map": 0}})
+    recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"epochs": 1, "max_batches": 2,
+                                                                                 "device": "cpu"})})
+    t = DistillTrainer(recipe, run_dir=tmp_path / "d")
+    t.setup()
+    before_t = {k: v.clone() for k, v in t.teacher.state_dict().items()}
+    before_s = {k: v.clone() for k, v in t.bare_model.state_dict().items()}
+    before_a = {k: v.clone() for k, v in t.adapters.state_dict().items()}
+    t.train_one_epoch(0)
+    assert not t.teacher.training and all(not m.training for m in t.teacher.modules())
+    assert all(not p.requires_grad and p.grad is None for p in t.teacher.parameters())
+    teacher_params = {id(p) for p in t.teacher.parameters()}
+    assert not any(id(p) in teacher_params for g in t.optimizer.param_groups for p in g["params"])
+    for k, v in t.teacher.state_dict().items():
+        assert torch.equal(v, before_t[k]), k  # bit for bit, BatchNorm buffers included
+    assert any(not torch.equal(v, before_s[k]) for k, v in t.bare_model.state_dict().items())
+    assert any(not torch.equal(v, before_a[k]) for k, v in t.adapters.state_dict().items())
+
+
+def test_feature_only_method_runs_truncated_teacher(tiny_checkpoint: Path, tmp_path: Path):
+    from kdcli.cli.distill import student_defaults
+
+    recipe = Recipe.model_validate({**student_defaults(checkpoint.load(tiny_checkpoint)), "distill": {
+        "teacher": str(tiny_checkpoint), "method": "defeat", "teacher_min_map": 0}})
+    t = DistillTrainer(recipe.model_copy(update={"train": recipe.train.model_copy(update={"device": "cpu"})}),
+                       run_dir=tmp_path / "d")
+    t.setup()
+    assert t.teacher_head is False
+    calls = []
+    t.teacher.head.register_forward_hook(lambda *a: calls.append(1))
+    batch = t.preprocess(next(iter(t.train_loader(0))), 0)
+    terms = t.compute_loss(batch)
+    assert calls == [] and {"cls", "box", "feat_fg", "feat_bg", "total"} == set(terms)
+
+
+def test_untrained_teacher_refused_and_mismatches(tiny_checkpoint: Path, tmp_path: Path, monkeypatch, vedai_raw):
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    r = run("distill", "--teacher", str(tiny_checkpoint), "--method", "mse", "train.epochs=1",
+            "distill.teacher_min_map=0.99")
+    assert r.exit_code == 1 and "the teacher looks untrained" in r.output
+    assert not (tmp_path / "runs" / "distill").exists()  # no half-made run dir
+    r = run("distill", "--teacher", str(tiny_checkpoint), "fold=2", "distill.teacher_min_map=0")
+    assert r.exit_code == 2 and "a student distils on its teacher's dataset and fold" in r.output
+    r = run("distill", "--teacher", str(tiny_checkpoint), "data.imgsz=128", "distill.teacher_min_map=0")
+    assert r.exit_code == 2 and "image size differs" in r.output
+    r = run("distill", "--teacher", str(tiny_checkpoint), "--method", "kd")
+    assert r.exit_code == 2 and "unknown distillation method 'kd'" in r.output
+    r = run("distill", "--method", "pdf")
+    assert r.exit_code == 2 and "no teacher given" in r.output
+
+
+def test_distill_resume_restores_adapters(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    r = run("distill", "--teacher", str(tiny_checkpoint), "--method", "mse", "train.epochs=1",
+            "train.max_batches=1", "distill.teacher_min_map=0", "--json")
+    assert r.exit_code == 0, r.output
+    last = Path(json.loads(r.output.strip().splitlines()[-1])["run_dir"]) / "weights" / "last.pt"
+    adapters = checkpoint.load(last)["train_state"]["adapters"]
+    r = run("distill", "--resume", str(last), "train.epochs=2")
+    assert r.exit_code == 0, r.output
+    state = checkpoint.load(last)["train_state"]
+    assert state["epoch"] == 2 and set(state["adapters"]) == set(adapters)
