@@ -26,6 +26,9 @@ def benchmark(
     repeats: Annotated[int, typer.Option("--repeats", help="Timed steps (after 2 warm-up steps).")] = 5,
     reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Also time torchvision's "
                                                                                "retinanet_resnet50_fpn.")] = True,
+    distill: Annotated[bool, typer.Option("--distill", help="Also time the nine distillation rows against the "
+                                                           "hard student (first --model = teacher, second = "
+                                                           "student).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     save: Annotated[Path | None, typer.Option("--save", help="Write the results JSON here.")] = None,
 ) -> None:
@@ -56,6 +59,13 @@ def benchmark(
         err.print("timing torchvision retinanet_resnet50_fpn ...")
         rows.append({"recipe": "-", **bench.torchvision_reference(imgsz, batch, dev, dtype, repeats=repeats)})
     result = {"machine": bench.machine(), "device": str(dev), "rows": rows}
+    if distill:
+        if len(specs) != 2:
+            raise typer.BadParameter("--distill needs two models: teacher then student")
+        cfgs = [load.load(Recipe, s, defaults={"data": {"path": "-"}}).model.model_copy(update={"pretrained": False})
+                for s in specs]
+        err.print("timing the nine distillation rows ...")
+        result["distill"] = bench.distill_steps(cfgs[0], cfgs[1], imgsz, batch, dev, dtype, repeats=repeats)
     if save:
         atomic.write_json(save, result, indent=2)
     if as_json:
@@ -71,3 +81,13 @@ def benchmark(
                   f"{r['step_s']:.3f} ({r['step_min_s']:.3f}-{r['step_max_s']:.3f})", share,
                   "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}", r["amp"])
     out.print(t)
+    if distill:
+        d = result["distill"]
+        t = Table(title=f"distillation step vs hard student (same batch); teacher fwd {d['teacher_fwd_gflops']} "
+                        f"GFLOPs, backbone+neck only {d['teacher_backbone_neck_gflops']} "
+                        f"(saves {d['truncation_saving']:.0%})", title_justify="left")
+        for col in ("row", "teacher runs", "step s", "time ratio", "FLOP ratio"):
+            t.add_column(col, justify="left" if col in ("row", "teacher runs") else "right")
+        for r in d["rows"]:
+            t.add_row(r["row"], r["teacher"], f"{r['step_s']:.3f}", f"{r['time_ratio']:.2f}", f"{r['flop_ratio']:.2f}")
+        out.print(t)

@@ -121,3 +121,80 @@ def torchvision_reference(imgsz: int, batch: int, device: torch.device, amp: tor
             "assign_loss_share": None,
             "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
             else None, "amp": str(amp).split(".")[-1] if amp else "off"}
+
+
+DISTILL_ROWS = [("hard", "none"), ("hard+soft", "none"), ("hard", "mse"), ("hard", "pdf"), ("hard", "defeat"),
+                ("soft", "none"), ("soft", "mse"), ("soft", "pdf"), ("soft", "defeat")]
+
+
+def _flops(fn: Callable[[], None]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
+def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int, batch: int,
+                  device: torch.device, amp: torch.dtype | None, num_classes: int = 8, anchor_size: float = 16.0,
+                  warmup: int = 2, repeats: int = 5) -> dict[str, Any]:
+    """Step time of each of the nine student rows relative to the hard-label student on the same batch, and the
+    FLOP ratio (student fwd+bwd + teacher fwd) / (student fwd+bwd), for the full and the truncated teacher."""
+    from kdcli.config.schema import DistillConfig
+    from kdcli.distill.adapters import Adapters
+    from kdcli.distill.base import method_class
+
+    teacher = build_detector(teacher_cfg, num_classes, imgsz, anchor_size).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = build_detector(student_cfg, num_classes, imgsz, anchor_size).to(device).train()
+    loss_fn = DetectionLoss(student_cfg, num_classes)
+    images, boxes, labels = synthetic_batch(batch, imgsz, num_classes, device)
+    adapters = Adapters(len(student.strides), student_cfg.channels, teacher_cfg.channels).to(device)
+    opt = torch.optim.SGD([*student.parameters(), *adapters.parameters()], lr=1e-4, momentum=0.9)
+    batch_d = {"boxes": boxes, "labels": labels}
+
+    def make_step(labels_mode: str, method: str) -> tuple[Callable[[], dict[str, float]], bool]:
+        cfg = DistillConfig(labels=labels_mode, method=method)
+        names = (["soft"] if "soft" in labels_mode else []) + ([method] if method != "none" else [])
+        methods = [method_class(n)(cfg, adapters if method_class(n).uses_adapters else None) for n in names]
+        head = any(m.needs_teacher_head for m in methods)
+
+        def step() -> dict[str, float]:
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                out = student(images)
+                terms = loss_fn(out, boxes, labels) if "hard" in labels_mode else {}
+                total = terms.get("total", out.cls_logits.sum() * 0)
+                if methods:
+                    with torch.no_grad():
+                        t_out = teacher(images, head=head)
+                    for m in methods:
+                        total = total + sum(m.loss(out, t_out, batch_d).values())
+            total.backward()
+            opt.step()
+            return {}
+
+        return step, head
+
+    student_flops = _flops(lambda: loss_fn(student(images), boxes, labels)["total"].backward())
+    teacher_full = _flops(lambda: teacher(images))
+    teacher_trunc = _flops(lambda: teacher(images, head=False))
+    rows = []
+    base = None
+    for labels_mode, method in DISTILL_ROWS:
+        step, head = make_step(labels_mode, method)
+        times, _ = _time(step, device, warmup, repeats)
+        med = statistics.median(times)
+        base = base or med
+        uses_teacher = labels_mode != "hard" or method != "none"
+        t_flops = (teacher_full if head else teacher_trunc) if uses_teacher else 0.0
+        rows.append({"row": labels_mode if method == "none" else f"{labels_mode}+{method}",
+                     "teacher": "-" if not uses_teacher else ("full" if head else "backbone+neck"),
+                     "step_s": round(med, 4), "time_ratio": round(med / base, 3),
+                     "flop_ratio": round((student_flops + t_flops) / student_flops, 3)})
+    return {"imgsz": imgsz, "batch": batch, "amp": str(amp).split(".")[-1] if amp else "off",
+            "student_fwd_bwd_gflops": round(student_flops / 1e9, 2),
+            "teacher_fwd_gflops": round(teacher_full / 1e9, 2),
+            "teacher_backbone_neck_gflops": round(teacher_trunc / 1e9, 2),
+            "truncation_saving": round(1 - teacher_trunc / teacher_full, 3), "rows": rows}

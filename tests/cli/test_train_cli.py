@@ -103,3 +103,16 @@ def test_benchmark_reduced_mode_writes_json(tmp_path: Path):
     data = json.loads((tmp_path / "b.json").read_text())
     assert [row["model"] for row in data["rows"]] == ["resnet18+fpn", "torchvision retinanet_resnet50_fpn"]
     assert data["rows"][0]["ms_per_image"] > 0 and 0 <= data["rows"][0]["assign_loss_share"] <= 1
+
+
+def test_benchmark_distill_rows(tmp_path: Path):
+    r = run("benchmark", "--imgsz", "64", "--batch", "2", "--repeats", "1", "--no-reference", "--distill", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output.strip().splitlines()[-1])["distill"]
+    assert [row["row"] for row in d["rows"]] == ["hard", "hard+soft", "hard+mse", "hard+pdf", "hard+defeat", "soft",
+                                                "soft+mse", "soft+pdf", "soft+defeat"]
+    assert d["rows"][0]["time_ratio"] == 1.0 and d["rows"][0]["flop_ratio"] == 1.0
+    by_row = {row["row"]: row for row in d["rows"]}
+    assert by_row["hard+mse"]["teacher"] == "backbone+neck" and by_row["hard+pdf"]["teacher"] == "full"
+    assert by_row["hard+mse"]["flop_ratio"] < by_row["hard+pdf"]["flop_ratio"]
+    assert 0 < d["truncation_saving"] < 1

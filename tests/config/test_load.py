@@ -91,3 +91,22 @@ def test_dump_round_trips(tmp_path: Path):
     r = load.load(Recipe, "data/vedai25", ["seed=4"])
     p = _write(tmp_path, "resolved.yaml", __import__("yaml").safe_dump(load.dump(r)))
     assert load.load(Recipe, p) == r
+
+
+def test_shipped_train_model_and_distill_recipes_validate():
+    for name in ("vedai25", "vedai12", "xview", "voc"):
+        for role, backbone in (("teacher", "resnet50"), ("student", "resnet18")):
+            r = load.load(Recipe, f"train/{name}_{role}")
+            assert r.model.backbone == backbone and r.model.pretrained is True  # real data asks for ImageNet
+        d = load.load(Recipe, f"distill/{name}", defaults={"data": {"path": "x"}})
+        assert d.model.backbone == "resnet18" and d.distill.adapter_kernel == 3 and d.train.lr == 0.01
+    for name in ("train/synthetic_teacher", "train/synthetic_student"):
+        assert load.load(Recipe, name).model.pretrained is False  # synthetic recipes train from scratch
+    assert load.load(Recipe, "distill/synthetic", defaults={"data": {"path": "x"}}).model.pretrained is False
+
+
+def test_suffix_keys_resolve():
+    r = load.load(Recipe, "data/vedai25", ["pdf.variant=plus", "defeat.variant=level", "train.device=0"])
+    assert r.distill.pdf.variant == "plus" and r.distill.defeat.variant == "level" and r.train.device == "0"
+    with pytest.raises(KdcliError, match="ambiguous"):
+        load.load(Recipe, "data/vedai25", ["variant=plus"])
