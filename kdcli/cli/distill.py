@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kdcli.cli.train import Overrides, RESUME_OVERRIDES, report, split_recipe
+from kdcli.cli.train import Overrides, report, resume_recipe, split_recipe
 from kdcli.config import load
 from kdcli.config.schema import Recipe
 from kdcli.errors import KdcliError
@@ -53,15 +53,7 @@ def distill(
     if resume is not None:
         if recipe is not None:
             raise KdcliError("give a recipe or --resume, not both")
-        ckpt = checkpoint.load(resume)
-        if "train_state" not in ckpt or ckpt.get("task") != "distill":
-            raise KdcliError(f"{resume}: not a distillation last.pt")
-        for item in extra:
-            key = ".".join(load.resolve_key(Recipe, load.parse_override(item)[0]))
-            if key not in RESUME_OVERRIDES:
-                raise KdcliError(f"'{item}' cannot change on resume", hint=f"allowed: {', '.join(RESUME_OVERRIDES)}")
-        r = load.load(Recipe, None, extra, defaults=ckpt["recipe"])
-        summary = DistillTrainer(r, resume=resume, force=force).fit()
+        summary = DistillTrainer(resume_recipe(resume, extra, "distill"), resume=resume, force=force).fit()
         report(summary, as_json)
         return
     flags = [f"distill.{k}={v}" for k, v in (("teacher", teacher), ("method", method), ("labels", labels)) if v]

@@ -29,6 +29,22 @@ def split_recipe(recipe: str | None, overrides: list[str] | None) -> tuple[str |
     return recipe, extra
 
 
+def resume_recipe(resume: Path, extra: list[str], task: str) -> Recipe:
+    """The recipe stored in a last.pt, with only the overrides a resume may change."""
+    from kdcli.engine import checkpoint
+
+    ckpt = checkpoint.load(resume)
+    if "train_state" not in ckpt:
+        raise KdcliError(f"{resume}: no training state (best.pt cannot resume)", hint="resume from last.pt")
+    if ckpt.get("task", "train") != task:
+        raise KdcliError(f"{resume}: a '{ckpt.get('task')}' run; resume it with `kdcli {ckpt.get('task')} --resume`")
+    for item in extra:
+        key = ".".join(load.resolve_key(Recipe, load.parse_override(item)[0]))
+        if key not in RESUME_OVERRIDES:
+            raise KdcliError(f"'{item}' cannot change on resume", hint=f"allowed: {', '.join(RESUME_OVERRIDES)}")
+    return load.load(Recipe, None, extra, defaults=ckpt["recipe"])
+
+
 def train(
     recipe: Annotated[str | None, typer.Argument(help="Train recipe (file or name under recipes/).")] = None,
     overrides: Overrides = None,
@@ -41,7 +57,6 @@ def train(
 
     Example: [bold]kdcli train recipes/train/vedai25_teacher.yaml fold=1 seed=0[/]
     """
-    from kdcli.engine import checkpoint
     from kdcli.engine.trainer import Trainer
 
     recipe, extra = split_recipe(recipe, overrides)
@@ -49,15 +64,7 @@ def train(
     if resume is not None and recipe is not None:
         raise KdcliError("give a recipe or --resume, not both", hint="the recipe of a resumed run is in last.pt")
     if resume is not None:
-        ckpt = checkpoint.load(resume)
-        if "train_state" not in ckpt:
-            raise KdcliError(f"{resume}: no training state (best.pt cannot resume)", hint="resume from last.pt")
-        for item in extra:
-            key = ".".join(load.resolve_key(Recipe, load.parse_override(item)[0]))
-            if key not in RESUME_OVERRIDES:
-                raise KdcliError(f"'{item}' cannot change on resume", hint=f"allowed: {', '.join(RESUME_OVERRIDES)}")
-        r = load.load(Recipe, None, extra, defaults=ckpt["recipe"])
-        trainer = Trainer(r, resume=resume)
+        trainer = Trainer(resume_recipe(resume, extra, "train"), resume=resume)
     else:
         if recipe is None:
             raise KdcliError("give a train recipe (e.g. recipes/train/synthetic_student.yaml) or --resume last.pt")
