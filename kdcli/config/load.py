@@ -20,7 +20,8 @@ from kdcli.errors import KdcliError
 
 M = TypeVar("M", bound=BaseModel)
 
-REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+# the shipped recipes: kdcli/recipes links to the top-level recipes/ folder and is a copy inside a wheel
+REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def find_recipe(name: str | Path) -> Path:
