@@ -76,7 +76,6 @@ def test_pdf_weights_sum_to_one_and_vanish_where_models_agree():
 
 
 def test_pdf_loss_direct_and_plus_terms_guarded():
-    shapes = [(1, 2)]
     a = 6 * 2
     s_cls = torch.zeros(1, a, 1)
     t_cls = torch.zeros(1, a, 1)
