@@ -21,6 +21,7 @@ from tests.conftest import tiny_recipe
 NO_AUG = {"hsv": 0, "brightness_contrast": 0, "fliplr": 0, "flipud": 0, "rot90": 0, "zoom": 0}
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_handful_of_images(tmp_path: Path, vedai_raw: Path):
     data = tmp_path / "one_class"
     vedai.prepare(vedai_raw, data, classes="vehicle", folds=[1], val_fraction=0)
@@ -120,6 +121,7 @@ def test_nan_guard_skips_then_reloads_then_gives_up(tmp_path: Path, vedai25: Pat
                   run_dir=tmp_path / "nan2").fit()
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path: Path, vedai25: Path):
     recipe = tmp_path / "r.yaml"
     r = tiny_recipe(vedai25, train={"epochs": 1, "max_batches": 2})
@@ -161,6 +163,7 @@ def test_early_stopping(tmp_path: Path, vedai25: Path):
     assert summary["epochs"] == 3 and summary["best_epoch"] == 1
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_last_and_resumes(tmp_path: Path, vedai25: Path):
     import signal
     import time
