@@ -10,31 +10,27 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-@pytest.fixture(scope="session")
-def vedai_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _synthetic_raw(factory: pytest.TempPathFactory, kind: str, images: int, size: int) -> Path:
     from kdcli.data.synthetic import generate
 
-    out = tmp_path_factory.mktemp("raw") / "synthetic-vedai"
-    generate("vedai", out, seed=0, images=40, size=96)
+    out = factory.mktemp("raw") / f"synthetic-{kind}"
+    generate(kind, out, seed=0, images=images, size=size)
     return out
+
+
+@pytest.fixture(scope="session")
+def vedai_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _synthetic_raw(tmp_path_factory, "vedai", images=40, size=96)
 
 
 @pytest.fixture(scope="session")
 def xview_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kdcli.data.synthetic import generate
-
-    out = tmp_path_factory.mktemp("raw") / "synthetic-xview"
-    generate("xview", out, seed=0, images=4, size=420)
-    return out
+    return _synthetic_raw(tmp_path_factory, "xview", images=4, size=420)
 
 
 @pytest.fixture(scope="session")
 def voc_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kdcli.data.synthetic import generate
-
-    out = tmp_path_factory.mktemp("raw") / "synthetic-voc"
-    generate("voc", out, seed=0, images=18, size=128)
-    return out
+    return _synthetic_raw(tmp_path_factory, "voc", images=18, size=128)
 
 
 @pytest.fixture(scope="session")

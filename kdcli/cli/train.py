@@ -114,6 +114,7 @@ def val(
 
     Example: [bold]kdcli val runs/train/teacher/weights/best.pt split=test[/]
     """
+    import torch
     from torch.utils.data import DataLoader
 
     from kdcli.data import coco
@@ -135,10 +136,10 @@ def val(
                                                                ("max_det", cfg.max_det)) if v is not None})
     device = distributed.resolve_device(cfg.device)
     model.to(device)
-    gt = coco.read_split(dataset_dir, cfg.split, fold)
     ds = DetectionDataset(dataset_dir, cfg.split, fold, m["imgsz"], d["letterbox"], channels=d["channels"])
+    gt = ds.coco
     loader = DataLoader(ds, batch_size=cfg.batch, num_workers=cfg.workers, collate_fn=collate)
-    amp = None if device.type != "cuda" else __import__("torch").bfloat16
+    amp = None if device.type != "cuda" else torch.bfloat16
     result, samples = evaluate(model, loader, gt, m["classes"], model_cfg, device, cfg.iou_thresholds,
                                cfg.coco_backend, amp)
     result.update({"weights": str(weights), "dataset": str(dataset_dir), "fold": fold, "split": cfg.split})

@@ -34,9 +34,10 @@ class Record:
     labels: np.ndarray  # [N] int64, 0-based
 
 
-def read_records(dataset_dir: Path, split: str, fold: int | None, channels: str = "rgb") -> tuple[list[Record],
-                                                                                                   list[str]]:
-    """The split's images with their boxes, and the class names."""
+def read_records(dataset_dir: Path, split: str, fold: int | None, channels: str = "rgb"
+                 ) -> tuple[list[Record], list[str], dict[str, Any]]:
+    """The split's images with their boxes, the class names, and the split's COCO JSON (the evaluation's
+    ground truth, so nothing reads the file twice)."""
     data = coco.read_split(dataset_dir, split, fold)
     classes = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
     by_image: dict[int, list[dict[str, Any]]] = {}
@@ -53,7 +54,7 @@ def read_records(dataset_dir: Path, split: str, fold: int | None, channels: str 
                           for a in anns], dtype=np.float32).reshape(-1, 4)
         labels = np.array([a["category_id"] - 1 for a in anns], dtype=np.int64)
         records.append(Record(im["id"], Path(dataset_dir) / im[key], im["width"], im["height"], boxes, labels))
-    return records, classes
+    return records, classes, data
 
 
 def _free_memory() -> int:
@@ -70,7 +71,7 @@ class DetectionDataset(Dataset):
                  letterbox: bool = True, transform: Callable[..., dict[str, Any]] | None = None,
                  channels: str = "rgb", cache: str = "none"):
         self.dataset_dir = Path(dataset_dir)
-        self.records, self.classes = read_records(self.dataset_dir, split, fold, channels)
+        self.records, self.classes, self.coco = read_records(self.dataset_dir, split, fold, channels)
         self.imgsz = imgsz
         self.letterbox = letterbox
         self.transform = transform or eval_transform(imgsz, letterbox)

@@ -52,8 +52,8 @@ class DistillTrainer(Trainer):
             raise KdcliError("no teacher given", hint="pass --teacher runs/train/<name>/weights/best.pt")
         self.teacher_path = Path(cfg.teacher)
         ckpt = checkpoint.load(self.teacher_path)
-        self._check_compatible(ckpt)
         self.teacher = checkpoint.model_from_checkpoint(ckpt, str(self.teacher_path)).to(self.device).eval()
+        self._check_compatible(ckpt)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher_sha256 = file_sha256(self.teacher_path)
@@ -79,17 +79,10 @@ class DistillTrainer(Trainer):
         if t_model["imgsz"] != self.recipe.data.imgsz:
             raise KdcliError(f"image size differs: teacher {t_model['imgsz']}, student {self.recipe.data.imgsz}",
                              hint=f"set data.imgsz={t_model['imgsz']}")
-        t_strides = [(16 if t_model["config"].get("maxpool") else 8) * 2 ** k
-                     for k in range(len(self._teacher_levels(t_model)))]
-        if t_strides != self.bare_model.strides:
-            raise KdcliError(f"pyramid strides differ: teacher {t_strides}, student {self.bare_model.strides}",
+        if self.teacher.strides != self.bare_model.strides:
+            raise KdcliError(f"pyramid strides differ: teacher {self.teacher.strides}, student "
+                             f"{self.bare_model.strides}",
                              hint="use the teacher's model.levels and model.maxpool")
-
-    @staticmethod
-    def _teacher_levels(t_model: dict[str, Any]) -> range:
-        from kdcli.models.detector import default_levels
-
-        return range(t_model["config"].get("levels") or default_levels(t_model["imgsz"]))
 
     def _report(self) -> None:
         cfg = self.recipe.distill
@@ -132,9 +125,7 @@ class DistillTrainer(Trainer):
                                      channels=self.recipe.data.channels)
             loader_set = Subset(plain, range(n))
             ids = {r.image_id for r in plain.records[:n]}
-            from kdcli.data import coco
-
-            full = coco.read_split(self.dataset_dir, self.recipe.data.train_split, self.recipe.data.fold)
+            full = plain.coco
             gt = {**full, "images": [im for im in full["images"] if im["id"] in ids],
                   "annotations": [a for a in full["annotations"] if a["image_id"] in ids]}
             where = f"first {n} train images (no val split)"

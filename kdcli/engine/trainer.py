@@ -137,12 +137,12 @@ class Trainer:
             raise KdcliError(f"{coco.split_path(self.dataset_dir, d.train_split, d.fold)}: no training images")
         self.classes = self.train_set.classes
         self.train_set.seed = r.seed
-        self.val_json = coco.read_split(self.dataset_dir, d.val_split, d.fold) if coco.split_path(
-            self.dataset_dir, d.val_split, d.fold).is_file() else None
-        self.val_set = None
-        if self.val_json and self.val_json["images"]:
-            self.val_set = DetectionDataset(self.dataset_dir, d.val_split, d.fold, d.imgsz, d.letterbox,
-                                            channels=d.channels, cache=d.cache)
+        self.val_set = self.val_json = None
+        if coco.split_path(self.dataset_dir, d.val_split, d.fold).is_file():
+            val_set = DetectionDataset(self.dataset_dir, d.val_split, d.fold, d.imgsz, d.letterbox,
+                                       channels=d.channels, cache=d.cache)
+            if len(val_set):
+                self.val_set, self.val_json = val_set, val_set.coco
         torch.manual_seed(r.seed)
         self.model = self.build_model().to(self.device)
         self.loss_fn = DetectionLoss(r.model, len(self.classes))
