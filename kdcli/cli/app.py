@@ -90,7 +90,7 @@ def root(
 
 
 def _register() -> None:
-    from kdcli.cli import benchmark, data, distill, prepare, recipe, train
+    from kdcli.cli import benchmark, data, distill, prepare, recipe, study, train
 
     app.command("train", rich_help_panel="Train and evaluate")(train.train)
     app.command("distill", rich_help_panel="Train and evaluate")(distill.distill)
@@ -98,6 +98,9 @@ def _register() -> None:
     info = typer.Typer(help="Describe models.", no_args_is_help=True, rich_markup_mode="rich")
     info.command("model")(train.info_model)
     app.add_typer(info, name="info", rich_help_panel="Train and evaluate")
+    app.command("study", rich_help_panel="Studies")(study.study)
+    app.command("report", rich_help_panel="Studies")(study.report)
+    app.command("quickstart", rich_help_panel="Studies")(study.quickstart)
     app.command("benchmark", rich_help_panel="Deploy and measure")(benchmark.benchmark)
 
     app.add_typer(prepare.app, name="prepare", rich_help_panel="Data")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -11,19 +11,6 @@ from kdcli.cli.train import Overrides, report, resume_recipe, split_recipe
 from kdcli.config import load
 from kdcli.config.schema import Recipe
 from kdcli.errors import KdcliError
-
-STUDENT_MODEL = "models/student_r18_fpn"
-STUDENT_LR = 0.01  # methods.md: the student's learning rate
-
-
-def student_defaults(teacher_ckpt: dict[str, Any]) -> dict[str, Any]:
-    """With no recipe: the teacher's data, fold, image size and training schedule, and the paper's R18+FPN
-    student sharing the teacher's channels, levels, max-pool and ImageNet-weights setting."""
-    tr = teacher_ckpt["recipe"]
-    model = load.read_yaml(load.find_recipe(STUDENT_MODEL))["model"]
-    model.update({k: tr["model"][k] for k in ("pretrained", "channels", "levels", "maxpool")})
-    return {"seed": tr["seed"], "data": {**tr["data"], "path": teacher_ckpt["data"]["path"]},
-            "augment": tr["augment"], "model": model, "train": {**tr["train"], "lr": STUDENT_LR}}
 
 
 def distill(
@@ -46,7 +33,7 @@ def distill(
     Example: [bold]kdcli distill --teacher t.pt --method defeat[/]
     """
     from kdcli.engine import checkpoint
-    from kdcli.engine.distill_trainer import DistillTrainer
+    from kdcli.engine.distill_trainer import DistillTrainer, student_defaults
 
     recipe, extra = split_recipe(recipe, overrides)
     extra += [f"train.device={device}"] if device else []

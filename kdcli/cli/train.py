@@ -114,39 +114,21 @@ def val(
 
     Example: [bold]kdcli val runs/train/teacher/weights/best.pt split=test[/]
     """
-    import torch
-    from torch.utils.data import DataLoader
-
     from kdcli.data import coco
-    from kdcli.data.dataset import DetectionDataset, collate
-    from kdcli.engine import checkpoint, distributed
     from kdcli.engine.plots import prediction_grid
     from kdcli.engine.trainer import unique_run_dir
-    from kdcli.engine.validator import evaluate
+    from kdcli.engine.validator import evaluate_checkpoint
 
     cfg = load.load(ValConfig, None, list(overrides or []))
-    ckpt = checkpoint.load(weights)
-    model = checkpoint.model_from_checkpoint(ckpt, str(weights))
-    d, m = ckpt["data"], ckpt["model"]
-    dataset_dir = paths.resolve_dataset(cfg.data) if cfg.data else Path(d["path"])
-    fold = cfg.fold if cfg.fold is not None else d["fold"]
-    if coco.read_dataset_yaml(dataset_dir)["classes"] != m["classes"]:
-        raise KdcliError(f"{dataset_dir}: classes differ from the checkpoint's {m['classes']}")
-    model_cfg = model.cfg.model_copy(update={k: v for k, v in (("conf", cfg.conf), ("nms_iou", cfg.nms_iou),
-                                                               ("max_det", cfg.max_det)) if v is not None})
-    device = distributed.resolve_device(cfg.device)
-    model.to(device)
-    ds = DetectionDataset(dataset_dir, cfg.split, fold, m["imgsz"], d["letterbox"], channels=d["channels"])
-    gt = ds.coco
-    loader = DataLoader(ds, batch_size=cfg.batch, num_workers=cfg.workers, collate_fn=collate)
-    amp = None if device.type != "cuda" else torch.bfloat16
-    result, samples = evaluate(model, loader, gt, m["classes"], model_cfg, device, cfg.iou_thresholds,
-                               cfg.coco_backend, amp)
-    result.update({"weights": str(weights), "dataset": str(dataset_dir), "fold": fold, "split": cfg.split})
+    dataset = paths.resolve_dataset(cfg.data) if cfg.data else None
+    result, samples = evaluate_checkpoint(weights, cfg.split, dataset, cfg.fold, cfg.batch, cfg.workers, cfg.device,
+                                          {"conf": cfg.conf, "nms_iou": cfg.nms_iou, "max_det": cfg.max_det},
+                                          cfg.iou_thresholds, cfg.coco_backend)
+    dataset_dir, fold, classes = Path(result["dataset"]), result["fold"], [r["class"] for r in result["per_class"]]
     run_dir = unique_run_dir(paths.runs_root() / "val", cfg.name or Path(weights).parent.parent.name or "val")
     run_dir.mkdir(parents=True)
     atomic.write_json(run_dir / "metrics.json", result, indent=2)
-    prediction_grid(samples, m["classes"], run_dir / "predictions.png")
+    prediction_grid(samples, classes, run_dir / "predictions.png")
     if as_json:
         typer.echo(json.dumps(result))
         return

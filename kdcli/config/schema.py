@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 # `device=0` arrives from YAML as an int, `device=0,1` as a string: both mean GPU indices
 Device = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else v)]
@@ -178,3 +178,72 @@ class Recipe(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
+PAPER_CONFIGS = ["teacher", "hard", "hard+soft", "hard+mse", "hard+pdf", "hard+defeat", "soft", "soft+mse",
+                 "soft+pdf", "soft+defeat"]
+LABELS = ("hard", "soft", "hard+soft")
+
+
+def _int_range(v: object) -> object:
+    """`1-5`, `1,3,5` or `3` -> a list of ints (lists pass through)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return [v]
+    if isinstance(v, str):
+        out: list[int] = []
+        for part in filter(None, (p.strip() for p in v.split(","))):
+            lo, sep, hi = part.partition("-")
+            try:
+                out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+            except ValueError:
+                raise ValueError(f"cannot read '{v}' as numbers (write e.g. 1-5 or 1,3,5)") from None
+        return out
+    return v
+
+
+IntList = Annotated[list[int], BeforeValidator(_int_range)]
+
+
+class StudyConfig(Strict):
+    """A grid of runs: configurations x folds x seeds. One teacher per (fold, seed), shared by the students of
+    that fold and seed. Config names: `teacher`, or `LABELS[+METHOD]` with LABELS hard, soft or hard+soft and
+    METHOD a distillation method (`hard+soft` = both labels, no feature term)."""
+
+    name: str | None = Field(None, description="study name (default: the recipe file name)")
+    dataset: str | None = Field(None, description="dataset dir for every cell (default: the teacher recipe's)")
+    teacher: str = Field(..., description="train recipe of the teacher")
+    student: str = Field(..., description="distill recipe of the students")
+    configs: list[str] = Field(default_factory=lambda: list(PAPER_CONFIGS),
+                               description="rows: teacher, hard, hard+soft, hard+mse, ... (default: the paper's ten)")
+    folds: IntList = Field(default_factory=lambda: [1], description="folds, e.g. 1-5")
+    seeds: IntList = Field(default_factory=lambda: [0], description="seeds, e.g. 0-3")
+    overrides: list[str] = Field(default_factory=list, description="key=value for every cell")
+    teacher_overrides: list[str] = Field(default_factory=list, description="key=value for the teachers only")
+    student_overrides: list[str] = Field(default_factory=list, description="key=value for the students only")
+    split: str = Field("test", description="split every cell is evaluated on for the tables")
+    metric: str = Field("mAP50", description="headline metric of tables and plots")
+
+    @field_validator("configs")
+    @classmethod
+    def _check_configs(cls, configs: list[str]) -> list[str]:
+        for c in configs:
+            if c != "teacher" and c not in LABELS and c.rpartition("+")[0] not in LABELS:
+                raise ValueError(f"'{c}' is not teacher, LABELS or LABELS+METHOD (LABELS: {', '.join(LABELS)})")
+        if len(set(configs)) != len(configs):
+            raise ValueError("a configuration is listed twice")
+        return configs
+
+    @field_validator("folds", "seeds")
+    @classmethod
+    def _not_empty(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+    @staticmethod
+    def labels_method(config: str) -> tuple[str, str]:
+        """`soft+pdf` -> ('soft', 'pdf'); `hard+soft` -> ('hard+soft', 'none'); `hard` -> ('hard', 'none')."""
+        if config in LABELS:
+            return config, "none"
+        labels, _, method = config.rpartition("+")
+        return labels, method

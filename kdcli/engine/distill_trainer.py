@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from kdcli.config import load
 from kdcli.console import err
 from kdcli.data.dataset import DetectionDataset, collate
 from kdcli.distill.adapters import Adapters
@@ -27,6 +28,18 @@ from kdcli.errors import FAILED, KdcliError
 from kdcli.models.anchors import level_shapes
 
 TEACHER_CHECK_IMAGES = 200  # a teacher checked on the training split (no val split) sees at most this many
+STUDENT_MODEL = "models/student_r18_fpn"
+STUDENT_LR = 0.01  # methods.md: the student's learning rate
+
+
+def student_defaults(teacher_ckpt: dict[str, Any]) -> dict[str, Any]:
+    """With no recipe: the teacher's data, fold, image size and training schedule, and the paper's R18+FPN
+    student sharing the teacher's channels, levels, max-pool and ImageNet-weights setting."""
+    tr = teacher_ckpt["recipe"]
+    model = load.read_yaml(load.find_recipe(STUDENT_MODEL))["model"]
+    model.update({k: tr["model"][k] for k in ("pretrained", "channels", "levels", "maxpool")})
+    return {"seed": tr["seed"], "data": {**tr["data"], "path": teacher_ckpt["data"]["path"]},
+            "augment": tr["augment"], "model": model, "train": {**tr["train"], "lr": STUDENT_LR}}
 
 
 def file_sha256(path: Path) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from kdcli.config.schema import ModelConfig
 from kdcli.engine import metrics as M
+from kdcli.errors import KdcliError
 from kdcli.models.postprocess import postprocess
 
 
@@ -159,4 +161,33 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, gt_json: dict[str, Any]
     result = compute_metrics(dets, gt_json, classes, cfg.max_det, iou_thresholds, backend)
     result["time_inference_s"] = round(t1 - t0, 3)
     result["time_metrics_s"] = round(time.perf_counter() - t1, 3)
+    return result, samples
+
+
+def evaluate_checkpoint(weights: str | Path, split: str = "test", dataset: str | Path | None = None,
+                        fold: int | None = None, batch: int = 16, workers: int = 2, device: str = "auto",
+                        overrides: dict[str, Any] | None = None, iou_thresholds: list[float] | None = None,
+                        backend: str = "auto") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate a checkpoint on a split of its own dataset and fold (or of `dataset`/`fold`): `kdcli val` and the
+    cells of a study. `overrides` may change the postprocess keys conf, nms_iou, max_det."""
+    from kdcli.data import coco
+    from kdcli.data.dataset import DetectionDataset, collate
+    from kdcli.engine import checkpoint, distributed
+
+    ckpt = checkpoint.load(weights)
+    model = checkpoint.model_from_checkpoint(ckpt, str(weights))
+    d, m = ckpt["data"], ckpt["model"]
+    dataset_dir = Path(dataset) if dataset is not None else Path(d["path"])
+    fold = fold if fold is not None else d["fold"]
+    if coco.read_dataset_yaml(dataset_dir)["classes"] != m["classes"]:
+        raise KdcliError(f"{dataset_dir}: classes differ from the checkpoint's {m['classes']}")
+    model_cfg = model.cfg.model_copy(update={k: v for k, v in (overrides or {}).items() if v is not None})
+    dev = distributed.resolve_device(device)
+    model.to(dev)
+    ds = DetectionDataset(dataset_dir, split, fold, m["imgsz"], d["letterbox"], channels=d["channels"])
+    loader = DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate)
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    result, samples = evaluate(model, loader, ds.coco, m["classes"], model_cfg, dev,
+                               [0.1, 0.25, 0.5, 0.75] if iou_thresholds is None else iou_thresholds, backend, amp)
+    result.update({"weights": str(weights), "dataset": str(dataset_dir), "fold": fold, "split": split})
     return result, samples

@@ -1,11 +1,14 @@
 """The append-only ledger of a study: one JSON line per finished (or failed) cell, fsynced.
 
 A study killed mid-write may leave a cut last line: it is ignored when reading and cut away before the next
-append, so the ledger stays valid. A malformed line anywhere else is an error naming its line.
+append, so the ledger stays valid. A malformed line anywhere else is an error naming its line. Appends hold an
+exclusive lock, so the cells of a pool can share one ledger; cells run by a scheduler (`kdcli study --plan`)
+write a ledger each under `ledgers/`, and `study_records` merges them all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -63,8 +66,12 @@ class Ledger:
 
     def append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair()
-        with open(self.path, "a", encoding="utf-8") as f:
+        with open(self.path, "a", encoding="utf-8") as f:  # O_APPEND: each write lands at the current end
+            with contextlib.suppress(ImportError):
+                import fcntl
+
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
+            self._repair()
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -81,3 +88,19 @@ class Ledger:
 
     def failed(self) -> set[tuple[str, int, int]]:
         return {k for k, r in self.latest().items() if r.get("status") == "failed"}
+
+
+def study_ledgers(study_dir: Path) -> list[Ledger]:
+    """The study's own ledger and those of cells run by a scheduler."""
+    return [Ledger(study_dir / "ledger.jsonl"), *(Ledger(p) for p in sorted((study_dir / "ledgers").glob("*.jsonl")))]
+
+
+def study_records(study_dir: Path) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """The latest record of each cell over all of a study's ledgers (by finish time, then ledger order)."""
+    out: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for led in study_ledgers(study_dir):
+        for r in led.read():
+            k = cell_key(r)
+            if k not in out or str(r.get("finished", "")) >= str(out[k].get("finished", "")):
+                out[k] = r
+    return out

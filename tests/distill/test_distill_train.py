@@ -49,7 +49,7 @@ def test_nine_rows_from_the_cli(labels: str, method: str, tiny_checkpoint: Path,
 
 def test_teacher_frozen_student_and_adapters_trained(tiny_checkpoint: Path, tmp_path: Path):
     teacher_ckpt = checkpoint.load(tiny_checkpoint)
-    from kdcli.cli.distill import student_defaults
+    from kdcli.engine.distill_trainer import student_defaults
 
     recipe = Recipe.model_validate({**student_defaults(teacher_ckpt), "distill": {
         "teacher": str(tiny_checkpoint), "labels": "hard+soft", "method": "pdf", "teacher_min_map": 0}})
@@ -72,7 +72,7 @@ def test_teacher_frozen_student_and_adapters_trained(tiny_checkpoint: Path, tmp_
 
 
 def test_feature_only_method_runs_truncated_teacher(tiny_checkpoint: Path, tmp_path: Path):
-    from kdcli.cli.distill import student_defaults
+    from kdcli.engine.distill_trainer import student_defaults
 
     recipe = Recipe.model_validate({**student_defaults(checkpoint.load(tiny_checkpoint)), "distill": {
         "teacher": str(tiny_checkpoint), "method": "defeat", "teacher_min_map": 0}})

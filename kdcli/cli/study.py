@@ -1,0 +1,171 @@
+"""`kdcli study`, `kdcli report` and `kdcli quickstart`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from kdcli.console import out
+from kdcli.errors import FAILED, KdcliError
+
+StudyOverrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides of the study recipe, "
+                                                                 "e.g. folds=1-2 seeds=0.")]
+
+
+def study(
+    recipe: Annotated[str, typer.Argument(help="Study recipe (file or name under recipes/), or a study dir to "
+                                               "continue.")],
+    overrides: StudyOverrides = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Study dir [default: $KDCLI_RUNS/study/<name>].")]
+    = None,
+    devices: Annotated[str | None, typer.Option("--devices", help="GPUs to spread cells over, one cell per GPU, "
+                                                                  "e.g. 0,1,2,3.")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="Cells at once on CPU (threads are shared out).")] = 1,
+    skip_failed: Annotated[bool, typer.Option("--skip-failed", help="Do not retry cells that failed before.")]
+    = False,
+    plan: Annotated[bool, typer.Option("--plan", help="Write one command per cell (teachers, then students) and "
+                                                      "a SLURM script instead of running.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show every cell's state and what would run.")] = False,
+    cell: Annotated[str | None, typer.Option("--cell", help="Run one cell, e.g. hard+pdf/f1/s0 (what --plan "
+                                                            "writes).")] = None,
+    ledger: Annotated[Path | None, typer.Option("--ledger", help="With --cell: the ledger to append to "
+                                                                "[default: <study>/ledger.jsonl].")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="With --cell: cpu or a GPU index.")] = None,
+) -> None:
+    """Run a grid of configurations x folds x seeds. One teacher per (fold, seed) is shared by the students of
+    that fold and seed. Each finished cell appends a line to ledger.jsonl; rerunning skips finished cells,
+    resumes killed ones from last.pt and retries failed ones (unless --skip-failed).
+
+    Example: [bold]kdcli study recipes/study/synthetic.yaml --jobs 2[/]
+    """
+    from kdcli.study import runner
+    from kdcli.study.grid import Cell, Study
+    from kdcli.study.ledger import Ledger
+
+    s = Study.open(recipe, out_dir, list(overrides or []))
+    if cell is not None:
+        c = Cell.parse(cell)
+        if c not in s.cells():
+            raise KdcliError(f"{c.id} is not a cell of study {s.cfg.name}",
+                             hint=f"see `kdcli study {s.dir} --dry-run`")
+        rc = runner.run_cell(s, c, Ledger(ledger or s.dir / "ledger.jsonl"), device)
+        if rc:
+            raise typer.Exit(rc)
+        return
+    if plan:
+        s.save()
+        files = runner.write_plan(s)
+        out.print(f"plan written: {files['teachers']} then {files['students']} (one command per line; "
+                  f"{files['slurm']} submits both as SLURM job arrays, students after their teachers)",
+                  highlight=False, soft_wrap=True)
+        return
+    if dry_run:
+        _show_status(s)
+        return
+    s.save()
+    n_failed = runner.run_grid(s, jobs, devices.split(",") if devices else None, skip_failed)
+    out.print(f"study {s.cfg.name}: {s.dir}  -> next: kdcli report {s.dir}", highlight=False, soft_wrap=True)
+    if n_failed:
+        raise KdcliError(f"{n_failed} cells failed or could not run (errors in {s.dir}/ledger.jsonl, logs in "
+                         f"{s.dir}/logs)", hint="rerun to retry them", exit_code=FAILED)
+
+
+def _show_status(s) -> None:
+    from kdcli.study import runner
+
+    st = runner.status(s)
+    t = Table(title=f"study {s.cfg.name}: {len(st.done)} done, {len(st.todo)} to run ({s.dir})",
+              title_justify="left")
+    for col in ("cell", "state", s.cfg.metric, "command"):
+        t.add_column(col)
+    for c in s.cells():
+        rec = st.records.get(c.key)
+        if c in st.done:
+            t.add_row(c.id, "[green]done[/]", f"{rec['metrics'].get(s.cfg.metric, 0):.4f}", "")
+        else:
+            state = f"[red]failed[/]: {rec.get('error', '')[:60]}" if rec else "to run"
+            t.add_row(c.id, state, "", " ".join(runner.cell_command(s, c)))
+    out.print(t)
+
+
+def report(
+    study_dirs: Annotated[list[Path], typer.Argument(help="Study dirs; dirs of the same study are merged, "
+                                                          "different studies become columns.")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write tables and plots [default: the "
+                                                               "study dir, or ./runs/report for several]."
+                                                 )] = None,
+    metric: Annotated[str | None, typer.Option("--metric", help="mAP50, mAP50-95, coco_AP50 or val_mAP50 "
+                                                                "[default: the study's].")] = None,
+    baseline: Annotated[str, typer.Option("--baseline", help="Configuration the gains are measured against.")]
+    = "hard",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Paper-style tables (each cell: median over seeds of the mean over folds, with the min-max spread),
+    the box plot per fold plus the average (whiskers at 1.5 IQR), and the gain of each configuration over the
+    baseline, paired by (fold, seed): bootstrap 95 % interval, Wilcoxon signed-rank p-value, win rate.
+
+    Example: [bold]kdcli report runs/study/synthetic[/]
+    """
+    import json
+
+    from kdcli import paths
+    from kdcli.study.report import build_report, print_report, write_report
+
+    rep = build_report(study_dirs, metric, baseline)
+    target = out_dir or (study_dirs[0] if len(rep["studies"]) == 1 and len(study_dirs) == 1 else
+                         paths.runs_root() / "report")
+    files = write_report(rep, target)
+    if as_json:
+        typer.echo(json.dumps(rep))
+        return
+    print_report(rep)
+    out.print("written: " + ", ".join(str(f) for f in files), highlight=False, soft_wrap=True)
+
+
+def quickstart(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for data, runs, tables and plots.")]
+    = Path("kdcli-quickstart"),
+    students: Annotated[str, typer.Option("--students", help="Student configurations, comma-separated (any of "
+                                                             "the paper's rows).")] = "hard,hard+pdf",
+    images: Annotated[int, typer.Option("--images", min=20, help="Synthetic scenes to generate.")] = 200,
+    teacher_epochs: Annotated[int, typer.Option("--teacher-epochs", min=1, help="Teacher epochs.")] = 30,
+    student_epochs: Annotated[int, typer.Option("--student-epochs", min=1, help="Epochs per student.")] = 15,
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="Students trained at once (CPU threads are shared "
+                                                            "out).")] = 1,
+    force: Annotated[bool, typer.Option("--force", help="Distil even from a teacher that looks untrained (short "
+                                                        "trial runs).")] = False,
+) -> None:
+    """Run the whole pipeline on embedded synthetic data: VEDAI-format scenes -> prepare -> teacher ->
+    students -> report (table + box plot). About 12 minutes on a 2-core CPU with the defaults.
+
+    Example: [bold]kdcli quickstart --students hard,hard+pdf,soft+defeat[/]
+    """
+    from kdcli.study import quickstart as qs
+
+    chosen = [x.strip() for x in students.split(",") if x.strip()]
+    if "teacher" in chosen or not chosen:
+        raise KdcliError("--students lists student configurations only (the teacher always runs), e.g. hard,hard+pdf")
+    res = qs.run(out_dir, chosen, images=images, teacher_epochs=teacher_epochs, student_epochs=student_epochs,
+                 jobs=jobs, force=force)
+    from kdcli.study.report import print_report
+
+    rep = res["report"]
+    print_report(rep)
+    table = rep["studies"][0]["table"]
+    metric = rep["metric"]
+    if "teacher" in table and "hard" in table:
+        t, h = table["teacher"]["median"], table["hard"]["median"]
+        verdict = "above" if t > h else "NOT above (train longer: --teacher-epochs)"
+        out.print(f"teacher {metric} {100 * t:.1f} vs hard student {100 * h:.1f}: the teacher is {verdict} the "
+                  "student it teaches", highlight=False)
+    study_dir = res["study"]
+    out.print(f"\n[bold]outputs[/]\n  data         {res['dataset']}\n  runs         {study_dir}/runs/<cell>/ "
+              f"(weights/best.pt, results.csv, PNG curves)\n  logs         {study_dir}/logs/\n  ledger       "
+              f"{study_dir}/ledger.jsonl\n  tables       {study_dir}/table.md, table.csv, table.tex, gains.md\n"
+              f"  box plot     {study_dir}/boxplot.png (.svg)\n  next         kdcli val {study_dir}/runs/hard-f1-s0/"
+              f"weights/best.pt  |  kdcli study recipes/study/synthetic.yaml", highlight=False, soft_wrap=True)
+    if res["failed"]:
+        raise KdcliError(f"{res['failed']} cells failed (see {study_dir}/logs)", exit_code=FAILED)

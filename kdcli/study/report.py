@@ -1,0 +1,160 @@
+"""`kdcli report`: the paper's table (rows = configurations, columns = studies; each cell the median over seeds
+of the mean over folds, min-max over seeds beside it) as Markdown, CSV and LaTeX; the gains over the baseline
+(paired by fold and seed) as Markdown and CSV; one box plot per study (PNG + SVG); everything as report.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from kdcli import atomic
+from kdcli.console import out
+from kdcli.study.aggregate import summarize
+from kdcli.study.plots import boxplot
+
+
+def build_report(dirs: list[Path], metric: str | None = None, baseline: str = "hard") -> dict[str, Any]:
+    return summarize(dirs, metric, baseline)
+
+
+def _rows(rep: dict[str, Any]) -> list[str]:
+    """Every configuration of any study, in first-seen order."""
+    rows: list[str] = []
+    for s in rep["studies"]:
+        rows += [c for c in s["configs"] if c not in rows]
+    return rows
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def _cell_text(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "-"
+    spread = f" ({_pct(c['min'])}–{_pct(c['max'])})" if c["seeds"] > 1 else ""
+    return _pct(c["median"]) + spread
+
+
+def _p(w: dict[str, Any]) -> str:
+    return f"{w['p']:.3g}"
+
+
+def table_markdown(rep: dict[str, Any]) -> str:
+    studies = rep["studies"]
+    head = [f"{rep['metric']} (%)"] + [s["name"] for s in studies]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(studies)) + "|"]
+    for c in _rows(rep):
+        best = [max(s["table"].values(), key=lambda x: x["median"]) is s["table"].get(c) for s in studies]
+        cells = [(f"**{_cell_text(s['table'].get(c))}**" if b else _cell_text(s["table"].get(c)))
+                 for s, b in zip(studies, best)]
+        lines.append("| " + " | ".join([c, *cells]) + " |")
+    notes = [f"Each cell: median over seeds of the mean over folds of {rep['metric']} on the "
+             f"{'/'.join(sorted({s['split'] for s in studies}))} split, in %; (min–max over seeds). Bold: best "
+             "of the column."]
+    for s in studies:
+        notes.append(f"{s['name']}: folds {','.join(map(str, s['folds']))}, seeds {','.join(map(str, s['seeds']))}"
+                     f", {s['cells_done']}/{s['cells_expected']} cells" +
+                     (f", failed: {', '.join(s['failed'])}" if s["failed"] else ""))
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def gains_markdown(rep: dict[str, Any]) -> str:
+    out_lines = []
+    for s in rep["studies"]:
+        out_lines += [f"### {s['name']}: gain over `{rep['baseline']}` ({rep['metric']}, points)", "",
+                      "| configuration | pairs | mean gain | 95 % CI (paired bootstrap) | Wilcoxon p | test | "
+                      "wins |", "|---|---:|---:|---|---:|---|---:|"]
+        for c, g in s["gains"].items():
+            if not g.get("pairs"):
+                out_lines.append(f"| {c} | 0 | - | - | - | - | - |")
+                continue
+            w = g["wilcoxon"]
+            out_lines.append(f"| {c} | {g['pairs']} | {100 * g['mean_gain']:+.2f} | "
+                             f"[{100 * g['ci95'][0]:+.2f}, {100 * g['ci95'][1]:+.2f}] | {_p(w)} | {w['method']} | "
+                             f"{100 * g['win_rate']:.0f} % |")
+        out_lines.append("")
+    out_lines.append("Pairs: cells of the same fold and seed (a student and the hard student share their teacher). "
+                     "Wilcoxon signed-rank, two-sided, zero differences dropped: exact without ties for up to 25 "
+                     "pairs, else the normal approximation with tie correction. Wins: share of pairs where the "
+                     "configuration beats the baseline.")
+    return "\n".join(out_lines) + "\n"
+
+
+def table_latex(rep: dict[str, Any]) -> str:
+    studies = rep["studies"]
+    lines = [r"\begin{tabular}{l" + "r" * len(studies) + "}", r"\toprule",
+             " & ".join([f"{rep['metric']} (\\%)"] + [s["name"].replace("_", r"\_") for s in studies]) + r" \\",
+             r"\midrule"]
+    for c in _rows(rep):
+        cells = []
+        for s in studies:
+            x = s["table"].get(c)
+            text = _cell_text(x).replace("–", "--")
+            best = x is not None and x is max(s["table"].values(), key=lambda y: y["median"])
+            cells.append(rf"\textbf{{{text}}}" if best else text)
+        lines.append(" & ".join([c.replace("_", r"\_"), *cells]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(rep: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["study", "config", "metric", "median", "min", "max", "q1", "q3", "seeds", "cells", "gain_mean",
+                "gain_ci_low", "gain_ci_high", "wilcoxon_p", "wilcoxon_method", "win_rate"])
+    for s in rep["studies"]:
+        for c in s["configs"]:
+            t, g = s["table"][c], s["gains"].get(c, {})
+            gain = [g["mean_gain"], *g["ci95"], g["wilcoxon"]["p"], g["wilcoxon"]["method"], g["win_rate"]] \
+                if g.get("pairs") else [""] * 6
+            w.writerow([s["name"], c, rep["metric"], *(round(t[k], 6) for k in ("median", "min", "max", "q1", "q3")),
+                        t["seeds"], t["cells"], *(round(x, 6) if isinstance(x, float) else x for x in gain)])
+    return buf.getvalue()
+
+
+def write_report(rep: dict[str, Any], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"table.md": table_markdown(rep), "table.csv": table_csv(rep), "table.tex": table_latex(rep),
+             "gains.md": gains_markdown(rep)}
+    written = []
+    for name, text in files.items():
+        atomic.write_text(out_dir / name, text)
+        written.append(out_dir / name)
+    atomic.write_json(out_dir / "report.json", rep, indent=2)
+    written.append(out_dir / "report.json")
+    for s in rep["studies"]:
+        if s["values"]:
+            base = "boxplot" if len(rep["studies"]) == 1 else f"boxplot_{s['name']}"
+            written += boxplot(s, rep["metric"], out_dir / base)
+    return written
+
+
+def print_report(rep: dict[str, Any]) -> None:
+    studies = rep["studies"]
+    t = Table(title=f"{rep['metric']} (%): median over seeds of the mean over folds (min–max over seeds)",
+              title_justify="left")
+    t.add_column("configuration")
+    for s in studies:
+        t.add_column(s["name"], justify="right")
+    for c in _rows(rep):
+        t.add_row(c, *(_cell_text(s["table"].get(c)) for s in studies))
+    out.print(t)
+    for s in studies:
+        if not s["gains"]:
+            continue
+        g = Table(title=f"{s['name']}: gain over {rep['baseline']} (points), paired by fold and seed",
+                  title_justify="left")
+        for col in ("configuration", "pairs", "mean gain", "95 % CI", "Wilcoxon p", "wins"):
+            g.add_column(col, justify="left" if col == "configuration" else "right")
+        for c, x in s["gains"].items():
+            if x.get("pairs"):
+                g.add_row(c, str(x["pairs"]), f"{100 * x['mean_gain']:+.2f}",
+                          f"[{100 * x['ci95'][0]:+.2f}, {100 * x['ci95'][1]:+.2f}]", _p(x["wilcoxon"]),
+                          f"{100 * x['win_rate']:.0f} %")
+        out.print(g)

@@ -1,0 +1,99 @@
+"""`kdcli report` on a fixture ledger with fixed numbers: the paper's cell, tables in three formats, gains with
+the paired tests, and the box plot files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from kdcli.cli.app import app
+
+# (config, fold, seed) -> mAP50: two folds x three seeds
+VALUES = {
+    ("teacher", 1, 0): 0.60, ("teacher", 2, 0): 0.50, ("teacher", 1, 1): 0.62, ("teacher", 2, 1): 0.54,
+    ("teacher", 1, 2): 0.58, ("teacher", 2, 2): 0.40,
+    ("hard", 1, 0): 0.30, ("hard", 2, 0): 0.20, ("hard", 1, 1): 0.34, ("hard", 2, 1): 0.22,
+    ("hard", 1, 2): 0.28, ("hard", 2, 2): 0.10,
+    ("hard+pdf", 1, 0): 0.33, ("hard+pdf", 2, 0): 0.21, ("hard+pdf", 1, 1): 0.36, ("hard+pdf", 2, 1): 0.27,
+    ("hard+pdf", 1, 2): 0.27, ("hard+pdf", 2, 2): 0.14,
+}
+
+
+def write_study(d: Path, name: str = "toy", values: dict = VALUES, failed: tuple = ()) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "study.yaml").write_text(f"name: {name}\nteacher: t.yaml\nstudent: s.yaml\n"
+                                  "configs: [teacher, hard, hard+pdf]\nfolds: [1, 2]\nseeds: [0, 1, 2]\n")
+    lines = [json.dumps({"config": c, "fold": f, "seed": s, "status": "ok", "finished": "2026-01-01T00:00:00",
+                         "metrics": {"mAP50": v, "mAP50-95": v / 2, "coco_AP50": v, "val_mAP50": v}})
+             for (c, f, s), v in values.items()]
+    lines += [json.dumps({"config": c, "fold": f, "seed": s, "status": "failed", "error": "boom",
+                          "finished": "2026-01-01T00:00:00"}) for c, f, s in failed]
+    (d / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def test_report_tables_gains_and_plot(tmp_path: Path):
+    from scipy.stats import wilcoxon
+
+    d = write_study(tmp_path / "toy")
+    res = CliRunner().invoke(app, ["report", str(d), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    (s,) = rep["studies"]
+    # teacher: per-seed fold means 0.55, 0.58, 0.49 -> median 0.55, min 0.49, max 0.58
+    assert s["table"]["teacher"]["median"] == pytest.approx(0.55)
+    assert (s["table"]["teacher"]["min"], s["table"]["teacher"]["max"]) == pytest.approx((0.49, 0.58))
+    assert s["table"]["hard"]["median"] == pytest.approx(0.25)  # 0.25, 0.28, 0.19
+    g = s["gains"]["hard+pdf"]
+    diffs = [VALUES[("hard+pdf", f, sd)] - VALUES[("hard", f, sd)] for f in (1, 2) for sd in (0, 1, 2)]
+    assert g["pairs"] == 6 and g["mean_gain"] == pytest.approx(np.mean(diffs))
+    assert g["ci95"][0] <= g["mean_gain"] <= g["ci95"][1]
+    assert g["wilcoxon"]["p"] == pytest.approx(wilcoxon(diffs).pvalue, rel=1e-6)
+    assert g["win_rate"] == pytest.approx(5 / 6)
+
+    md = (d / "table.md").read_text()
+    assert "| teacher | **55.0 (49.0–58.0)** |" in md and "| hard | 25.0 (19.0–28.0) |" in md
+    rows = list(csv.DictReader(open(d / "table.csv")))
+    assert [r["config"] for r in rows] == ["teacher", "hard", "hard+pdf"]
+    assert float(rows[2]["median"]) == pytest.approx(0.27)  # 0.27, 0.315, 0.205 and rows[1]["gain_mean"] == ""
+    assert r"\textbf{55.0 (49.0--58.0)}" in (d / "table.tex").read_text()
+    assert "Wilcoxon" in (d / "gains.md").read_text()
+    with Image.open(d / "boxplot.png") as im:
+        assert im.size[0] > 400 and im.size[1] > 300
+    assert (d / "boxplot.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_report_merges_dirs_of_one_study_and_columns_per_study(tmp_path: Path):
+    half1 = {k: v for k, v in VALUES.items() if k[2] < 2}
+    half2 = {k: v for k, v in VALUES.items() if k[2] == 2}
+    a = write_study(tmp_path / "a", values=half1)
+    b = write_study(tmp_path / "b", values=half2, failed=[("hard", 3, 0)])
+    other = write_study(tmp_path / "c", name="other", values={k: v + 0.1 for k, v in VALUES.items()})
+    out = tmp_path / "rep"
+    res = CliRunner().invoke(app, ["report", str(a), str(b), str(other), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert [s["name"] for s in rep["studies"]] == ["toy", "other"]
+    assert rep["studies"][0]["table"]["teacher"]["median"] == pytest.approx(0.55)  # merged = the whole study
+    assert rep["studies"][0]["failed"] == ["hard/f3/s0"]
+    assert rep["studies"][1]["table"]["teacher"]["median"] == pytest.approx(0.65)
+    assert (out / "boxplot_toy.png").is_file() and (out / "boxplot_other.svg").is_file()
+    header = (out / "table.md").read_text().splitlines()[0]
+    assert header == "| mAP50 (%) | toy | other |"
+
+
+def test_report_errors(tmp_path: Path):
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 2 and "not a study directory" in res.output
+    d = write_study(tmp_path / "empty", values={})
+    res = CliRunner().invoke(app, ["report", str(d)])
+    assert res.exit_code == 2 and "no finished cells" in res.output
+    d = write_study(tmp_path / "toy")
+    res = CliRunner().invoke(app, ["report", str(d), "--metric", "accuracy"])
+    assert res.exit_code == 2 and "unknown metric" in res.output

@@ -1,0 +1,115 @@
+"""`kdcli study` end to end on a tiny grid (each cell a real process), its ledger resume, a failing cell,
+`--plan` and `--dry-run`, and `kdcli quickstart` in a reduced mode."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kdcli.cli.app import app
+from kdcli.study.ledger import Ledger, study_records
+
+TINY = "train: {epochs: 1, batch: 4, max_batches: 2, warmup_iters: 2, ema_tau: 5, device: cpu, plots: false}\n"
+
+
+def tiny_study(tmp_path: Path, dataset: Path, configs: str, seeds: str = "0") -> Path:
+    (tmp_path / "teacher.yaml").write_text(
+        f"data: {{path: {dataset}, fold: 1, imgsz: 96, anchor_size: 16, workers: 0}}\n"
+        "model: {backbone: resnet18, neck: pafpn, channels: 16, pretrained: false}\n" + TINY)
+    (tmp_path / "student.yaml").write_text("model: {backbone: resnet18, neck: fpn, channels: 16, pretrained: false}\n"
+                                           + TINY + "distill: {teacher_min_map: 0}\n")
+    (tmp_path / "study.yaml").write_text(f"name: tiny\nteacher: teacher.yaml\nstudent: student.yaml\n"
+                                         f"configs: [{configs}]\nfolds: 1\nseeds: {seeds}\n")
+    return tmp_path / "study.yaml"
+
+
+def ledger_lines(d: Path) -> list[str]:
+    return (d / "ledger.jsonl").read_text().splitlines()
+
+
+def test_grid_failed_cell_resume_and_cut_ledger(tmp_path: Path, vedai25: Path):
+    recipe = tiny_study(tmp_path, vedai25, "teacher, hard, hard+pdf, hard+bogus")
+    out = tmp_path / "s"
+    res = CliRunner().invoke(app, ["study", str(recipe), "--out", str(out)])
+    assert res.exit_code == 1 and "1 cells failed" in res.output  # the bad cell fails, the grid goes on
+    recs = study_records(out)
+    assert {k: r["status"] for k, r in recs.items()} == {
+        ("teacher", 1, 0): "ok", ("hard", 1, 0): "ok", ("hard+pdf", 1, 0): "ok", ("hard+bogus", 1, 0): "failed"}
+    assert "unknown distillation method 'bogus'" in recs[("hard+bogus", 1, 0)]["error"]
+    ok = recs[("hard+pdf", 1, 0)]
+    assert set(ok["metrics"]) >= {"mAP50", "mAP50-95", "val_mAP50"} and ok["split"] == "test"
+    assert Path(ok["weights"]).is_file() and ok["teacher"] == recs[("teacher", 1, 0)]["weights"]
+    assert (out / "logs" / "hard_pdf-f1-s0.log").is_file()
+
+    res = CliRunner().invoke(app, ["study", str(out), "--skip-failed"])  # all done or skipped: nothing runs
+    assert res.exit_code == 0, res.output
+    assert len(ledger_lines(out)) == 4
+
+    # a study killed while writing hard+pdf's record: its line is cut; the rerun runs that cell only
+    lines = ledger_lines(out)
+    keep = [x for x in lines if '"hard+pdf"' not in x]
+    (out / "ledger.jsonl").write_text("\n".join(keep) + "\n" + next(x for x in lines if '"hard+pdf"' in x)[:40])
+    res = CliRunner().invoke(app, ["study", str(out), "--skip-failed"])
+    assert res.exit_code == 0, res.output
+    after = [json.loads(x) for x in ledger_lines(out)]  # every line whole again
+    assert len(after) == 4 and after[-1]["config"] == "hard+pdf" and after[-1]["status"] == "ok"
+
+    res = CliRunner().invoke(app, ["study", str(recipe), "--out", str(out), "overrides=[imgsz=128]"])
+    assert res.exit_code == 2 and "different overrides" in res.output
+
+
+def test_plan_and_dry_run(tmp_path: Path, vedai25: Path):
+    recipe = tiny_study(tmp_path, vedai25, "teacher, hard, soft+mse", seeds="0-1")
+    out = tmp_path / "p"
+    res = CliRunner().invoke(app, ["study", str(recipe), "--out", str(out), "--plan"])
+    assert res.exit_code == 0, res.output
+    teachers = (out / "plan" / "teachers.txt").read_text().splitlines()
+    students = (out / "plan" / "students.txt").read_text().splitlines()
+    assert len(teachers) == 2 and len(students) == 4
+    first = shlex.split(teachers[0])
+    assert first[:3] == ["kdcli", "study", str(out.resolve())]
+    assert first[3:] == ["--cell", "teacher/f1/s0", "--ledger", str(out.resolve() / "ledgers" / "teacher-f1-s0.jsonl")]
+    assert {shlex.split(x)[4] for x in students} == {"hard/f1/s0", "soft+mse/f1/s0", "hard/f1/s1", "soft+mse/f1/s1"}
+    slurm = (out / "plan" / "slurm.sh").read_text()
+    assert "--array=1-2 cell.sbatch teachers.txt" in slurm and "--dependency=afterok:$T --array=1-4" in slurm
+
+    res = CliRunner().invoke(app, ["study", str(out), "--cell", "hard/f1/s0"])  # its teacher has not run
+    assert res.exit_code == 1
+    assert "teacher/f1/s0 has not finished" in Ledger(out / "ledger.jsonl").read()[-1]["error"]
+
+    res = CliRunner().invoke(app, first[1:])  # one scheduler job, as the plan wrote it
+    assert res.exit_code == 0, res.output
+    assert Ledger(out / "ledgers" / "teacher-f1-s0.jsonl").read()[0]["status"] == "ok"
+    assert study_records(out)[("teacher", 1, 0)]["status"] == "ok"  # the ledgers are merged
+    CliRunner().invoke(app, ["study", str(out), "--plan"])
+    assert len((out / "plan" / "teachers.txt").read_text().splitlines()) == 1
+
+    res = CliRunner().invoke(app, ["study", str(out), "--dry-run"])
+    assert res.exit_code == 0 and "1 done, 5 to run" in res.output
+    res = CliRunner().invoke(app, ["study", str(out), "--cell", "hard/f9/s0"])
+    assert res.exit_code == 2 and "not a cell of study tiny" in res.output
+
+
+@pytest.mark.parametrize("bad, message", [("configs: [teacher, best]", "'best' is not teacher"),
+                                          ("folds: 1-x", "cannot read '1-x'")])
+def test_bad_study_recipe(tmp_path: Path, bad: str, message: str):
+    (tmp_path / "s.yaml").write_text(f"teacher: train/synthetic_teacher\nstudent: distill/synthetic\n{bad}\n")
+    res = CliRunner().invoke(app, ["study", str(tmp_path / "s.yaml"), "--dry-run"])
+    assert res.exit_code == 2 and message in res.output and "s.yaml:3" in res.output
+
+
+def test_quickstart_reduced(tmp_path: Path):
+    out = tmp_path / "qs"
+    res = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--images", "24", "--teacher-epochs", "1",
+                                   "--student-epochs", "1", "--students", "hard", "--force"])
+    assert res.exit_code == 0, res.output
+    recs = study_records(out / "study")
+    assert {k[0] for k, r in recs.items() if r["status"] == "ok"} == {"teacher", "hard"}
+    for name in ("table.md", "table.csv", "table.tex", "gains.md", "boxplot.png", "boxplot.svg"):
+        assert (out / "study" / name).is_file(), name
+    assert (out / "datasets" / "synthetic-vedai25" / "annotations" / "fold01_test.json").is_file()
+    assert "box plot" in res.output and "teacher mAP50" in res.output
