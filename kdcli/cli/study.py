@@ -131,8 +131,8 @@ def quickstart(
     students: Annotated[str, typer.Option("--students", help="Student configurations, comma-separated (any of "
                                                              "the paper's rows).")] = "hard,hard+pdf",
     images: Annotated[int, typer.Option("--images", min=20, help="Synthetic scenes to generate.")] = 200,
-    teacher_epochs: Annotated[int, typer.Option("--teacher-epochs", min=1, help="Teacher epochs.")] = 30,
-    student_epochs: Annotated[int, typer.Option("--student-epochs", min=1, help="Epochs per student.")] = 15,
+    teacher_epochs: Annotated[int, typer.Option("--teacher-epochs", min=1, help="Teacher epochs.")] = 20,
+    student_epochs: Annotated[int, typer.Option("--student-epochs", min=1, help="Epochs per student.")] = 10,
     jobs: Annotated[int, typer.Option("--jobs", min=1, help="Students trained at once (CPU threads are shared "
                                                             "out).")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Distil even from a teacher that looks untrained (short "

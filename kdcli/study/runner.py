@@ -158,10 +158,12 @@ def status(study: Study, skip_failed: bool = False) -> Status:
 
 def write_plan(study: Study) -> dict[str, Path]:
     """One command per cell in two phases (teachers, then students), each writing a ledger of its own under
-    `ledgers/`, plus a SLURM script with job arrays and an afterok dependency. Finished cells are left out."""
+    `ledgers/`, plus a SLURM script with job arrays, the students' array starting once every teacher has ended
+    (afterany: a student whose teacher failed stops at once with that error). Finished cells are left out."""
     st = status(study)
     plan = study.dir / "plan"
     plan.mkdir(parents=True, exist_ok=True)
+    (study.dir / "logs").mkdir(exist_ok=True)
     files = {}
     for phase, cells in (("teachers", [c for c in st.todo if c.is_teacher]),
                          ("students", [c for c in st.todo if not c.is_teacher])):
@@ -180,7 +182,7 @@ def write_plan(study: Study) -> dict[str, Path]:
     if n_t:
         script.append(f"T=$(sbatch --parsable --array=1-{n_t} cell.sbatch teachers.txt)")
     if n_s:
-        dep = " --dependency=afterok:$T" if n_t else ""
+        dep = " --dependency=afterany:$T" if n_t else ""
         script.append(f"sbatch{dep} --array=1-{n_s} cell.sbatch students.txt")
     script.append(f"echo \"when all have finished: kdcli report {study.dir.resolve()}\"")
     files["slurm"] = plan / "slurm.sh"

@@ -75,7 +75,7 @@ def test_plan_and_dry_run(tmp_path: Path, vedai25: Path):
     assert first[3:] == ["--cell", "teacher/f1/s0", "--ledger", str(out.resolve() / "ledgers" / "teacher-f1-s0.jsonl")]
     assert {shlex.split(x)[4] for x in students} == {"hard/f1/s0", "soft+mse/f1/s0", "hard/f1/s1", "soft+mse/f1/s1"}
     slurm = (out / "plan" / "slurm.sh").read_text()
-    assert "--array=1-2 cell.sbatch teachers.txt" in slurm and "--dependency=afterok:$T --array=1-4" in slurm
+    assert "--array=1-2 cell.sbatch teachers.txt" in slurm and "--dependency=afterany:$T --array=1-4" in slurm
 
     res = CliRunner().invoke(app, ["study", str(out), "--cell", "hard/f1/s0"])  # its teacher has not run
     assert res.exit_code == 1
@@ -113,3 +113,14 @@ def test_quickstart_reduced(tmp_path: Path):
         assert (out / "study" / name).is_file(), name
     assert (out / "datasets" / "synthetic-vedai25" / "annotations" / "fold01_test.json").is_file()
     assert "box plot" in res.output and "teacher mAP50" in res.output
+
+
+@pytest.mark.parametrize("recipe, cells, teachers", [("study/vedai25_paper", 200, 20), ("study/synthetic", 40, 4)])
+def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tmp_path: Path):
+    from kdcli.config.schema import PAPER_CONFIGS
+    from kdcli.study.grid import Study
+
+    s = Study.open(recipe, tmp_path / "s")
+    assert s.cfg.configs == PAPER_CONFIGS
+    assert len(s.cells()) == cells and sum(c.is_teacher for c in s.cells()) == teachers
+    assert Path(s.cfg.teacher).is_file() and Path(s.cfg.student).is_file()
