@@ -75,3 +75,21 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, vedai25: Path) -> 
     run = tmp_path_factory.mktemp("runs") / "tiny"
     Trainer(tiny_recipe(vedai25, train={"plots": True}), run_dir=run).fit()
     return run / "weights" / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def overfit_run(tmp_path_factory: pytest.TempPathFactory, vedai_raw: Path) -> tuple[Path, dict]:
+    """(run dir, summary) of a small model overfit on the 4 fold-1 test images of `vedai_raw`, one class."""
+    from kdcli.data.sources import vedai
+    from kdcli.engine.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("overfit")
+    data = tmp / "one_class"
+    vedai.prepare(vedai_raw, data, classes="vehicle", folds=[1], val_fraction=0)
+    no_aug = {"hsv": 0, "brightness_contrast": 0, "fliplr": 0, "flipud": 0, "rot90": 0, "zoom": 0}
+    recipe = tiny_recipe(data, data={"train_split": "test", "val_split": "test"}, augment=no_aug,
+                         model={"channels": 32},
+                         train={"epochs": 70, "batch": 4, "max_batches": 1, "optimizer": "adamw", "lr": 0.003,
+                                "weight_decay": 1e-4, "warmup_iters": 10, "ema_decay": 0.9, "val_every": 70})
+    summary = Trainer(recipe, run_dir=tmp / "run").fit()
+    return tmp / "run", summary

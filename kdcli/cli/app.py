@@ -90,7 +90,7 @@ def root(
 
 
 def _register() -> None:
-    from kdcli.cli import benchmark, data, distill, prepare, recipe, study, train
+    from kdcli.cli import benchmark, data, deploy, distill, prepare, recipe, study, train
 
     app.command("train", rich_help_panel="Train and evaluate")(train.train)
     app.command("distill", rich_help_panel="Train and evaluate")(distill.distill)
@@ -101,6 +101,7 @@ def _register() -> None:
     app.command("study", rich_help_panel="Studies")(study.study)
     app.command("report", rich_help_panel="Studies")(study.report)
     app.command("quickstart", rich_help_panel="Studies")(study.quickstart)
+    app.command("predict", rich_help_panel="Deploy and measure")(deploy.predict)
     app.command("benchmark", rich_help_panel="Deploy and measure")(benchmark.benchmark)
 
     app.add_typer(prepare.app, name="prepare", rich_help_panel="Data")

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from kdcli.data.sources import xview
 from kdcli.data.synthetic.xview import TYPE_OF
+from kdcli.data.tiling import tile_origins
 from kdcli.errors import KdcliError
 
 sizes = st.integers(min_value=1, max_value=3000)
@@ -21,7 +22,7 @@ overlaps = st.floats(min_value=0.0, max_value=0.9)
 
 @given(size=sizes, tile=tiles, overlap=overlaps)
 def test_tiles_cover_the_axis_and_stay_inside(size: int, tile: int, overlap: float):
-    starts = xview.tile_origins(size, tile, overlap)
+    starts = tile_origins(size, tile, overlap)
     assert starts[0] == 0 and starts == sorted(set(starts))
     ends = [s + min(tile, size - s) for s in starts]
     assert max(ends) == size and all(0 <= s < size for s in starts) and all(e <= size for e in ends)

@@ -12,24 +12,16 @@ import pytest
 import torch
 import yaml
 
-from kdcli.data.sources import vedai
 from kdcli.engine import checkpoint
 from kdcli.engine.trainer import Trainer
 from kdcli.errors import KdcliError
 from tests.conftest import tiny_recipe
 
-NO_AUG = {"hsv": 0, "brightness_contrast": 0, "fliplr": 0, "flipud": 0, "rot90": 0, "zoom": 0}
 
 
 @pytest.mark.slow
-def test_tiny_model_overfits_a_handful_of_images(tmp_path: Path, vedai_raw: Path):
-    data = tmp_path / "one_class"
-    vedai.prepare(vedai_raw, data, classes="vehicle", folds=[1], val_fraction=0)
-    recipe = tiny_recipe(data, data={"train_split": "test", "val_split": "test"}, augment=NO_AUG,
-                         model={"channels": 32},
-                         train={"epochs": 70, "batch": 4, "max_batches": 1, "optimizer": "adamw", "lr": 0.003,
-                                "weight_decay": 1e-4, "warmup_iters": 10, "ema_decay": 0.9, "val_every": 70})
-    summary = Trainer(recipe, run_dir=tmp_path / "run").fit()
+def test_tiny_model_overfits_a_handful_of_images(overfit_run: tuple[Path, dict]):
+    _, summary = overfit_run
     assert summary["metrics"]["mAP50"] > 0.9, summary["metrics"]
 
 

@@ -24,6 +24,7 @@ from kdcli.data import coco
 from kdcli.data.images import ImageDecodeError, place, probe
 from kdcli.data.sources.common import SYNTHETIC_MARKER, Preset, clip_box, is_sliver, val_split
 from kdcli.data.tally import Tally
+from kdcli.data.tiling import tile_origins
 from kdcli.errors import KdcliError
 
 GEOJSON = "xView_train.geojson"
@@ -85,15 +86,6 @@ def read_geojson(path: Path, tally: Tally) -> dict[str, list[tuple[int, float, f
         except ijson.JSONError as e:
             raise KdcliError(f"{path}: invalid GeoJSON ({e})") from None
     return boxes
-
-
-def tile_origins(size: int, tile: int, overlap: float) -> list[int]:
-    """Tile starts along one axis: a fixed stride, the last tile shifted back to end at the border."""
-    if size <= tile:
-        return [0]
-    stride = max(1, int(tile * (1 - overlap)))
-    starts = list(range(0, size - tile, stride))
-    return [*starts, size - tile]
 
 
 def tile_boxes(boxes: np.ndarray, x0: int, y0: int, tw: int, th: int, min_visible: float) -> list[tuple[int, tuple]]:

@@ -1,0 +1,124 @@
+"""`kdcli predict`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdcli import paths
+from kdcli.console import out, progress
+from kdcli.errors import KdcliError
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KdcliError(f"{what}: '{text}' is not a comma-separated list of integers") from None
+
+
+def predict(
+    weights: Annotated[Path, typer.Argument(help="Checkpoint (best.pt).")],
+    sources: Annotated[list[str] | None, typer.Argument(help="Images, folders or globs (PNG, JPEG, TIFF/GeoTIFF).")]
+    = None,
+    split: Annotated[str | None, typer.Option("--split", help="Predict a split of the checkpoint's dataset instead "
+                                                              "(e.g. val_scenes: whole xView scenes) and evaluate it."
+                                              )] = None,
+    slice_size: Annotated[int | None, typer.Option("--slice", min=32, help="Cut each image into windows of this "
+                                                                           "side (pixels) [default: whole image].")]
+    = None,
+    overlap: Annotated[float, typer.Option("--overlap", help="Overlap between windows (fraction).")] = 0.2,
+    merge: Annotated[str, typer.Option("--merge", help="Duplicates across windows: nms or fusion (weighted box "
+                                                       "fusion).")] = "nms",
+    keep_cut: Annotated[bool, typer.Option("--keep-cut", help="Keep boxes touching an inner window edge (by "
+                                                              "default dropped when windows overlap: a neighbour "
+                                                              "sees them whole).")]
+    = False,
+    conf: Annotated[float | None, typer.Option("--conf", help="Score threshold [default: the checkpoint's].")]
+    = None,
+    iou: Annotated[float | None, typer.Option("--iou", help="NMS / merge IoU [default: the checkpoint's].")] = None,
+    max_det: Annotated[int | None, typer.Option("--max-det", help="Detections per window.")] = None,
+    bands: Annotated[str | None, typer.Option("--bands", help="1-based bands of a multi-band raster, e.g. 4,3,2.")]
+    = None,
+    normalize: Annotated[str, typer.Option("--normalize", help="auto (percentile scaling unless 8-bit), percentile "
+                                                               "or none.")] = "auto",
+    percentiles: Annotated[str, typer.Option("--percentiles", help="Low,high percentiles of the scaling.")] = "2,98",
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Windows per forward pass.")] = 8,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or a GPU index.")] = "auto",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder [default: runs/predict/<name>].")]
+    = None,
+    draw_images: Annotated[bool, typer.Option("--draw/--no-draw", help="Write drawn PNGs.")] = True,
+    draw_conf: Annotated[float, typer.Option("--draw-conf", help="Draw boxes scoring at least this.")] = 0.25,
+) -> None:
+    """Detect objects in images or whole scenes. Writes predictions.json (COCO results), images.json, a
+    GeoJSON per image (pixel coordinates; map coordinates too for a georeferenced TIFF) and drawn PNGs.
+
+    Example: [bold]kdcli predict best.pt scene.tif --slice 512 --overlap 0.2 --bands 3,2,1[/]
+    """
+    from kdcli.data import coco
+    from kdcli.data.rasters import open_raster
+    from kdcli.deploy.predict import Predictor, expand_sources, write_outputs
+    from kdcli.engine import checkpoint, distributed
+    from kdcli.engine.trainer import unique_run_dir
+
+    if merge not in ("nms", "fusion"):
+        raise KdcliError(f"--merge {merge}: use nms or fusion")
+    if normalize not in ("auto", "percentile", "none"):
+        raise KdcliError(f"--normalize {normalize}: use auto, percentile or none")
+    pct = _ints(percentiles, "--percentiles")
+    if pct is None or len(pct) != 2 or not 0 <= pct[0] < pct[1] <= 100:
+        raise KdcliError(f"--percentiles {percentiles}: give low,high with 0 <= low < high <= 100")
+    if bool(sources) == bool(split):
+        raise KdcliError("give images to predict or --split, not both" if sources else "give images to predict",
+                         hint="e.g. kdcli predict best.pt scene.tif --slice 512, or --split val_scenes")
+    dev = distributed.resolve_device(device)
+    predictor = Predictor(weights, dev, conf, iou, max_det, slice_size, overlap, merge, batch, keep_cut)
+    gt = None
+    if split:
+        d = checkpoint.load(weights)["data"]
+        fold = d["fold"] if coco.split_path(d["path"], split, d["fold"]).is_file() else None
+        gt = coco.read_split(d["path"], split, fold)
+        items = [(im["id"], Path(d["path"]) / im["file_name"]) for im in gt["images"]]
+    else:
+        items = [(i, p) for i, p in enumerate(expand_sources(sources or []), start=1)]
+    band_list = _ints(bands, "--bands")
+    rasters = [(i, p, open_raster(p, band_list, (pct[0], pct[1]), normalize)) for i, p in items]
+    total = sum(len(predictor.windows(r)) for _, _, r in rasters)
+    results = []
+    with progress() as bar:
+        task = bar.add_task("predict", total=total)
+        for _, path, raster in rasters:
+            det = predictor.predict(raster, lambda n: bar.advance(task, n))
+            results.append((path, raster, det))
+    target = out_dir or unique_run_dir(paths.runs_root() / "predict", Path(weights).parent.parent.name or "predict")
+    files = write_outputs(target, results, predictor.classes, draw_conf if draw_images else None)
+    n = sum(len(det.scores) for _, _, det in results)
+    out.print(f"[green]{n} detections[/] in {len(results)} image(s), {total} window(s) -> {target}", highlight=False)
+    if gt is not None:
+        _evaluate(gt, [i for i, _, _ in rasters], results, predictor, target)
+    out.print("written: " + ", ".join(str(f) for f in files[:6]) + (" ..." if len(files) > 6 else ""),
+              highlight=False, soft_wrap=True)
+
+
+def _evaluate(gt: dict, ids: list[int], results: list, predictor, target: Path) -> None:
+    """Score whole-scene predictions against the split's boxes (the same metrics as `kdcli val`)."""
+    import numpy as np
+
+    from kdcli import atomic
+    from kdcli.engine import metrics as M
+    from kdcli.engine.validator import compute_metrics
+
+    dets = M.Detections(np.concatenate([np.full(len(d.scores), i, np.int64) for i, (_, _, d) in zip(ids, results)]),
+                        np.concatenate([d.labels for _, _, d in results]).astype(np.int64),
+                        np.concatenate([d.scores for _, _, d in results]).astype(np.float64),
+                        np.concatenate([d.boxes for _, _, d in results]).reshape(-1, 4).astype(np.float64))
+    max_det = max(1, max((len(d.scores) for _, _, d in results), default=1))
+    m = compute_metrics(dets, gt, predictor.classes, max_det, [0.1, 0.25])
+    atomic.write_json(target / "metrics.json", m, indent=2)
+    out.print(f"scenes: mAP50 {m['mAP50']:.4f}  COCO AP50 {m['coco_AP50']:.4f}  mAP50-95 {m['mAP50-95']:.4f}  "
+              f"AP@0.25 {m['mAP0.25']:.4f}  ({m['objects']} objects, {m['detections']} detections) -> "
+              f"{target / 'metrics.json'}", highlight=False, soft_wrap=True)

@@ -1,0 +1,187 @@
+"""`kdcli predict`: a checkpoint on images, folders, globs or whole scenes, optionally sliced into overlapping
+windows run in batches; detections mapped back to scene pixels and merged across seams.
+
+Memory stays bounded on a 10 000 x 10 000 scene: windows are read one batch at a time (from a memmap when the
+TIFF allows it), each window keeps at most `max_det` detections, and the drawn picture is downscaled.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kdcli import atomic
+from kdcli.data.rasters import IMAGE_SUFFIXES, Raster
+from kdcli.data.tiling import windows
+from kdcli.data.transforms import eval_transform, input_scale
+from kdcli.deploy.slicing import drop_cut_boxes, merge, to_scene
+from kdcli.engine import checkpoint
+from kdcli.engine.plots import draw
+from kdcli.errors import KdcliError
+from kdcli.models.postprocess import postprocess
+
+DRAW_MAX_SIDE = 4096
+
+
+def expand_sources(sources: list[str]) -> list[Path]:
+    """Files, folders (their images, sorted) and glob patterns -> image paths, each once."""
+    out: list[Path] = []
+    for s in sources:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            found = [p]
+        else:
+            found = sorted(Path(x) for x in glob.glob(s, recursive=True) if Path(x).suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise KdcliError(f"{s}: no image found", hint=f"give files, folders or globs of {', '.join(IMAGE_SUFFIXES)}")
+        out += [f for f in found if f not in out]
+    return out
+
+
+@dataclass
+class Detections:
+    boxes: np.ndarray  # [N, 4] x0, y0, x1, y1 scene pixels
+    scores: np.ndarray
+    labels: np.ndarray
+
+
+class Predictor:
+    def __init__(self, weights: str | Path, device: torch.device, conf: float | None = None,
+                 iou: float | None = None, max_det: int | None = None, slice_size: int | None = None,
+                 overlap: float = 0.2, merge_method: str = "nms", batch: int = 8, keep_cut: bool = False):
+        ckpt = checkpoint.load(weights)
+        self.model = checkpoint.model_from_checkpoint(ckpt, str(weights)).to(device).eval()
+        self.cfg = self.model.cfg.model_copy(update={k: v for k, v in (("conf", conf), ("nms_iou", iou),
+                                                                       ("max_det", max_det)) if v is not None})
+        self.classes: list[str] = ckpt["model"]["classes"]
+        self.imgsz: int = ckpt["model"]["imgsz"]
+        self.letterbox: bool = ckpt["data"]["letterbox"]
+        self.device = device
+        self.slice, self.overlap, self.merge_method, self.batch = slice_size, overlap, merge_method, batch
+        self.keep_cut = keep_cut
+        self.transform = eval_transform(self.imgsz, self.letterbox)
+        if not 0 <= overlap < 1:
+            raise KdcliError(f"--overlap must be in [0, 1), got {overlap}")
+
+    def windows(self, raster: Raster) -> list[tuple[int, int, int, int]]:
+        if self.slice is None:
+            return [(0, 0, raster.width, raster.height)]
+        return windows(raster.width, raster.height, self.slice, self.overlap)
+
+    def _batches(self, raster: Raster, wins: list) -> Iterator[tuple[list, torch.Tensor, list[float]]]:
+        for k in range(0, len(wins), self.batch):
+            chunk = wins[k:k + self.batch]
+            images, scales = [], []
+            for x0, y0, x1, y1 in chunk:
+                win = raster.read(x0, y0, x1, y1)
+                images.append(torch.from_numpy(self.transform(image=win, bboxes=np.zeros((0, 4)), labels=[])["image"]))
+                scales.append(input_scale(x1 - x0, y1 - y0, self.imgsz, self.letterbox))
+            yield chunk, torch.stack(images).permute(0, 3, 1, 2).contiguous(), scales
+
+    @torch.no_grad()
+    def predict(self, raster: Raster, progress: Any = None) -> Detections:
+        wins = self.windows(raster)
+        boxes, scores, labels = [], [], []
+        for chunk, images, scales in self._batches(raster, wins):
+            out = self.model(images.to(self.device))
+            for (x0, y0, x1, y1), (sx, sy), d in zip(chunk, scales, postprocess(out, self.cfg, tuple(images.shape[-2:]))):
+                b = d["boxes"].float().cpu() / torch.tensor([sx, sy, sx, sy])
+                b = to_scene(b, x0, y0, 1.0)
+                b[:, 0::2] = b[:, 0::2].clamp(x0, x1)
+                b[:, 1::2] = b[:, 1::2].clamp(y0, y1)
+                keep = torch.ones(len(b), dtype=torch.bool) if self.keep_cut or len(wins) == 1 or not self.overlap else \
+                    drop_cut_boxes(b, (x0, y0, x1, y1), (raster.width, raster.height))
+                boxes.append(b[keep])
+                scores.append(d["scores"].float().cpu()[keep])
+                labels.append(d["labels"].cpu()[keep])
+            if progress is not None:
+                progress(len(chunk))
+        if not boxes:
+            return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+        b, s, lab = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+        if len(wins) > 1:
+            b, s, lab = merge(b, s, lab, self.cfg.nms_iou, self.merge_method, self.cfg.class_agnostic_nms)
+        return Detections(b.numpy(), s.numpy(), lab.numpy())
+
+
+# ---- outputs -------------------------------------------------------------------------------------------------------
+def coco_results(image_id: int, det: Detections) -> list[dict[str, Any]]:
+    return [{"image_id": image_id, "category_id": int(c) + 1, "score": round(float(s), 5),
+             "bbox": [round(float(b[0]), 2), round(float(b[1]), 2), round(float(b[2] - b[0]), 2),
+                      round(float(b[3] - b[1]), 2)]}
+            for b, s, c in zip(det.boxes, det.scores, det.labels)]
+
+
+def geojson(det: Detections, classes: list[str], raster: Raster | None = None) -> dict[str, Any]:
+    """Boxes as polygons in pixel coordinates (y down), or in the raster's map coordinates when given."""
+    feats = []
+    for b, s, c in zip(det.boxes, det.scores, det.labels):
+        xs = np.array([b[0], b[2], b[2], b[0], b[0]], np.float64)
+        ys = np.array([b[1], b[1], b[3], b[3], b[1]], np.float64)
+        if raster is not None:
+            xs, ys = raster.to_map(xs, ys)
+        feats.append({"type": "Feature", "properties": {"class": classes[int(c)], "score": round(float(s), 5)},
+                      "geometry": {"type": "Polygon", "coordinates": [[[float(x), float(y)] for x, y in zip(xs, ys)]]}})
+    out: dict[str, Any] = {"type": "FeatureCollection", "features": feats}
+    if raster is not None and raster.epsg:
+        out["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{raster.epsg}"}}
+    return out
+
+
+def drawing(raster: Raster, det: Detections, classes: list[str], min_score: float = 0.0) -> Image.Image:
+    """The scene (downscaled to at most DRAW_MAX_SIDE) with the boxes scoring at least `min_score`, in class
+    colours with their scores."""
+    f = min(1.0, DRAW_MAX_SIDE / max(raster.width, raster.height))
+    step = max(1, int(round(1 / f)))
+    image = raster.read(0, 0, raster.width, raster.height) if step == 1 else \
+        _strided(raster, step)
+    scale = image.shape[1] / raster.width
+    keep = det.scores >= min_score
+    return draw(image, det.boxes[keep] * scale, det.labels[keep], classes, det.scores[keep])
+
+
+def _strided(raster: Raster, step: int) -> np.ndarray:
+    """A downscaled copy read in horizontal strips (bounded memory)."""
+    rows = []
+    strip = step * 256
+    for y0 in range(0, raster.height, strip):
+        rows.append(raster.read(0, y0, raster.width, min(raster.height, y0 + strip))[::step, ::step])
+    return np.concatenate(rows, 0)
+
+
+def write_outputs(out_dir: Path, results: list[tuple[Path, Raster, Detections]], classes: list[str],
+                  draw_conf: float | None = 0.25) -> list[Path]:
+    """predictions.json (COCO results), images.json (ids, file names, sizes), one GeoJSON per image (and a
+    map-coordinate one for georeferenced TIFFs), one drawn PNG per image (boxes scoring >= draw_conf; None: no
+    PNG)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    coco, images, files = [], [], []
+    stems: dict[str, int] = {}
+    for image_id, (path, raster, det) in enumerate(results, start=1):
+        coco += coco_results(image_id, det)
+        images.append({"id": image_id, "file_name": str(path), "width": raster.width, "height": raster.height})
+        n = stems.get(path.stem, 0)
+        stems[path.stem] = n + 1
+        stem = path.stem if n == 0 else f"{path.stem}_{n}"
+        atomic.write_text(out_dir / f"{stem}.geojson", json.dumps(geojson(det, classes)))
+        files.append(out_dir / f"{stem}.geojson")
+        if raster.transform is not None:
+            atomic.write_text(out_dir / f"{stem}.map.geojson", json.dumps(geojson(det, classes, raster)))
+            files.append(out_dir / f"{stem}.map.geojson")
+        if draw_conf is not None:
+            drawing(raster, det, classes, draw_conf).save(out_dir / f"{stem}.png")
+            files.append(out_dir / f"{stem}.png")
+    atomic.write_json(out_dir / "predictions.json", coco)
+    atomic.write_json(out_dir / "images.json", {"images": images,
+                                                "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)]})
+    return [out_dir / "predictions.json", out_dir / "images.json", *files]

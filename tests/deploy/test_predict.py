@@ -1,0 +1,121 @@
+"""`kdcli predict`: a tiny model trained on one image finds its boxes again in a sliced mosaic scene (16-bit,
+4-band GeoTIFF included), writes every output, and whole xView scenes are predicted and scored end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from typer.testing import CliRunner
+
+from kdcli.cli.app import app
+from kdcli.data import coco
+from kdcli.data.rasters import open_raster
+from kdcli.data.sources import xview
+from kdcli.engine.trainer import Trainer
+from tests.conftest import tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def overfit(overfit_run: tuple[Path, dict]) -> tuple[Path, np.ndarray, np.ndarray]:
+    """(best.pt of a model overfit on the fold-1 test images, the test image with most boxes, its boxes xyxy)."""
+    run, _ = overfit_run
+    data = run.parent / "one_class"
+    split = coco.read_split(data, "test", 1)
+    im = max(split["images"], key=lambda i: sum(a["image_id"] == i["id"] for a in split["annotations"]))
+    boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                      for a in split["annotations"] if a["image_id"] == im["id"]])
+    return run / "weights" / "best.pt", np.asarray(Image.open(data / im["file_name"]).convert("RGB")), boxes
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None] - inter)
+
+
+def _predicted(out: Path, stem: str, min_score: float = 0.3) -> np.ndarray:
+    feats = json.loads((out / f"{stem}.geojson").read_text())["features"]
+    return np.array([[*f["geometry"]["coordinates"][0][0], *f["geometry"]["coordinates"][0][2]]
+                     for f in feats if f["properties"]["score"] >= min_score]).reshape(-1, 4)
+
+
+@pytest.mark.slow
+def test_sliced_mosaic_recovers_every_box_once(tmp_path: Path, overfit):
+    weights, image, gt = overfit
+    s = image.shape[0]
+    mosaic = np.concatenate([np.concatenate([image, image], 1)] * 2, 0)  # 2 x 2 copies
+    Image.fromarray(mosaic).save(tmp_path / "scene.png")
+    expected = np.concatenate([gt + [dx, dy, dx, dy] for dy in (0, s) for dx in (0, s)])
+    for overlap, merge in ((0.0, "nms"), (0.5, "nms"), (0.5, "fusion")):
+        out = tmp_path / f"out_{overlap}_{merge}"
+        res = CliRunner().invoke(app, ["predict", str(weights), str(tmp_path / "scene.png"), "--slice", str(s),
+                                       "--overlap", str(overlap), "--merge", merge, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        pred = _predicted(out, "scene")
+        iou = _iou(expected, pred)
+        assert (iou.max(1) > 0.5).mean() >= 0.9, (overlap, merge, iou.max(1))  # found again, in scene pixels
+        assert ((iou > 0.5).sum(1) <= 1).all(), (overlap, merge)  # and once: seams merged
+    coco_res = json.loads((out / "predictions.json").read_text())
+    assert coco_res and {r["image_id"] for r in coco_res} == {1} and all(len(r["bbox"]) == 4 for r in coco_res)
+    assert (out / "scene.png").is_file()
+
+
+@pytest.mark.slow
+def test_16bit_multiband_geotiff(tmp_path: Path, overfit):
+    weights, image, gt = overfit
+    nir = image.mean(-1, keepdims=True)
+    arr = (np.concatenate([image[..., ::-1], nir], -1).astype(np.uint16) * 40 + 3000)  # B, G, R, NIR in 16 bits
+    tifffile.imwrite(tmp_path / "scene.tif", arr, photometric="rgb", extrasamples=[0], extratags=[
+        (33550, "d", 3, (0.5, 0.5, 0.0), False), (33922, "d", 6, (0, 0, 0, 400000.0, 5000000.0, 0), False),
+        (34735, "H", 8, (1, 1, 0, 1, 3072, 0, 1, 32632), False)])
+    r = open_raster(tmp_path / "scene.tif", bands=[3, 2, 1])
+    assert (r.width, r.height, r.bands, r.epsg) == (image.shape[1], image.shape[0], 4, 32632)
+    back = open_raster(tmp_path / "scene.tif", bands=[3, 2, 1], percentiles=(0, 100)).read(0, 0, r.width, r.height)
+    assert back.dtype == np.uint8 and back.shape == image.shape
+    for c in range(3):  # each band stretched linearly from its own min..max to 0..255
+        assert np.corrcoef(back[..., c].reshape(-1), image[..., c].reshape(-1))[0, 1] > 0.999
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["predict", str(weights), str(tmp_path / "scene.tif"), "--bands", "3,2,1",
+                                   "--percentiles", "0,100", "--out", str(out)])  # undoes the 16-bit encoding
+    assert res.exit_code == 0, res.output
+    assert (_iou(gt, _predicted(out, "scene")).max(1) > 0.5).mean() >= 0.9
+    geo = json.loads((out / "scene.map.geojson").read_text())
+    assert geo["crs"]["properties"]["name"].endswith("EPSG::32632")
+    x, y = geo["features"][0]["geometry"]["coordinates"][0][0]
+    assert 400000 <= x <= 400000 + 0.5 * r.width and 5000000 - 0.5 * r.height <= y <= 5000000
+
+    res = CliRunner().invoke(app, ["predict", str(weights), str(tmp_path / "scene.tif"), "--bands", "5"])
+    assert res.exit_code == 2 and "has 4 band(s)" in res.output
+
+
+def test_xview_whole_scenes_end_to_end(tmp_path: Path, xview_raw: Path):
+    data = tmp_path / "xview"
+    xview.prepare(xview_raw, data, tile=128, overlap=0.2, val_fraction=0.5)
+    run = tmp_path / "run"
+    Trainer(tiny_recipe(data, data={"fold": None, "imgsz": 128}, train={"epochs": 1}), run_dir=run).fit()
+    out = tmp_path / "pred"
+    res = CliRunner().invoke(app, ["predict", str(run / "weights" / "best.pt"), "--split", "val_scenes",
+                                   "--slice", "128", "--conf", "0.01", "--out", str(out), "--no-draw"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.json").read_text())
+    scenes = coco.read_split(data, "val_scenes")
+    assert m["images"] == len(scenes["images"]) and m["objects"] == len(scenes["annotations"]) > 0
+    assert 0 <= m["mAP50"] <= 1 and "scenes: mAP50" in res.output
+    ids = {r["image_id"] for r in json.loads((out / "predictions.json").read_text())}
+    assert ids <= {im["id"] for im in scenes["images"]}
+
+
+def test_predict_errors(tmp_path: Path, tiny_checkpoint: Path):
+    res = CliRunner().invoke(app, ["predict", str(tiny_checkpoint), str(tmp_path / "nothing*.png")])
+    assert res.exit_code == 2 and "no image found" in res.output
+    res = CliRunner().invoke(app, ["predict", str(tiny_checkpoint)])
+    assert res.exit_code == 2 and "give images to predict" in res.output
+    res = CliRunner().invoke(app, ["predict", str(tiny_checkpoint), "x.png", "--merge", "vote"])
+    assert res.exit_code == 2 and "--merge vote" in res.output
