@@ -102,6 +102,7 @@ def _register() -> None:
     app.command("report", rich_help_panel="Studies")(study.report)
     app.command("quickstart", rich_help_panel="Studies")(study.quickstart)
     app.command("predict", rich_help_panel="Deploy and measure")(deploy.predict)
+    app.command("export", rich_help_panel="Deploy and measure")(deploy.export)
     app.command("benchmark", rich_help_panel="Deploy and measure")(benchmark.benchmark)
 
     app.add_typer(prepare.app, name="prepare", rich_help_panel="Data")

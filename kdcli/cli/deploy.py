@@ -1,4 +1,4 @@
-"""`kdcli predict`."""
+"""`kdcli predict` and `kdcli export`."""
 
 from __future__ import annotations
 
@@ -122,3 +122,38 @@ def _evaluate(gt: dict, ids: list[int], results: list, predictor, target: Path) 
     out.print(f"scenes: mAP50 {m['mAP50']:.4f}  COCO AP50 {m['coco_AP50']:.4f}  mAP50-95 {m['mAP50-95']:.4f}  "
               f"AP@0.25 {m['mAP0.25']:.4f}  ({m['objects']} objects, {m['detections']} detections) -> "
               f"{target / 'metrics.json'}", highlight=False, soft_wrap=True)
+
+
+def export(
+    weights: Annotated[Path, typer.Argument(help="Checkpoint (best.pt).")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
+    out_file: Annotated[Path | None, typer.Option("--out", help="Output file [default: beside the checkpoint, "
+                                                               "best.onnx / best.torchscript].")] = None,
+    nms: Annotated[bool, typer.Option("--nms/--no-nms", help="NMS inside the graph (ONNX): detections [N, 7] "
+                                                             "instead of boxes + scores per anchor.")] = False,
+    half: Annotated[bool, typer.Option("--half", help="FP16 weights and inputs.")] = False,
+    tolerance: Annotated[float | None, typer.Option("--tolerance", help="Largest accepted |score difference| "
+                                                                        "against PyTorch [default: 1e-3, FP16 "
+                                                                        "2e-2].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Export a checkpoint for deployment (dynamic batch), with class names, input size and normalisation as
+    metadata, then run the file on real images of its dataset next to PyTorch and fail beyond a tolerance.
+
+    Example: [bold]kdcli export runs/distill/hard_pdf/weights/best.pt --format onnx --nms[/]
+    """
+    import json
+
+    from kdcli.deploy.export import export as run_export
+
+    suffix = {"onnx": ".onnx", "torchscript": ".torchscript"}.get(fmt)
+    if suffix is None:
+        raise KdcliError(f"--format {fmt}: use onnx or torchscript")
+    target = out_file or Path(weights).with_suffix(suffix)
+    res = run_export(weights, fmt, target, nms, half, tolerance)
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    out.print(f"[green]exported[/] {res['file']} ({fmt}, {res['precision']}, NMS {'inside' if nms else 'outside'}"
+              f" the graph); parity on {res['inputs']} real images: max |score difference| {res['max_abs_diff']:.2e}"
+              f" (tolerance {res['tolerance']:.0e})", highlight=False, soft_wrap=True)

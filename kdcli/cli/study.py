@@ -132,7 +132,7 @@ def quickstart(
                                                              "the paper's rows).")] = "hard,hard+pdf",
     images: Annotated[int, typer.Option("--images", min=20, help="Synthetic scenes to generate.")] = 200,
     teacher_epochs: Annotated[int, typer.Option("--teacher-epochs", min=1, help="Teacher epochs.")] = 20,
-    student_epochs: Annotated[int, typer.Option("--student-epochs", min=1, help="Epochs per student.")] = 10,
+    student_epochs: Annotated[int, typer.Option("--student-epochs", min=1, help="Epochs per student.")] = 8,
     jobs: Annotated[int, typer.Option("--jobs", min=1, help="Students trained at once (CPU threads are shared "
                                                             "out).")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Distil even from a teacher that looks untrained (short "

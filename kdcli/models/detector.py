@@ -62,7 +62,7 @@ class Detector(nn.Module):
         return self._anchor_cache[key]
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        x = (images.float() - self.mean) / self.std
+        x = ((images.float() - self.mean) / self.std).to(self.std.dtype)  # half after model.half() (export)
         c4, c5 = self.backbone(x)
         return self.neck(self.levels(self.cem(c4, c5)))
 

@@ -39,7 +39,7 @@ def data(out: Path, images: int, size: int) -> Path:
 
 
 def run(out: Path, students: list[str], images: int = 200, size: int = 128, teacher_epochs: int = 20,
-        student_epochs: int = 10, jobs: int = 1, force: bool = False) -> dict[str, Any]:
+        student_epochs: int = 8, jobs: int = 1, force: bool = False) -> dict[str, Any]:
     out = out.resolve()
     dataset = data(out, images, size)
     cfg = StudyConfig(name="quickstart", dataset=str(dataset), teacher="train/synthetic_teacher",

@@ -214,7 +214,9 @@ class _Pool:
         log.write(f"==== {_now()} {shlex.join(cell_command(self.study, cell, device=device))}\n")
         log.flush()
         cmd = [sys.executable, "-m", "kdcli", *cell_command(self.study, cell, device=device)[1:]]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env | {"COLUMNS": "120"})
+        # a session of its own: a terminal's Ctrl-C reaches the study only, which passes it on exactly once
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env | {"COLUMNS": "120"},
+                                start_new_session=True)
         self.running[cell] = (proc, slot, time.time(), log)
 
     def reap(self) -> list[tuple[Cell, int, float]]:
@@ -252,8 +254,7 @@ def run_grid(study: Study, jobs: int = 1, devices: list[str] | None = None, skip
             err.print(f"[yellow]{signal.Signals(signum).name}: stopping the running cells (they save last.pt); "
                       "rerun the same command to continue[/]")
         stopping["flag"] = True
-        if signum == signal.SIGTERM:  # Ctrl-C already reached the children through the process group
-            pool.signal_all(signum)
+        pool.signal_all(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     err.print(f"study {study.cfg.name}: {len(st.done)} cells done, {len(st.failed)} failed (skipped), "

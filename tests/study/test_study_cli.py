@@ -111,7 +111,7 @@ def test_quickstart_reduced(tmp_path: Path):
     assert {k[0] for k, r in recs.items() if r["status"] == "ok"} == {"teacher", "hard"}
     for name in ("table.md", "table.csv", "table.tex", "gains.md", "boxplot.png", "boxplot.svg"):
         assert (out / "study" / name).is_file(), name
-    assert (out / "datasets" / "synthetic-vedai25" / "annotations" / "fold01_test.json").is_file()
+    assert (out / "datasets" / "synthetic-vehicle12" / "annotations" / "fold01_test.json").is_file()
     assert "box plot" in res.output and "teacher mAP50" in res.output
 
 
