@@ -1,4 +1,5 @@
-"""`kdcli benchmark`: training-step cost of detector recipes, with torchvision's RetinaNet as reference."""
+"""`kdcli benchmark`: what a teacher and a student cost — size, FLOPs, inference latency and throughput, training
+step (and each distillation method's overhead), metric time — with torchvision's RetinaNet as reference."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from kdcli.console import err, out
 
 
 def benchmark(
-    models: Annotated[list[str] | None, typer.Option("--model", "-m", help="Model or train recipe (repeatable) "
-                                                                           "[default: the paper's teacher and "
-                                                                           "student].")] = None,
-    imgsz: Annotated[int, typer.Option("--imgsz", help="Square input size.")] = 512,
+    models: Annotated[list[str] | None, typer.Option("--model", "--models", "-m",
+                                                     help="Checkpoints (.pt) or model/train recipes, teacher first "
+                                                          "(repeatable or comma-separated) [default: the paper's "
+                                                          "teacher and student].")] = None,
+    imgsz: Annotated[int | None, typer.Option("--imgsz", help="Square input size [default: the checkpoint's, else "
+                                                               "512].")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Images per step.")] = 4,
     device: Annotated[str, typer.Option("--device", help="cpu or a GPU index.")] = "cpu",
     amp: Annotated[str, typer.Option("--amp", help="off, bf16 or fp16 (CUDA only).")] = "off",
@@ -29,18 +32,26 @@ def benchmark(
     distill: Annotated[bool, typer.Option("--distill", help="Also time the nine distillation rows against the "
                                                            "hard student (first --model = teacher, second = "
                                                            "student).")] = False,
+    inference: Annotated[bool, typer.Option("--inference/--no-inference", help="Time forward + postprocess: "
+                                                                               "latency at batch 1, throughput at "
+                                                                               "--batch.")] = True,
+    evaluation: Annotated[bool, typer.Option("--eval/--no-eval", help="Time kdcli's metrics against pycocotools on "
+                                                                      "the same detections.")] = True,
+    eval_images: Annotated[int, typer.Option("--eval-images", min=1, help="Images in the metric timing.")] = 500,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     save: Annotated[Path | None, typer.Option("--save", help="Write the results JSON here.")] = None,
 ) -> None:
-    """Time a training step (per image) for the teacher and the student, the share spent in anchor assignment
-    and losses, peak GPU memory, and torchvision's RetinaNet on the same batch.
+    """Parameters, FLOPs, inference latency (batch 1) and throughput, training-step time per image (share in
+    assignment + losses, peak GPU memory), the distillation rows' overhead (--distill), and metric time against
+    pycocotools; torchvision's RetinaNet as a reference row. Warm-up, then the median and spread of repeats.
 
-    Example: [bold]kdcli benchmark --imgsz 512 --batch 8 --device 0 --amp bf16 --json[/]
+    Example: [bold]kdcli benchmark --models teacher.pt,student.pt --device 0 --amp bf16 --distill --json[/]
     """
     import torch
 
     from kdcli.deploy import benchmark as bench
     from kdcli.engine.distributed import resolve_device
+    from kdcli.engine.info import describe
 
     dev = resolve_device(device)
     dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -48,29 +59,56 @@ def benchmark(
         raise typer.BadParameter("--amp must be off, bf16 or fp16")
     if dev.type != "cuda":
         dtype = None
-    specs = models or ["models/teacher_r50_pafpn", "models/student_r18_fpn"]
+    specs = [x for m in (models or ["models/teacher_r50_pafpn", "models/student_r18_fpn"]) for x in m.split(",") if x]
+    loaded = [_model(spec, imgsz) for spec in specs]
+    size = imgsz or next((s for _, _, s, _ in loaded if s), 512)
     rows = []
-    for spec in specs:
-        r = load.load(Recipe, spec, defaults={"data": {"path": "-"}})
-        cfg = r.model.model_copy(update={"pretrained": False})
+    for spec, (model, cfg, _, classes) in zip(specs, loaded):
         err.print(f"timing {spec} ...")
-        rows.append({"recipe": spec, **bench.train_step(cfg, imgsz, batch, dev, dtype, repeats=repeats)})
+        row = {"recipe": spec, **bench.train_step(cfg, size, batch, dev, dtype, num_classes=classes, repeats=repeats)}
+        if inference:
+            row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+            row["gflops"] = describe(model, size)["gflops"]
+            row["inference"] = bench.inference(model, size, batch, dev, dtype, repeats=max(repeats, 3))
+        rows.append(row)
     if reference:
         err.print("timing torchvision retinanet_resnet50_fpn ...")
-        rows.append({"recipe": "-", **bench.torchvision_reference(imgsz, batch, dev, dtype, repeats=repeats)})
-    result = {"machine": bench.machine(), "device": str(dev), "rows": rows}
+        rows.append({"recipe": "-", **bench.torchvision_reference(size, batch, dev, dtype, repeats=repeats)})
+    result = {"machine": bench.machine(), "device": str(dev), "imgsz": size, "rows": rows}
+    if evaluation:
+        err.print("timing the metrics ...")
+        result["evaluation"] = bench.evaluation(images=eval_images, repeats=max(1, min(repeats, 3)))
     if distill:
         if len(specs) != 2:
             raise typer.BadParameter("--distill needs two models: teacher then student")
-        cfgs = [load.load(Recipe, s, defaults={"data": {"path": "-"}}).model.model_copy(update={"pretrained": False})
-                for s in specs]
+        cfgs = [cfg for _, cfg, _, _ in loaded]
         err.print("timing the nine distillation rows ...")
-        result["distill"] = bench.distill_steps(cfgs[0], cfgs[1], imgsz, batch, dev, dtype, repeats=repeats)
+        result["distill"] = bench.distill_steps(cfgs[0], cfgs[1], size, batch, dev, dtype, repeats=repeats)
     if save:
         atomic.write_json(save, result, indent=2)
     if as_json:
         typer.echo(json.dumps(result))
         return
+    _print(result, batch, dev, distill)
+
+
+def _model(spec: str, imgsz: int | None):
+    """(model, model config, image size or None, classes) of a checkpoint or a recipe (random weights)."""
+    from kdcli.engine import checkpoint
+    from kdcli.models.detector import build_detector
+
+    if spec.endswith(".pt"):
+        ckpt = checkpoint.load(spec)
+        model = checkpoint.model_from_checkpoint(ckpt, spec)
+        return model, model.cfg, ckpt["model"]["imgsz"], len(ckpt["model"]["classes"])
+    r = load.load(Recipe, spec, defaults={"data": {"path": "-"}})
+    cfg = r.model.model_copy(update={"pretrained": False})
+    return build_detector(cfg, 8, imgsz or 512, r.data.anchor_size), cfg, None, 8
+
+
+def _print(result: dict, batch: int, dev, distill: bool) -> None:
+    imgsz = result["imgsz"]
+    rows = result["rows"]
     t = Table(title=f"training step, {imgsz} px, batch {batch}, {dev} ({result['machine'].get('gpu', 'cpu')}, "
                     f"torch {result['machine']['torch']})", title_justify="left")
     for col in ("model", "ms/image", "images/s", "step s (min-max)", "assign+loss share", "peak GiB", "amp"):
@@ -81,6 +119,25 @@ def benchmark(
                   f"{r['step_s']:.3f} ({r['step_min_s']:.3f}-{r['step_max_s']:.3f})", share,
                   "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}", r["amp"])
     out.print(t)
+    inf = [r for r in rows if "inference" in r]
+    if inf:
+        t = Table(title=f"inference (forward + postprocess), {imgsz} px: latency at batch 1 (median, p10-p90), "
+                        f"throughput at batch {batch}", title_justify="left")
+        for col in ("model", "params M", "GFLOPs", "latency ms", "p10-p90 ms", "images/s"):
+            t.add_column(col, justify="left" if col == "model" else "right")
+        for r in inf:
+            i = r["inference"]
+            t.add_row(r["model"], f"{r['params_m']:.2f}", f"{r['gflops']:.1f}", f"{i['latency_b1']['median_ms']:.1f}",
+                      f"{i['latency_b1']['p10_ms']:.1f}-{i['latency_b1']['p90_ms']:.1f}", f"{i['throughput_img_s']:.1f}")
+        out.print(t)
+    if "evaluation" in result:
+        e = result["evaluation"]
+        out.print(f"metrics on {e['images']} images, {e['objects']} boxes, {e['detections']} detections: kdcli "
+                  f"(VOC-style + COCO-style) {e['kdcli_s']:.2f} s, pycocotools COCOeval {e['pycocotools_s']:.2f} s "
+                  f"({e['speedup']:.1f}x)", highlight=False)
+    m = result["machine"]
+    out.print(f"machine: {m.get('gpu') or m['cpu']}, {m['threads']} threads, torch {m['torch']}, python "
+              f"{m['python']}", highlight=False)
     if distill:
         d = result["distill"]
         t = Table(title=f"distillation step vs hard student (same batch); teacher fwd {d['teacher_fwd_gflops']} "

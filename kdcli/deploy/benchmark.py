@@ -198,3 +198,80 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
             "teacher_fwd_gflops": round(teacher_full / 1e9, 2),
             "teacher_backbone_neck_gflops": round(teacher_trunc / 1e9, 2),
             "truncation_saving": round(1 - teacher_trunc / teacher_full, 3), "rows": rows}
+
+
+def _stats(times: list[float]) -> dict[str, float]:
+    q10, q90 = (float(x) for x in __import__("numpy").percentile(times, [10, 90]))
+    return {"median_ms": round(1000 * statistics.median(times), 2), "p10_ms": round(1000 * q10, 2),
+            "p90_ms": round(1000 * q90, 2)}
+
+
+@torch.no_grad()
+def inference(model: torch.nn.Module, imgsz: int, batch: int, device: torch.device, amp: torch.dtype | None,
+              warmup: int = 3, repeats: int = 10) -> dict[str, Any]:
+    """Forward + postprocess latency at batch 1, and throughput at `batch` (images per second)."""
+    from kdcli.models.postprocess import postprocess
+
+    model = model.to(device).eval()
+    out: dict[str, Any] = {"imgsz": imgsz}
+    for n, key in ((1, "latency_b1"), (batch, f"batch_{batch}")):
+        images, _, _ = synthetic_batch(n, imgsz, 1, device)
+
+        def step() -> dict[str, float]:
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                postprocess(model(images), model.cfg, (imgsz, imgsz))
+            return {}
+
+        times, _ = _time(step, device, warmup, repeats)
+        out[key] = _stats(times)
+        if n == batch:
+            out["throughput_img_s"] = round(batch / statistics.median(times), 2)
+    return out
+
+
+def evaluation(images: int = 500, objects: int = 20, detections: int = 100, classes: int = 8, repeats: int = 3,
+               seed: int = 0) -> dict[str, Any]:
+    """Seconds to score the same detections with kdcli's metrics (VOC-style + COCO-style) and with
+    pycocotools' COCOeval, on a synthetic split of vehicle-sized boxes."""
+    import numpy as np
+
+    from kdcli.engine import metrics as M
+    from kdcli.engine.validator import pycoco_per_class
+
+    rng = np.random.default_rng(seed)
+    anns, ids, labels, scores, boxes = [], [], [], [], []
+    for i in range(1, images + 1):
+        xy = rng.uniform(0, 480, (objects, 2))
+        wh = rng.uniform(8, 40, (objects, 2))
+        cls = rng.integers(0, classes, objects)
+        for (x, y), (w, h), c in zip(xy, wh, cls):
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(c) + 1, "bbox": [x, y, w, h],
+                         "area": float(w * h), "iscrowd": 0})
+        pick = rng.integers(0, objects, detections)
+        jitter = rng.normal(0, 3, (detections, 4))
+        b = np.concatenate([xy[pick], xy[pick] + wh[pick]], 1) + jitter
+        ids.append(np.full(detections, i))
+        labels.append(np.where(rng.random(detections) < 0.8, cls[pick], rng.integers(0, classes, detections)))
+        scores.append(rng.random(detections))
+        boxes.append(b)
+    gt_json = {"images": [{"id": i, "width": 512, "height": 512, "file_name": f"{i}.png"} for i in range(1, images + 1)],
+               "annotations": anns, "categories": [{"id": k + 1, "name": str(k)} for k in range(classes)]}
+    dets = M.Detections(np.concatenate(ids), np.concatenate(labels), np.concatenate(scores), np.concatenate(boxes))
+    gt = M.ground_truth(gt_json)
+    image_ids = [im["id"] for im in gt_json["images"]]
+
+    def ours() -> dict[str, float]:
+        M.voc_per_class(dets, gt, classes, 0.5)
+        M.coco_per_class(dets, gt, classes, image_ids, max_det=detections)
+        return {}
+
+    def theirs() -> dict[str, float]:
+        pycoco_per_class(dets, gt_json, detections, "pycocotools")
+        return {}
+
+    cpu = torch.device("cpu")
+    t_ours, _ = _time(ours, cpu, 1, repeats)
+    t_theirs, _ = _time(theirs, cpu, 1, repeats)
+    return {"images": images, "objects": images * objects, "detections": images * detections,
+            "kdcli_s": round(statistics.median(t_ours), 3), "pycocotools_s": round(statistics.median(t_theirs), 3),
+            "speedup": round(statistics.median(t_theirs) / statistics.median(t_ours), 2)}

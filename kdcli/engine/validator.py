@@ -73,7 +73,7 @@ def predict_loader(model: torch.nn.Module, loader: DataLoader, cfg: ModelConfig,
                         np.concatenate(boxes).reshape(-1, 4)), samples
 
 
-def _pycoco(dets: M.Detections, gt_json: dict[str, Any], max_det: int, backend: str) -> tuple[np.ndarray, np.ndarray]:
+def pycoco_per_class(dets: M.Detections, gt_json: dict[str, Any], max_det: int, backend: str) -> tuple[np.ndarray, np.ndarray]:
     """(AP50 per class, AP50:95 per class) from pycocotools or faster-coco-eval; NaN where a class has no GT."""
     if backend == "faster-coco-eval":
         from faster_coco_eval import COCO, COCOeval_faster as COCOeval
@@ -129,7 +129,7 @@ def compute_metrics(dets: M.Detections, gt_json: dict[str, Any], classes: list[s
         coco = M.coco_per_class(dets, gt, k, [im["id"] for im in gt_json["images"]], max_det=max_det)
         coco50, coco5095 = coco[0], _column_means(coco)
     else:
-        coco50, coco5095 = _pycoco(dets, gt_json, max_det, backend)
+        coco50, coco5095 = pycoco_per_class(dets, gt_json, max_det, backend)
 
     def mean(a: np.ndarray) -> float:
         return float(np.nanmean(a)) if np.isfinite(a).any() else 0.0

@@ -98,15 +98,30 @@ def test_info_model_ratio_and_json():
 
 def test_benchmark_reduced_mode_writes_json(tmp_path: Path):
     r = run("benchmark", "--imgsz", "64", "--batch", "2", "--repeats", "1", "-m", "models/student_r18_fpn",
-            "--save", str(tmp_path / "b.json"), "--json")
+            "--eval-images", "10", "--save", str(tmp_path / "b.json"), "--json")
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "b.json").read_text())
     assert [row["model"] for row in data["rows"]] == ["resnet18+fpn", "torchvision retinanet_resnet50_fpn"]
     assert data["rows"][0]["ms_per_image"] > 0 and 0 <= data["rows"][0]["assign_loss_share"] <= 1
+    inf = data["rows"][0]["inference"]
+    assert inf["latency_b1"]["p10_ms"] <= inf["latency_b1"]["median_ms"] <= inf["latency_b1"]["p90_ms"]
+    assert inf["throughput_img_s"] > 0 and data["rows"][0]["params_m"] > 1 and data["rows"][0]["gflops"] > 0
+    e = data["evaluation"]
+    assert e["images"] == 10 and e["kdcli_s"] > 0 and e["pycocotools_s"] > 0
+    assert data["machine"]["threads"] >= 1 and data["imgsz"] == 64
+
+
+def test_benchmark_checkpoints_take_their_image_size(tmp_path: Path, tiny_checkpoint: Path):
+    r = run("benchmark", "--models", f"{tiny_checkpoint},{tiny_checkpoint}", "--batch", "2", "--repeats", "1",
+            "--no-reference", "--no-eval", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["imgsz"] == 96 and len(data["rows"]) == 2 and data["rows"][0]["inference"]["imgsz"] == 96
 
 
 def test_benchmark_distill_rows(tmp_path: Path):
-    r = run("benchmark", "--imgsz", "64", "--batch", "2", "--repeats", "1", "--no-reference", "--distill", "--json")
+    r = run("benchmark", "--imgsz", "64", "--batch", "2", "--repeats", "1", "--no-reference", "--no-eval",
+            "--no-inference", "--distill", "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.output.strip().splitlines()[-1])["distill"]
     assert [row["row"] for row in d["rows"]] == ["hard", "hard+soft", "hard+mse", "hard+pdf", "hard+defeat", "soft",
