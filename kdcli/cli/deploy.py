@@ -22,7 +22,8 @@ def _ints(text: str | None, what: str) -> list[int] | None:
 
 
 def predict(
-    weights: Annotated[Path, typer.Argument(help="Checkpoint (best.pt).")],
+    weights: Annotated[Path, typer.Argument(help="Checkpoint (best.pt), or an ONNX model from `kdcli export` "
+                                                 "(needs onnxruntime).")],
     sources: Annotated[list[str] | None, typer.Argument(help="Images, folders or globs (PNG, JPEG, TIFF/GeoTIFF).")]
     = None,
     split: Annotated[str | None, typer.Option("--split", help="Predict a split of the checkpoint's dataset instead "
@@ -75,6 +76,8 @@ def predict(
     if bool(sources) == bool(split):
         raise KdcliError("give images to predict or --split, not both" if sources else "give images to predict",
                          hint="e.g. kdcli predict best.pt scene.tif --slice 512, or --split val_scenes")
+    if split and str(weights).endswith(".onnx"):
+        raise KdcliError("--split reads the dataset from a kdcli checkpoint: give the .pt", hint="or list the images")
     dev = distributed.resolve_device(device)
     predictor = Predictor(weights, dev, conf, iou, max_det, slice_size, overlap, merge, batch, keep_cut)
     gt = None

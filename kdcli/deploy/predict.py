@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.ops import batched_nms
 
 from kdcli import atomic
+from kdcli.config.schema import ModelConfig
 from kdcli.data.rasters import IMAGE_SUFFIXES, Raster
 from kdcli.data.tiling import windows
 from kdcli.data.transforms import eval_transform, input_scale
@@ -29,6 +31,23 @@ from kdcli.errors import KdcliError
 from kdcli.models.postprocess import postprocess
 
 DRAW_MAX_SIDE = 4096
+
+
+def _onnx_session(path: str | Path, device: torch.device):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise KdcliError(f"{path}: running an ONNX model needs onnxruntime", hint='pip install "kdcli[export]"') from None
+    providers = (["CUDAExecutionProvider"] if device.type == "cuda" else []) + ["CPUExecutionProvider"]
+    try:
+        sess = ort.InferenceSession(str(path), providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise KdcliError(f"{path}: cannot load the ONNX model ({str(e)[:200]})") from None
+    meta = sess.get_modelmeta().custom_metadata_map
+    if "kdcli_classes" not in meta:
+        raise KdcliError(f"{path}: not exported by kdcli (no class names in its metadata)",
+                         hint="export it with `kdcli export CKPT --format onnx`")
+    return sess, meta
 
 
 def expand_sources(sources: list[str]) -> list[Path]:
@@ -56,22 +75,57 @@ class Detections:
 
 
 class Predictor:
+    """A kdcli checkpoint (.pt) or an exported ONNX model (.onnx, run with onnxruntime)."""
+
     def __init__(self, weights: str | Path, device: torch.device, conf: float | None = None,
                  iou: float | None = None, max_det: int | None = None, slice_size: int | None = None,
                  overlap: float = 0.2, merge_method: str = "nms", batch: int = 8, keep_cut: bool = False):
-        ckpt = checkpoint.load(weights)
-        self.model = checkpoint.model_from_checkpoint(ckpt, str(weights)).to(device).eval()
-        self.cfg = self.model.cfg.model_copy(update={k: v for k, v in (("conf", conf), ("nms_iou", iou),
-                                                                       ("max_det", max_det)) if v is not None})
-        self.classes: list[str] = ckpt["model"]["classes"]
-        self.imgsz: int = ckpt["model"]["imgsz"]
-        self.letterbox: bool = ckpt["data"]["letterbox"]
+        over = {k: v for k, v in (("conf", conf), ("nms_iou", iou), ("max_det", max_det)) if v is not None}
+        if str(weights).endswith(".onnx"):
+            self.session, meta = _onnx_session(weights, device)
+            self.cfg = ModelConfig.model_validate({**json.loads(meta["kdcli_postprocess"]), **over})
+            self.classes = json.loads(meta["kdcli_classes"])
+            self.imgsz, self.letterbox = int(meta["kdcli_imgsz"]), True
+            self.half = meta.get("kdcli_precision") == "fp16"
+        else:
+            ckpt = checkpoint.load(weights)
+            self.session = None
+            self.model = checkpoint.model_from_checkpoint(ckpt, str(weights)).to(device).eval()
+            self.cfg = self.model.cfg.model_copy(update=over)
+            self.classes = ckpt["model"]["classes"]
+            self.imgsz = ckpt["model"]["imgsz"]
+            self.letterbox = ckpt["data"]["letterbox"]
         self.device = device
         self.slice, self.overlap, self.merge_method, self.batch = slice_size, overlap, merge_method, batch
         self.keep_cut = keep_cut
         self.transform = eval_transform(self.imgsz, self.letterbox)
         if not 0 <= overlap < 1:
             raise KdcliError(f"--overlap must be in [0, 1), got {overlap}")
+
+    def detect(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Per image: boxes (model-input pixels), scores, labels."""
+        if self.session is None:
+            return postprocess(self.model(images.to(self.device)), self.cfg, tuple(images.shape[-2:]))
+        feed = images.numpy().astype(np.float16 if self.half else np.float32)
+        outs = self.session.run(None, {"images": feed})
+        if len(outs) == 1:  # NMS inside the graph: rows (image, x0, y0, x1, y1, score, class)
+            rows = torch.from_numpy(np.asarray(outs[0], np.float32))
+            return [{"boxes": r[:, 1:5], "scores": r[:, 5], "labels": r[:, 6].long()}
+                    for r in (rows[rows[:, 0] == i] for i in range(len(images)))]
+        boxes, scores = (torch.from_numpy(np.asarray(o, np.float32)) for o in outs)
+        h, w = images.shape[-2:]
+        boxes[..., 0::2] = boxes[..., 0::2].clamp(0, w)  # as postprocess does, before NMS
+        boxes[..., 1::2] = boxes[..., 1::2].clamp(0, h)
+        results = []
+        for b, sc in zip(boxes, scores):
+            best, label = sc.max(-1)
+            idx = (best > self.cfg.conf).nonzero().squeeze(1)
+            if len(idx) > self.cfg.pre_nms:
+                idx = idx[best[idx].topk(self.cfg.pre_nms).indices]
+            groups = torch.zeros_like(label[idx]) if self.cfg.class_agnostic_nms else label[idx]
+            kept = batched_nms(b[idx], best[idx], groups, self.cfg.nms_iou)[: self.cfg.max_det]
+            results.append({"boxes": b[idx][kept], "scores": best[idx][kept], "labels": label[idx][kept]})
+        return results
 
     def windows(self, raster: Raster) -> list[tuple[int, int, int, int]]:
         if self.slice is None:
@@ -93,8 +147,7 @@ class Predictor:
         wins = self.windows(raster)
         boxes, scores, labels = [], [], []
         for chunk, images, scales in self._batches(raster, wins):
-            out = self.model(images.to(self.device))
-            for (x0, y0, x1, y1), (sx, sy), d in zip(chunk, scales, postprocess(out, self.cfg, tuple(images.shape[-2:]))):
+            for (x0, y0, x1, y1), (sx, sy), d in zip(chunk, scales, self.detect(images)):
                 b = d["boxes"].float().cpu() / torch.tensor([sx, sy, sx, sy])
                 b = to_scene(b, x0, y0, 1.0)
                 b[:, 0::2] = b[:, 0::2].clamp(x0, x1)

@@ -64,3 +64,23 @@ def test_parity_failure_is_loud(tmp_path: Path, tiny_checkpoint: Path):
     assert res.exit_code == 1 and "parity check failed" in res.output
     res = CliRunner().invoke(app, ["export", str(tiny_checkpoint), "--format", "tflite"])
     assert res.exit_code == 2 and "use onnx or torchscript" in res.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nms", [False, True])
+def test_predict_runs_the_onnx_model_like_the_checkpoint(tmp_path: Path, overfit_run: tuple[Path, dict], nms: bool):
+    weights = overfit_run[0] / "weights" / "best.pt"
+    onnx_file = tmp_path / "m.onnx"
+    _export(tmp_path, weights, "--out", str(onnx_file), *(["--nms"] if nms else []))
+    ckpt = checkpoint.load(weights)
+    split = json.loads((Path(ckpt["data"]["path"]) / "annotations" / "fold01_test.json").read_text())
+    image = Path(ckpt["data"]["path"]) / split["images"][0]["file_name"]
+    got = {}
+    for name, model in (("pt", weights), ("onnx", onnx_file)):
+        res = CliRunner().invoke(app, ["predict", str(model), str(image), "--conf", "0.05", "--out",
+                                       str(tmp_path / name), "--no-draw"])
+        assert res.exit_code == 0, res.output
+        got[name] = sorted(json.loads((tmp_path / name / "predictions.json").read_text()), key=lambda r: -r["score"])
+    assert len(got["pt"]) == len(got["onnx"]) > 0
+    for a, b in zip(got["pt"][:20], got["onnx"][:20]):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-3) and np.allclose(a["bbox"], b["bbox"], atol=0.05)
