@@ -112,9 +112,10 @@ def report(
     import json
 
     from kdcli import paths
-    from kdcli.study.report import build_report, print_report, write_report
+    from kdcli.study.aggregate import summarize
+    from kdcli.study.report import print_report, write_report
 
-    rep = build_report(study_dirs, metric, baseline)
+    rep = summarize(study_dirs, metric, baseline)
     target = out_dir or (study_dirs[0] if len(rep["studies"]) == 1 and len(study_dirs) == 1 else
                          paths.runs_root() / "report")
     files = write_report(rep, target)

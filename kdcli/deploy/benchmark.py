@@ -11,6 +11,7 @@ import statistics
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from kdcli.config.schema import ModelConfig
@@ -201,7 +202,7 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
 
 
 def _stats(times: list[float]) -> dict[str, float]:
-    q10, q90 = (float(x) for x in __import__("numpy").percentile(times, [10, 90]))
+    q10, q90 = (float(x) for x in np.percentile(times, [10, 90]))
     return {"median_ms": round(1000 * statistics.median(times), 2), "p10_ms": round(1000 * q10, 2),
             "p90_ms": round(1000 * q90, 2)}
 
@@ -233,8 +234,6 @@ def evaluation(images: int = 500, objects: int = 20, detections: int = 100, clas
                seed: int = 0) -> dict[str, Any]:
     """Seconds to score the same detections with kdcli's metrics (VOC-style + COCO-style) and with
     pycocotools' COCOeval, on a synthetic split of vehicle-sized boxes."""
-    import numpy as np
-
     from kdcli.engine import metrics as M
     from kdcli.engine.validator import pycoco_per_class
 

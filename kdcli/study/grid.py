@@ -83,12 +83,11 @@ class Study:
                                  hint="give a study recipe, e.g. recipes/study/synthetic.yaml")
             cfg = load.load(StudyConfig, spec_path / STUDY_FILE, overrides)
             study = cls(out or spec_path, cfg)
-        else:
-            recipe = load.find_recipe(spec)
-            cfg = load.load(StudyConfig, recipe, overrides)
-            study = cls.create(cfg.model_copy(update={"name": cfg.name or recipe.stem}), out, recipe.parent)
-        study._check_against_existing()
-        return study
+            study._check_against_existing()
+            return study
+        recipe = load.find_recipe(spec)
+        cfg = load.load(StudyConfig, recipe, overrides)
+        return cls.create(cfg.model_copy(update={"name": cfg.name or recipe.stem}), out, recipe.parent)
 
     @classmethod
     def create(cls, cfg: StudyConfig, out: Path | None = None, base: Path | None = None) -> Study:

@@ -18,8 +18,9 @@ from kdcli.data import coco
 from kdcli.data import synthetic as gen
 from kdcli.data.sources import vedai
 from kdcli.study import runner
+from kdcli.study.aggregate import summarize
 from kdcli.study.grid import Study
-from kdcli.study.report import build_report, write_report
+from kdcli.study.report import write_report
 
 SETTINGS = ["imgsz=128", "data.anchor_size=32", "model.maxpool=true", "model.channels=64", "train.batch=4",
             "train.warmup_iters=50", "train.ema_tau=100", "augment.zoom=0", "data.workers=1",
@@ -51,7 +52,7 @@ def run(out: Path, students: list[str], images: int = 200, size: int = 128, teac
     study = Study.create(cfg, study_dir)
     study.save()
     failed = runner.run_grid(study, jobs=jobs)
-    rep = build_report([study_dir])
+    rep = summarize([study_dir])
     files = write_report(rep, study_dir)
     return {"dataset": dataset, "study": study_dir, "report": rep, "files": files, "failed": failed,
             "classes": coco.read_dataset_yaml(dataset)["classes"]}

@@ -14,12 +14,7 @@ from rich.table import Table
 
 from kdcli import atomic
 from kdcli.console import out
-from kdcli.study.aggregate import summarize
 from kdcli.study.plots import boxplot
-
-
-def build_report(dirs: list[Path], metric: str | None = None, baseline: str = "hard") -> dict[str, Any]:
-    return summarize(dirs, metric, baseline)
 
 
 def _rows(rep: dict[str, Any]) -> list[str]:
