@@ -12,7 +12,7 @@ from rich.table import Table
 
 from kdcli import atomic
 from kdcli.config import load
-from kdcli.config.schema import Recipe
+from kdcli.config import schema
 from kdcli.console import err, out
 
 
@@ -101,7 +101,7 @@ def _model(spec: str, imgsz: int | None):
         ckpt = checkpoint.load(spec)
         model = checkpoint.model_from_checkpoint(ckpt, spec)
         return model, model.cfg, ckpt["model"]["imgsz"], len(ckpt["model"]["classes"])
-    r = load.load(Recipe, spec, defaults={"data": {"path": "-"}})
+    r = load.load(schema.Recipe, spec, defaults={"data": {"path": "-"}})
     cfg = r.model.model_copy(update={"pretrained": False})
     return build_detector(cfg, 8, imgsz or 512, r.data.anchor_size), cfg, None, 8
 

@@ -9,7 +9,7 @@ import typer
 
 from kdcli.cli.train import Overrides, report, resume_recipe, split_recipe
 from kdcli.config import load
-from kdcli.config.schema import Recipe
+from kdcli.config import schema
 from kdcli.errors import KdcliError
 
 
@@ -51,7 +51,7 @@ def distill(
         raise KdcliError("no teacher given", hint="pass --teacher runs/train/<name>/weights/best.pt")
     t_ckpt = checkpoint.load(teacher_path)
     defaults = student_defaults(t_ckpt)
-    r = load.load(Recipe, recipe, flags + extra, defaults=defaults)
+    r = load.load(schema.Recipe, recipe, flags + extra, defaults=defaults)
     if r.name is None:
         name = r.distill.labels.replace("+", "_") + ("" if r.distill.method == "none" else f"_{r.distill.method}")
         r = r.model_copy(update={"name": name})

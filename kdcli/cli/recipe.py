@@ -10,7 +10,7 @@ import yaml
 
 from kdcli import atomic
 from kdcli.config import load
-from kdcli.config.schema import Recipe
+from kdcli.config import schema
 from kdcli.console import out
 
 app = typer.Typer(help="Validate recipes and list their keys.", no_args_is_help=True, rich_markup_mode="rich")
@@ -27,7 +27,7 @@ def show(
 
     Example: [bold]kdcli recipe show data/vedai25 fold=3 data.imgsz=640[/]
     """
-    resolved = load.dump(load.load(Recipe, recipe, overrides or []))
+    resolved = load.dump(load.load(schema.Recipe, recipe, overrides or []))
     text = yaml.safe_dump(resolved, sort_keys=False)
     typer.echo(text, nl=False)
     if save is not None:
@@ -41,8 +41,8 @@ def keys() -> None:
 
     Example: [bold]kdcli recipe keys | grep augment[/]
     """
-    for key in load.leaf_keys(Recipe):
-        model: type = Recipe
+    for key in load.leaf_keys(schema.Recipe):
+        model: type = schema.Recipe
         *parents, leaf = key.split(".")
         for p in parents:
             model = load.submodel(model.model_fields[p].annotation)

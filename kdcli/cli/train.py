@@ -12,7 +12,8 @@ from rich.table import Table
 
 from kdcli import atomic, paths
 from kdcli.config import load
-from kdcli.config.schema import Device, Recipe, Strict
+from kdcli.config import schema
+from kdcli.config.base import Device, Strict
 from kdcli.console import out
 from kdcli.errors import KdcliError
 
@@ -29,7 +30,7 @@ def split_recipe(recipe: str | None, overrides: list[str] | None) -> tuple[str |
     return recipe, extra
 
 
-def resume_recipe(resume: Path, extra: list[str], task: str) -> Recipe:
+def resume_recipe(resume: Path, extra: list[str], task: str) -> schema.Recipe:
     """The recipe stored in a last.pt, with only the overrides a resume may change."""
     from kdcli.engine import checkpoint
 
@@ -39,10 +40,10 @@ def resume_recipe(resume: Path, extra: list[str], task: str) -> Recipe:
     if ckpt.get("task", "train") != task:
         raise KdcliError(f"{resume}: a '{ckpt.get('task')}' run; resume it with `kdcli {ckpt.get('task')} --resume`")
     for item in extra:
-        key = ".".join(load.resolve_key(Recipe, load.parse_override(item)[0]))
+        key = ".".join(load.resolve_key(schema.Recipe, load.parse_override(item)[0]))
         if key not in RESUME_OVERRIDES:
             raise KdcliError(f"'{item}' cannot change on resume", hint=f"allowed: {', '.join(RESUME_OVERRIDES)}")
-    return load.load(Recipe, None, extra, defaults=ckpt["recipe"])
+    return load.load(schema.Recipe, None, extra, defaults=ckpt["recipe"])
 
 
 def train(
@@ -68,7 +69,7 @@ def train(
     else:
         if recipe is None:
             raise KdcliError("give a train recipe (e.g. recipes/train/synthetic_student.yaml) or --resume last.pt")
-        r = load.load(Recipe, recipe, extra)
+        r = load.load(schema.Recipe, recipe, extra)
         trainer = Trainer(r, recipe_path=recipe)
     summary = trainer.fit()
     report(summary, as_json)
@@ -202,8 +203,8 @@ def _model_for_info(spec: str, classes: int):
     path = load.find_recipe(spec)
     raw = load.read_yaml(path)
     if "data" not in raw:  # a model recipe alone: no dataset needed to count parameters
-        r = load.load(Recipe, path, defaults={"data": {"path": "-"}})
+        r = load.load(schema.Recipe, path, defaults={"data": {"path": "-"}})
     else:
-        r = load.load(Recipe, path)
+        r = load.load(schema.Recipe, path)
     model_cfg = r.model.model_copy(update={"pretrained": False})
     return build_detector(model_cfg, classes, r.data.imgsz, r.data.anchor_size), r.data.imgsz

@@ -2,20 +2,23 @@
 
 Unknown keys are rejected (`extra="forbid"`); the loader turns pydantic's errors into one line that names the
 file, line and field and suggests the closest valid key.
+
+`DistillConfig` and `Recipe` are built on first use from the distillation registry: each method module in
+`kdcli/distill/` declares its own config section (`distill.<method>`), so a new method needs no edit here. They
+are built lazily because the methods import torch, which a command such as `kdcli --help` should not pay for.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import difflib
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, create_model, field_validator, model_validator
 
-# `device=0` arrives from YAML as an int, `device=0,1` as a string: both mean GPU indices
-Device = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else v)]
+from kdcli.config.base import Device, Strict
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+__all__ = ["AugmentConfig", "DataConfig", "Device", "DistillConfig", "ModelConfig", "Recipe", "Strict",
+           "StudyConfig", "TrainConfig"]
 
 
 class AugmentConfig(Strict):
@@ -121,68 +124,80 @@ class TrainConfig(Strict):
                                              description="IoU thresholds of the extra VOC-style AP columns")
 
 
-class SoftConfig(Strict):
-    """Soft labels: the teacher's outputs as targets (methods.md)."""
-
-    cls_weight: float = Field(5e3, ge=0, description="weight of the focal BCE on teacher probabilities (its mean "
-                                                      "over every anchor and class is tiny, hence 5e3)")
-    alpha: float = Field(0.25, ge=0, le=1, description="focal alpha of the soft class term")
-    gamma: float = Field(1.0, ge=0, description="focal gamma of the soft class term")
-    box_weight: float = Field(1.0, ge=0, description="weight of balanced L1 between student and teacher deltas")
+LABELS = ("hard", "soft", "hard+soft")
+PAPER_METHODS = ("mse", "pdf", "defeat")
 
 
-class MSEConfig(Strict):
-    weight: float = Field(5.0, ge=0, description="weight of the adapted-feature MSE")
+def method_names() -> list[str]:
+    """Feature-imitation methods of the registry (soft labels are chosen with `labels`, not `method`): the paper's
+    three in its order, then the others by name."""
+    from kdcli.distill.base import discover
+
+    names = [n for n, c in discover().items() if c.kind == "features"]
+    return sorted(names, key=lambda n: (PAPER_METHODS.index(n) if n in PAPER_METHODS else len(PAPER_METHODS), n))
 
 
-class PDFConfig(Strict):
-    weight: float = Field(5.0, ge=0, description="weight of the disagreement-weighted feature imitation")
-    variant: Literal["bmvc", "plus"] = Field("bmvc", description="bmvc: features only; plus: also disagreement-"
-                                                                "weighted class and box terms (later code)")
-    cls_weight: float = Field(1.0, ge=0, description="plus: weight of the disagreement-weighted class term")
-    box_weight: float = Field(1.0, ge=0, description="plus: weight of the L1 between student and teacher deltas")
+def check_method(name: str) -> str:
+    """`none` or a registered method; otherwise an error naming the closest valid name."""
+    valid = ["none", *method_names()]
+    if name not in valid:
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown distillation method '{name}'{hint}; valid: {', '.join(valid)}")
+    return name
 
 
-class DeFeatConfig(Strict):
-    variant: Literal["anchors", "level"] = Field(
-        "anchors", description="anchors: every location whose anchor centre lies in a GT box, on all levels "
-                               "(the paper authors' later code); level: each box's region on one level (official)")
-    fg_weight: float | None = Field(None, ge=0, description="foreground weight (default: anchors 1, level 3)")
-    bg_weight: float | None = Field(None, ge=0, description="background weight (default: anchors 1, level 12)")
-    level_base: float = Field(56.0, gt=0, description="level variant: level = floor(log2(sqrt(wh) / base))")
-
-
-class DistillConfig(Strict):
-    """Knowledge distillation from a teacher checkpoint into the student of this recipe."""
+class DistillBase(Strict):
+    """Knowledge distillation from a teacher checkpoint into the student of this recipe. One sub-section per
+    method (`distill.pdf.variant`, ...), declared by the method's own module."""
 
     teacher: str | None = Field(None, description="teacher checkpoint (.pt); data, fold and classes come from it")
     labels: Literal["hard", "soft", "hard+soft"] = Field("hard", description="ground truth, teacher outputs, or both")
-    method: str = Field("none", description="feature imitation: none, mse, pdf, defeat")
+    method: str = Field("none", description="feature imitation: none or a registered method (mse, pdf, defeat, ...)")
     adapter_kernel: int = Field(3, ge=1, description="kernel of the per-level student->teacher adapter conv "
                                                      "(paper: 3x3)")
     teacher_min_map: float = Field(0.05, ge=0, le=1, description="refuse a teacher whose val mAP50 is below this")
     stop_epoch: int | None = Field(None, ge=0, description="switch distillation terms off after this epoch")
-    soft: SoftConfig = Field(default_factory=SoftConfig)
-    mse: MSEConfig = Field(default_factory=MSEConfig)
-    pdf: PDFConfig = Field(default_factory=PDFConfig)
-    defeat: DeFeatConfig = Field(default_factory=DeFeatConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        return check_method(v)
 
 
-class Recipe(Strict):
-    """A full recipe. Sections may be given inline or as a path to another YAML file."""
+def _build_recipe() -> None:
+    from kdcli.distill.base import discover
 
-    name: str | None = Field(None, description="run name (default: from the recipe file name)")
-    seed: int = Field(0, description="random seed for data order, augmentation and initialisation")
-    data: DataConfig
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
+    sections: dict[str, Any] = {
+        name: (c.config, Field(default_factory=c.config, description=f"settings of {name} ({c.__module__})"))
+        for name, c in sorted(discover().items()) if c.config is not None}
+    distill_config = create_model("DistillConfig", __base__=DistillBase, __module__=__name__, **sections)
+    distill_config.__doc__ = DistillBase.__doc__
+
+    class Recipe(Strict):
+        """A full recipe. Sections may be given inline or as a path to another YAML file."""
+
+        name: str | None = Field(None, description="run name (default: from the recipe file name)")
+        seed: int = Field(0, description="random seed for data order, augmentation and initialisation")
+        data: DataConfig
+        augment: AugmentConfig = Field(default_factory=AugmentConfig)
+        model: ModelConfig = Field(default_factory=ModelConfig)
+        train: TrainConfig = Field(default_factory=TrainConfig)
+        distill: distill_config = Field(default_factory=distill_config)  # type: ignore[valid-type]
+
+    Recipe.__module__ = __name__
+    globals().update(DistillConfig=distill_config, Recipe=Recipe)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("DistillConfig", "Recipe"):
+        _build_recipe()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 PAPER_CONFIGS = ["teacher", "hard", "hard+soft", "hard+mse", "hard+pdf", "hard+defeat", "soft", "soft+mse",
                  "soft+pdf", "soft+defeat"]
-LABELS = ("hard", "soft", "hard+soft")
 
 
 def _int_range(v: object) -> object:
@@ -229,6 +244,12 @@ class StudyConfig(Strict):
         for c in configs:
             if c != "teacher" and c not in LABELS and c.rpartition("+")[0] not in LABELS:
                 raise ValueError(f"'{c}' is not teacher, LABELS or LABELS+METHOD (LABELS: {', '.join(LABELS)})")
+            if c != "teacher":
+                method = StudyConfig.labels_method(c)[1]
+                try:
+                    check_method(method)
+                except ValueError as e:
+                    raise ValueError(f"configuration '{c}': {e}") from None
         if len(set(configs)) != len(configs):
             raise ValueError("a configuration is listed twice")
         return configs

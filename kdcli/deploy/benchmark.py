@@ -124,8 +124,13 @@ def torchvision_reference(imgsz: int, batch: int, device: torch.device, amp: tor
             else None, "amp": str(amp).split(".")[-1] if amp else "off"}
 
 
-DISTILL_ROWS = [("hard", "none"), ("hard+soft", "none"), ("hard", "mse"), ("hard", "pdf"), ("hard", "defeat"),
-                ("soft", "none"), ("soft", "mse"), ("soft", "pdf"), ("soft", "defeat")]
+def distill_rows() -> list[tuple[str, str]]:
+    """hard, hard+soft, hard+METHOD for every registered feature method, soft, soft+METHOD."""
+    from kdcli.config.schema import method_names
+
+    methods = method_names()
+    return ([("hard", "none"), ("hard+soft", "none")] + [("hard", m) for m in methods] + [("soft", "none")]
+            + [("soft", m) for m in methods])
 
 
 def _flops(fn: Callable[[], None]) -> float:
@@ -139,51 +144,44 @@ def _flops(fn: Callable[[], None]) -> float:
 def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int, batch: int,
                   device: torch.device, amp: torch.dtype | None, num_classes: int = 8, anchor_size: float = 16.0,
                   warmup: int = 2, repeats: int = 5) -> dict[str, Any]:
-    """Step time of each of the nine student rows relative to the hard-label student on the same batch, and the
-    FLOP ratio (student fwd+bwd + teacher fwd) / (student fwd+bwd), for the full and the truncated teacher."""
+    """Step time of each student row relative to the hard-label student on the same batch, and the FLOP ratio
+    (student fwd+bwd + teacher fwd) / (student fwd+bwd), for the full and the truncated teacher. Each row runs
+    through the same `Distiller` as `kdcli distill`."""
     from kdcli.config.schema import DistillConfig
-    from kdcli.distill.adapters import Adapters
-    from kdcli.distill.base import method_class
+    from kdcli.distill.distiller import Distiller
 
     teacher = build_detector(teacher_cfg, num_classes, imgsz, anchor_size).to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     student = build_detector(student_cfg, num_classes, imgsz, anchor_size).to(device).train()
     loss_fn = DetectionLoss(student_cfg, num_classes)
     images, boxes, labels = synthetic_batch(batch, imgsz, num_classes, device)
-    adapters = Adapters(len(student.strides), student_cfg.channels, teacher_cfg.channels).to(device)
-    opt = torch.optim.SGD([*student.parameters(), *adapters.parameters()], lr=1e-4, momentum=0.9)
-    batch_d = {"boxes": boxes, "labels": labels}
+    batch_d = {"images": images, "boxes": boxes, "labels": labels}
 
     def make_step(labels_mode: str, method: str) -> tuple[Callable[[], dict[str, float]], bool]:
-        cfg = DistillConfig(labels=labels_mode, method=method)
-        names = (["soft"] if "soft" in labels_mode else []) + ([method] if method != "none" else [])
-        methods = [method_class(n)(cfg, adapters if method_class(n).uses_adapters else None) for n in names]
-        head = any(m.needs_teacher_head for m in methods)
+        distiller = Distiller(DistillConfig(labels=labels_mode, method=method), teacher, student_cfg.channels)
+        distiller.to(device).train()
+        params = [p for m in [student, *distiller.trainable()] for p in m.parameters()]
+        opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
 
         def step() -> dict[str, float]:
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 out = student(images)
-                terms = loss_fn(out, boxes, labels) if "hard" in labels_mode else {}
-                total = terms.get("total", out.cls_logits.sum() * 0)
-                if methods:
-                    with torch.no_grad():
-                        t_out = teacher(images, head=head)
-                    for m in methods:
-                        total = total + sum(m.loss(out, t_out, batch_d).values())
+                terms = {k: v for k, v in loss_fn(out, boxes, labels).items() if k != "total"} \
+                    if "hard" in labels_mode else {}
+                terms.update(distiller.loss(out, batch_d))
+                total = torch.stack(list(terms.values())).sum()
             total.backward()
             opt.step()
             return {}
 
-        return step, head
+        return step, distiller.teacher_head
 
     student_flops = _flops(lambda: loss_fn(student(images), boxes, labels)["total"].backward())
     teacher_full = _flops(lambda: teacher(images))
     teacher_trunc = _flops(lambda: teacher(images, head=False))
     rows = []
     base = None
-    for labels_mode, method in DISTILL_ROWS:
+    for labels_mode, method in distill_rows():
         step, head = make_step(labels_mode, method)
         times, _ = _time(step, device, warmup, repeats)
         med = statistics.median(times)

@@ -48,6 +48,10 @@ class WithNMS(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         boxes, scores = self.raw(images)
+        h, w = images.shape[-2:]
+        # clamped to the input before NMS, as kdcli's own postprocess does (IoUs, hence suppression, depend on it)
+        boxes = torch.stack([boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h), boxes[..., 2].clamp(0, w),
+                             boxes[..., 3].clamp(0, h)], -1)
         b, a, _ = scores.shape
         best, label = scores.max(-1)
         image = torch.arange(b, device=images.device)[:, None].expand(b, a)

@@ -1,42 +1,70 @@
-"""The method interface and registry. A new method is one file with one class and one `@register` line:
+"""The method interface and the registry. A new method is one module in `kdcli/distill/` holding its config
+section and its loss; `discover()` imports every module of the package, and the recipe schema, the CLI's name
+checks and the `Distiller` take it from there:
+
+    class MineConfig(Strict):
+        weight: float = Field(1.0, ge=0, description="...")
 
     @register
-    class MyMethod(DistillMethod):
-        name = "mine"
-        def loss(self, student, teacher, batch): return {"mine": ...}
+    class Mine(DistillMethod):
+        name, config = "mine", MineConfig           # recipe section distill.mine, config name hard+mine
+        uses_adapters = True                          # student features arrive adapted to the teacher's
+        def loss(self, student, teacher, batch): return {"mine": self.cfg.weight * ...}
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from kdcli.config.schema import DistillConfig
-from kdcli.errors import KdcliError
-from kdcli.models.detector import DetectorOutput
+from kdcli.config.base import Strict
+
+if TYPE_CHECKING:
+    from kdcli.models.detector import DetectorOutput
 
 REGISTRY: dict[str, type[DistillMethod]] = {}
+INFRASTRUCTURE = {"base", "adapters", "distiller"}  # modules of the package that hold no method
 
 
 def register(cls: type[DistillMethod]) -> type[DistillMethod]:
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise TypeError(f"two distillation methods are called '{cls.name}'")
     REGISTRY[cls.name] = cls
     return cls
 
 
+def discover() -> dict[str, type[DistillMethod]]:
+    """Import every method module of the package once; returns the registry."""
+    package = importlib.import_module("kdcli.distill")
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in INFRASTRUCTURE:
+            importlib.import_module(f"kdcli.distill.{info.name}")
+    return REGISTRY
+
+
 class DistillMethod(nn.Module):
-    """A distillation term. `needs_teacher_head`: whether the teacher must run its head (class logits, box
-    deltas) or only backbone + neck; `uses_adapters`: whether student features are adapted to the teacher's."""
+    """One distillation signal. `kind`: `labels` (chosen with --labels: soft) or `features` (--method).
+    `needs_teacher_head`: whether the teacher must run its head (class logits, box deltas) or only backbone +
+    neck. `uses_adapters`: whether the student's neck features reach `loss` adapted to the teacher's by the
+    per-level adapters. A method may hold learnable parameters of its own: the `Distiller` trains them, saves them
+    in last.pt and leaves them out of best.pt. `loss` returns weighted terms, one logged column each."""
 
     name: ClassVar[str] = ""
+    config: ClassVar[type[Strict] | None] = None
+    kind: ClassVar[Literal["labels", "features"]] = "features"
     needs_teacher_head: ClassVar[bool] = False
     uses_adapters: ClassVar[bool] = False
 
-    def __init__(self, cfg: DistillConfig, adapters: nn.Module | None = None):
+    def __init__(self, cfg: Any, channels: int = 256, levels: int = 1):
+        """cfg: this method's config section; channels, levels: of the teacher's neck features."""
         super().__init__()
         self.cfg = cfg
-        self.adapters = adapters
 
     def loss(self, student: DetectorOutput, teacher: DetectorOutput, batch: dict[str, Any]
              ) -> dict[str, torch.Tensor]:
@@ -44,9 +72,10 @@ class DistillMethod(nn.Module):
 
 
 def method_class(name: str) -> type[DistillMethod]:
-    from kdcli.distill import defeat, mse, pdf, soft  # noqa: F401  (registration)
+    methods = discover()
+    if name not in methods:
+        from kdcli.errors import KdcliError
 
-    if name not in REGISTRY:
         raise KdcliError(f"unknown distillation method '{name}'",
-                         hint=f"use one of: {', '.join(sorted(n for n in REGISTRY if n != 'soft'))}")
-    return REGISTRY[name]
+                         hint=f"use one of: {', '.join(sorted(n for n, c in methods.items() if c.kind == 'features'))}")
+    return methods[name]

@@ -1,9 +1,7 @@
-"""Distillation: the training loop of `Trainer` with a frozen teacher and the chosen terms added to the loss.
-
-The teacher is rebuilt from its checkpoint alone, kept in `eval()` (BatchNorm too) for the whole run, runs
-under `no_grad`, is not in the optimizer and is never saved with the student; it runs only as far as the
-terms need (backbone + neck for feature-only methods). Before training it is evaluated on the validation
-split, and a teacher below `distill.teacher_min_map` stops the run unless forced.
+"""Distillation: the training loop of `Trainer` with a `Distiller` (kdcli/distill/distiller.py) adding its
+terms to the loss. This module only connects the two: it rebuilds the teacher from its checkpoint, checks that
+teacher and student fit (dataset, fold, classes, image size, strides), and evaluates the teacher before the
+first epoch: a teacher below `distill.teacher_min_map` stops the run unless forced.
 """
 
 from __future__ import annotations
@@ -19,13 +17,11 @@ from torch.utils.data import DataLoader, Subset
 from kdcli.config import load
 from kdcli.console import err
 from kdcli.data.dataset import DetectionDataset, collate
-from kdcli.distill.adapters import Adapters
-from kdcli.distill.base import DistillMethod, method_class
+from kdcli.distill.distiller import Distiller
 from kdcli.engine import checkpoint, distributed as dist
 from kdcli.engine.trainer import Trainer
 from kdcli.engine.validator import evaluate
 from kdcli.errors import FAILED, KdcliError
-from kdcli.models.anchors import level_shapes
 
 TEACHER_CHECK_IMAGES = 200  # a teacher checked on the training split (no val split) sees at most this many
 STUDENT_MODEL = "models/student_r18_fpn"
@@ -65,23 +61,20 @@ class DistillTrainer(Trainer):
             raise KdcliError("no teacher given", hint="pass --teacher runs/train/<name>/weights/best.pt")
         self.teacher_path = Path(cfg.teacher)
         ckpt = checkpoint.load(self.teacher_path)
-        self.teacher = checkpoint.model_from_checkpoint(ckpt, str(self.teacher_path)).to(self.device).eval()
-        self._check_compatible(ckpt)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        teacher = checkpoint.model_from_checkpoint(ckpt, str(self.teacher_path))
+        self._check_compatible(ckpt, teacher)
         self.teacher_sha256 = file_sha256(self.teacher_path)
-        names = (["soft"] if "soft" in cfg.labels else []) + ([cfg.method] if cfg.method != "none" else [])
-        classes = [method_class(n) for n in names]
-        self.adapters: Adapters | None = None
-        if any(c.uses_adapters for c in classes):
-            n_levels = len(self.bare_model.strides)
-            self.adapters = Adapters(n_levels, self.recipe.model.channels, self.teacher.cfg.channels,
-                                     cfg.adapter_kernel).to(self.device)
-        self.methods: list[DistillMethod] = [c(cfg, self.adapters if c.uses_adapters else None) for c in classes]
-        self.teacher_head = any(c.needs_teacher_head for c in classes)
-        self._report()
+        self.distiller = Distiller(cfg, teacher, self.recipe.model.channels).to(self.device)
+        if dist.is_main():
+            err.print(f"teacher {self.teacher_path}", highlight=False)
+            for line in self.distiller.report(self.recipe.data.imgsz, self.recipe.model.channels):
+                err.print(line, highlight=False, soft_wrap=True)
 
-    def _check_compatible(self, ckpt: dict[str, Any]) -> None:
+    @property
+    def teacher(self) -> nn.Module:
+        return self.distiller.teacher
+
+    def _check_compatible(self, ckpt: dict[str, Any], teacher: nn.Module) -> None:
         t_data, t_model = ckpt["data"], ckpt["model"]
         if Path(t_data["path"]).resolve() != self.dataset_dir or t_data["fold"] != self.recipe.data.fold:
             raise KdcliError(f"the teacher was trained on {t_data['path']} fold {t_data['fold']}, this run asks for "
@@ -92,37 +85,22 @@ class DistillTrainer(Trainer):
         if t_model["imgsz"] != self.recipe.data.imgsz:
             raise KdcliError(f"image size differs: teacher {t_model['imgsz']}, student {self.recipe.data.imgsz}",
                              hint=f"set data.imgsz={t_model['imgsz']}")
-        if self.teacher.strides != self.bare_model.strides:
-            raise KdcliError(f"pyramid strides differ: teacher {self.teacher.strides}, student "
+        if teacher.strides != self.bare_model.strides:
+            raise KdcliError(f"pyramid strides differ: teacher {teacher.strides}, student "
                              f"{self.bare_model.strides}",
                              hint="use the teacher's model.levels and model.maxpool")
 
-    def _report(self) -> None:
-        cfg = self.recipe.distill
-        if not dist.is_main():
-            return
-        part = "backbone + neck + head" if self.teacher_head else "backbone + neck (truncated)"
-        err.print(f"teacher {self.teacher_path} ({self.teacher.cfg.backbone}+{self.teacher.cfg.neck}), frozen, runs "
-                  f"{part}; labels {cfg.labels}, method {cfg.method}", highlight=False)
-        if self.adapters is not None:
-            imgsz = self.recipe.data.imgsz
-            shapes = level_shapes(imgsz, imgsz, self.bare_model.strides)
-            s = [(self.recipe.model.channels, h, w) for h, w in shapes]
-            t = [(self.teacher.cfg.channels, h, w) for h, w in shapes]
-            for line in self.adapters.report(s, t):
-                err.print(f"  adapter {line}", highlight=False, soft_wrap=True)
-
     def trainable_extra(self) -> list[nn.Module]:
-        return [self.adapters] if getattr(self, "adapters", None) is not None else []
+        return self.distiller.trainable() if hasattr(self, "distiller") else []
+
+    def set_train_mode(self) -> None:
+        super().set_train_mode()
+        self.distiller.train()
 
     def setup(self) -> None:
         super().setup()
-        if dist.world_size() > 1 and self.adapters is not None:
-            wrapped = nn.parallel.DistributedDataParallel(
-                self.adapters, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            for m in self.methods:
-                if m.adapters is not None:
-                    m.adapters = wrapped
+        if dist.world_size() > 1:
+            self.distiller.wrap_ddp(self.device)
 
     def before_train(self) -> None:
         """Evaluate the teacher first: a random teacher must not be distilled silently."""
@@ -155,19 +133,13 @@ class DistillTrainer(Trainer):
 
     # ---- loss --------------------------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        cfg = self.recipe.distill
         student = self.model(batch["images"])
         terms: dict[str, torch.Tensor] = {}
-        if "hard" in cfg.labels:
+        if "hard" in self.recipe.distill.labels:
             hard = self.loss_fn(student, batch["boxes"], batch["labels"])
             terms.update(cls=hard["cls"], box=hard["box"])
-        active = cfg.stop_epoch is None or self.epoch < cfg.stop_epoch
-        if self.methods and active:
-            with torch.no_grad():
-                teacher = self.teacher(batch["images"], head=self.teacher_head)
-            for m in self.methods:
-                terms.update(m.loss(student, teacher, batch))
-        terms["total"] = torch.stack([v for v in terms.values()]).sum()
+        terms.update(self.distiller.loss(student, batch, self.epoch))
+        terms["total"] = torch.stack(list(terms.values())).sum()
         return terms
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -178,12 +150,11 @@ class DistillTrainer(Trainer):
                             "config": cfg.model_dump(mode="json")}}
 
     def train_state_extra(self) -> dict[str, Any]:
-        state = {"teacher_map": self.teacher_map}
-        return {**state, "adapters": self.adapters.state_dict()} if self.adapters is not None else state
+        return {"teacher_map": self.teacher_map, "distiller": self.distiller.state_dict()}
 
     def load_train_state_extra(self, state: dict[str, Any]) -> None:
         self.teacher_map = state.get("teacher_map")
-        if self.adapters is not None:
-            if "adapters" not in state:
-                raise KdcliError("last.pt has no adapter state for this distillation method")
-            checkpoint.load_state_strict(self.adapters, state["adapters"], "last.pt adapters")
+        if "distiller" not in state:
+            raise KdcliError("last.pt has no distillation state (written by an older kdcli?)",
+                             hint="start the distillation again")
+        self.distiller.load_state_dict(state["distiller"], "last.pt")

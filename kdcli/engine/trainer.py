@@ -121,6 +121,8 @@ class Trainer:
         self.bad_steps = 0
         self.reloads = 0
         self.last_metrics: dict[str, Any] = {}
+        self.seconds_before = 0.0  # training time of earlier attempts (resume)
+        self.attempt_start = time.perf_counter()
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -175,7 +177,14 @@ class Trainer:
         """Hook: checks after setup, before the first epoch (distillation: the teacher check)."""
 
     def trainable_extra(self) -> list[nn.Module]:
+        """Hook: modules trained beside the model (distillation: adapters, methods' parameters)."""
         return []
+
+    def set_train_mode(self) -> None:
+        """Hook: put what trains into train mode at the start of an epoch."""
+        self.model.train()
+        for m in self.trainable_extra():
+            m.train()
 
     def _amp_dtype(self) -> torch.dtype | None:
         mode = self.recipe.train.amp
@@ -241,7 +250,13 @@ class Trainer:
         if dist.is_main():
             self.callbacks.run(event, self)
 
+    @property
+    def train_seconds(self) -> float:
+        """Wall time spent in `fit` over every attempt of this run (resumed attempts add up)."""
+        return self.seconds_before + time.perf_counter() - self.attempt_start
+
     def fit(self) -> dict[str, Any]:
+        self.attempt_start = time.perf_counter()
         self.setup()
         self.before_train()
         t = self.recipe.train
@@ -290,13 +305,11 @@ class Trainer:
             dist.cleanup()
         return {"run_dir": str(self.run_dir), "epochs": self.epoch, "best_epoch": self.best_epoch,
                 "best_fitness": self.best_fitness, "metrics": self.last_metrics,
-                "interrupted": self.stop_requested}
+                "interrupted": self.stop_requested, "train_seconds": round(self.train_seconds, 1)}
 
     def train_one_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
         t = self.recipe.train
-        self.model.train()
-        for m in self.trainable_extra():
-            m.train()
+        self.set_train_mode()
         loader = self.train_loader(epoch)
         n_batches = self._batches_per_epoch()
         sums: dict[str, float] = {}
@@ -451,7 +464,8 @@ class Trainer:
                  "scaler": self.scaler.state_dict(), "ema_updates": self.ema.updates if self.ema else 0,
                  "step": self.step, "epoch": self.epoch, "epoch_complete": epoch_complete,
                  "best_fitness": self.best_fitness, "best_epoch": self.best_epoch, "history": self.history,
-                 "rng": rng_state(), "reloads": self.reloads, **self.train_state_extra()}
+                 "rng": rng_state(), "reloads": self.reloads, "train_seconds": self.train_seconds,
+                 **self.train_state_extra()}
         checkpoint.save(self.weights_dir / "last.pt", {**payload, "train_state": state})
         if best:
             checkpoint.save(self.weights_dir / "best.pt", payload)
@@ -470,6 +484,7 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.best_fitness, self.best_epoch = state["best_fitness"], state["best_epoch"]
         self.history, self.reloads = list(state["history"]), state.get("reloads", 0)
+        self.seconds_before = float(state.get("train_seconds", sum(r.get("time_s", 0) for r in self.history)))
         self.last_metrics = dict(ckpt.get("metrics", {}))
         set_rng_state(state["rng"])
         self.load_train_state_extra(state)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kdcli.config.schema import ModelConfig
 from kdcli.models.anchors import decode, encode
-from kdcli.models.assign import assign_iou, assign_mg
+from kdcli.models.assign import Assignment, Targets, assign_iou, assign_mg
 from kdcli.models.detector import DetectorOutput
 
 
@@ -30,44 +30,33 @@ def balanced_l1(pred: torch.Tensor, target: torch.Tensor, alpha: float = 0.5, ga
 
 
 class DetectionLoss:
-    """Assigns anchors per image, then QFL over all valid anchors and Balanced L1 over box positives."""
+    """Assigns the anchors of the whole batch at once, then QFL over every valid anchor (normalised by the
+    classification positives) and Balanced L1 over the box positives (mean over the 4 coordinates, weighted mean
+    over anchors: mg weights by q_cls, iou weights 1), as the reference's MultiBoxLoss reduces them."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int):
         self.cfg = cfg
         self.num_classes = num_classes
 
+    def assign(self, out: DetectorOutput, boxes: list[torch.Tensor], labels: list[torch.Tensor]) -> Assignment:
+        cfg = self.cfg
+        gt = Targets.from_lists(boxes, labels, out.anchors.device)
+        pred_boxes = decode(out.box_deltas.detach().float(), out.anchors)
+        if cfg.assigner == "mg":
+            return assign_mg(out.anchors, pred_boxes, out.cls_logits.detach(), gt, self.num_classes, cfg.mg_sigma,
+                             cfg.mg_topk)
+        return assign_iou(out.anchors, pred_boxes, gt, self.num_classes, cfg.pos_iou, cfg.neg_iou)
+
     def __call__(self, out: DetectorOutput, boxes: list[torch.Tensor], labels: list[torch.Tensor]
                  ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         cls_logits, deltas = out.cls_logits.float(), out.box_deltas.float()
-        anchors = out.anchors
-        with torch.no_grad():
-            pred_boxes = decode(deltas.detach(), anchors)
-        targets, valid, box_pos, box_gt, box_w = [], [], [], [], []
-        num_pos = 0
-        for i in range(cls_logits.shape[0]):
-            gt, lab = boxes[i].to(anchors.device).float(), labels[i].to(anchors.device).long()
-            if cfg.assigner == "mg":
-                a = assign_mg(anchors, pred_boxes[i], cls_logits[i].detach(), gt, lab, self.num_classes,
-                              cfg.mg_sigma, cfg.mg_topk)
-            else:
-                a = assign_iou(anchors, pred_boxes[i], gt, lab, self.num_classes, cfg.pos_iou, cfg.neg_iou)
-            targets.append(a.cls_target)
-            valid.append(a.cls_valid)
-            box_pos.append(a.box_pos)
-            box_gt.append(a.box_gt)
-            box_w.append(a.box_weight)
-            num_pos += a.num_pos
-        target, valid_m = torch.stack(targets), torch.stack(valid)
-        qfl = quality_focal_loss(cls_logits, target, cfg.qfl_beta).sum(-1)
-        cls_loss = (qfl * valid_m).sum() / max(1, num_pos)
-        pos = torch.stack(box_pos)
-        if pos.any():
-            gt_deltas = encode(torch.stack(box_gt)[pos], anchors[None].expand(pos.shape[0], -1, -1)[pos])
-            w = torch.stack(box_w)[pos]
-            bl1 = balanced_l1(deltas[pos], gt_deltas, cfg.bl1_alpha, cfg.bl1_gamma, cfg.bl1_beta).sum(-1)
-            box_loss = (bl1 * w).sum() / w.sum().clamp(min=1e-6)
-        else:
-            box_loss = deltas.sum() * 0.0
+        a = self.assign(out, boxes, labels)
+        qfl = quality_focal_loss(cls_logits, a.cls_target, cfg.qfl_beta).sum(-1)
+        cls_loss = (qfl * a.cls_valid).sum() / a.num_pos.clamp(min=1)
+        # every anchor is encoded (no host sync on the positives' count); non-positives weigh 0
+        gt_deltas = encode(a.box_gt, out.anchors.expand_as(a.box_gt))
+        bl1 = balanced_l1(deltas, gt_deltas, cfg.bl1_alpha, cfg.bl1_gamma, cfg.bl1_beta).mean(-1)
+        box_loss = (bl1 * a.box_weight).sum() / a.box_weight.sum().clamp(min=1e-6)
         cls_loss, box_loss = cfg.cls_weight * cls_loss, cfg.box_weight * box_loss
         return {"cls": cls_loss, "box": box_loss, "total": cls_loss + box_loss}

@@ -13,7 +13,8 @@ from typing import Any
 
 from kdcli import atomic, paths
 from kdcli.config import load
-from kdcli.config.schema import Recipe, StudyConfig
+from kdcli.config import schema
+from kdcli.config.schema import StudyConfig
 from kdcli.errors import KdcliError
 
 STUDY_FILE = "study.yaml"
@@ -132,15 +133,15 @@ class Study:
         return self.dir / "logs" / f"{cell.slug}.log"
 
     # ---- recipes of a cell ---------------------------------------------------------------------------------------
-    def teacher_recipe(self, cell: Cell) -> Recipe:
+    def teacher_recipe(self, cell: Cell) -> schema.Recipe:
         c = self.cfg
         data = [f"data.path={c.dataset}"] if c.dataset else []
-        return load.load(Recipe, c.teacher, [*data, *c.overrides, *c.teacher_overrides, f"data.fold={cell.fold}",
+        return load.load(schema.Recipe, c.teacher, [*data, *c.overrides, *c.teacher_overrides, f"data.fold={cell.fold}",
                                              f"seed={cell.seed}", f"name={cell.slug}"])
 
-    def student_recipe(self, cell: Cell, teacher_weights: Path, defaults: dict[str, Any]) -> Recipe:
+    def student_recipe(self, cell: Cell, teacher_weights: Path, defaults: dict[str, Any]) -> schema.Recipe:
         c = self.cfg
         labels, method = StudyConfig.labels_method(cell.config)
-        return load.load(Recipe, c.student, [*c.overrides, *c.student_overrides, f"distill.teacher={teacher_weights}",
+        return load.load(schema.Recipe, c.student, [*c.overrides, *c.student_overrides, f"distill.teacher={teacher_weights}",
                                              f"distill.labels={labels}", f"distill.method={method}",
                                              f"seed={cell.seed}", f"name={cell.slug}"], defaults=defaults)

@@ -96,6 +96,7 @@ def run_cell(study: Study, cell: Cell, ledger: Ledger, device: str | None = None
     try:
         trainer = _trainer(study, cell, device)
         summary = trainer.fit()
+        fit_end = time.time()
         if summary["interrupted"]:
             err.print(f"{cell.id}: interrupted; the next run resumes it from last.pt", highlight=False)
             return INTERRUPTED
@@ -117,7 +118,8 @@ def run_cell(study: Study, cell: Cell, ledger: Ledger, device: str | None = None
     metrics["per_class_AP50"] = {r["class"]: r["AP50"] for r in result["per_class"]}
     record = {**base, "status": "ok", "split": study.cfg.split, "metrics": metrics, "weights": str(weights),
               "epochs": summary["epochs"], "best_epoch": summary["best_epoch"], "finished": _now(),
-              "time_s": round(time.time() - t0, 1)}
+              "train_s": summary["train_seconds"], "attempt_s": round(time.time() - t0, 1),
+              "time_s": round(summary["train_seconds"] + time.time() - fit_end, 1)}
     if not cell.is_teacher:
         record["teacher"] = str(trainer.recipe.distill.teacher)
     ledger.append(record)

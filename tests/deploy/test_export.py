@@ -81,6 +81,7 @@ def test_predict_runs_the_onnx_model_like_the_checkpoint(tmp_path: Path, overfit
                                        str(tmp_path / name), "--no-draw"])
         assert res.exit_code == 0, res.output
         got[name] = sorted(json.loads((tmp_path / name / "predictions.json").read_text()), key=lambda r: -r["score"])
+        got[name] = [r for r in got[name] if r["score"] >= 0.1]  # away from --conf: a score within 1e-3 may flip
     assert len(got["pt"]) == len(got["onnx"]) > 0
     for a, b in zip(got["pt"][:20], got["onnx"][:20]):
         assert a["score"] == pytest.approx(b["score"], abs=1e-3) and np.allclose(a["bbox"], b["bbox"], atol=0.05)

@@ -58,7 +58,7 @@ def test_sliced_mosaic_recovers_every_box_once(tmp_path: Path, overfit):
         res = CliRunner().invoke(app, ["predict", str(weights), str(tmp_path / "scene.png"), "--slice", str(s),
                                        "--overlap", str(overlap), "--merge", merge, "--out", str(out)])
         assert res.exit_code == 0, res.output
-        pred = _predicted(out, "scene")
+        pred = _predicted(out, "scene", min_score=0.5)  # a seam's duplicates score alike (~0.99): look above 0.5
         iou = _iou(expected, pred)
         assert (iou.max(1) > 0.5).mean() >= 0.9, (overlap, merge, iou.max(1))  # found again, in scene pixels
         assert ((iou > 0.5).sum(1) <= 1).all(), (overlap, merge)  # and once: seams merged

@@ -42,7 +42,8 @@ def test_nine_rows_from_the_cli(labels: str, method: str, tiny_checkpoint: Path,
     assert not any(k.startswith("adapters") for k in best["weights"]) and "train_state" not in best
     assert best["model"]["config"]["backbone"] == "resnet18" and best["model"]["config"]["neck"] == "fpn"
     last = checkpoint.load(run_dir / "weights" / "last.pt")
-    assert ("adapters" in last["train_state"]) == (method != "none")
+    state = last["train_state"]["distiller"]
+    assert any(k.startswith("adapters.") for k in state) == (method != "none")
     model = checkpoint.model_from_checkpoint(best)  # a plain detector checkpoint
     assert model.num_classes == 8
 
@@ -59,7 +60,7 @@ def test_teacher_frozen_student_and_adapters_trained(tiny_checkpoint: Path, tmp_
     t.setup()
     before_t = {k: v.clone() for k, v in t.teacher.state_dict().items()}
     before_s = {k: v.clone() for k, v in t.bare_model.state_dict().items()}
-    before_a = {k: v.clone() for k, v in t.adapters.state_dict().items()}
+    before_a = {k: v.clone() for k, v in t.distiller.state_dict().items()}
     t.train_one_epoch(0)
     assert not t.teacher.training and all(not m.training for m in t.teacher.modules())
     assert all(not p.requires_grad and p.grad is None for p in t.teacher.parameters())
@@ -68,7 +69,7 @@ def test_teacher_frozen_student_and_adapters_trained(tiny_checkpoint: Path, tmp_
     for k, v in t.teacher.state_dict().items():
         assert torch.equal(v, before_t[k]), k  # bit for bit, BatchNorm buffers included
     assert any(not torch.equal(v, before_s[k]) for k, v in t.bare_model.state_dict().items())
-    assert any(not torch.equal(v, before_a[k]) for k, v in t.adapters.state_dict().items())
+    assert any(not torch.equal(v, before_a[k]) for k, v in t.distiller.state_dict().items())
 
 
 def test_feature_only_method_runs_truncated_teacher(tiny_checkpoint: Path, tmp_path: Path):
@@ -79,7 +80,7 @@ def test_feature_only_method_runs_truncated_teacher(tiny_checkpoint: Path, tmp_p
     t = DistillTrainer(recipe.model_copy(update={"train": recipe.train.model_copy(update={"device": "cpu"})}),
                        run_dir=tmp_path / "d")
     t.setup()
-    assert t.teacher_head is False
+    assert t.distiller.teacher_head is False
     calls = []
     t.teacher.head.register_forward_hook(lambda *a: calls.append(1))
     batch = t.preprocess(next(iter(t.train_loader(0))), 0)
@@ -109,8 +110,77 @@ def test_distill_resume_restores_adapters(tiny_checkpoint: Path, tmp_path: Path,
             "train.max_batches=1", "distill.teacher_min_map=0", "--json")
     assert r.exit_code == 0, r.output
     last = Path(json.loads(r.output.strip().splitlines()[-1])["run_dir"]) / "weights" / "last.pt"
-    adapters = checkpoint.load(last)["train_state"]["adapters"]
+    adapters = checkpoint.load(last)["train_state"]["distiller"]
     r = run("distill", "--resume", str(last), "train.epochs=2")
     assert r.exit_code == 0, r.output
     state = checkpoint.load(last)["train_state"]
-    assert state["epoch"] == 2 and set(state["adapters"]) == set(adapters)
+    assert state["epoch"] == 2 and set(state["distiller"]) == set(adapters)
+    assert any(not torch.equal(v, adapters[k]) for k, v in state["distiller"].items())  # trained on after resume
+
+
+def test_method_names_checked_when_the_recipe_loads(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    r = run("distill", "--teacher", str(tiny_checkpoint), "--method", "pfd")
+    assert r.exit_code == 2 and "unknown distillation method 'pfd'" in r.output and "did you mean 'pdf'" in r.output
+    assert not (tmp_path / "runs").exists()
+
+
+PLUGIN = """
+import torch
+from pydantic import Field
+from kdcli.config.base import Strict
+from kdcli.distill.base import DistillMethod, register
+
+
+class CosineConfig(Strict):
+    weight: float = Field(2.0, ge=0, description="weight")
+
+
+@register
+class Cosine(DistillMethod):
+    name, config, uses_adapters = "cosine", CosineConfig, True
+
+    def __init__(self, cfg, channels=256, levels=1):
+        super().__init__(cfg, channels, levels)
+        self.scale = torch.nn.Parameter(torch.ones(levels))  # a parameter of the method itself
+
+    def loss(self, student, teacher, batch):
+        sims = [torch.nn.functional.cosine_similarity(s, t, dim=1).mean() for s, t in zip(student.features, teacher.features)]
+        return {"cos": self.cfg.weight * sum(k * (1 - x) for k, x in zip(self.scale, sims))}
+"""
+
+
+def test_a_new_method_is_one_file(tiny_checkpoint: Path, tmp_path: Path):
+    """A module dropped into the distill package (here: a folder added to its path) is a method: recipe section,
+    CLI name, study configuration, loss column, its own parameter trained and kept out of best.pt."""
+    import subprocess
+    import sys
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "cosine.py").write_text(PLUGIN)
+    script = f"""
+import json, sys, kdcli.distill
+kdcli.distill.__path__.append({str(plugins)!r})
+from typer.testing import CliRunner
+from kdcli.cli.app import app
+from kdcli.config.schema import DistillConfig, StudyConfig
+from kdcli.engine import checkpoint
+assert DistillConfig().cosine.weight == 2.0
+StudyConfig(teacher="t", student="s", configs=["teacher", "hard+cosine", "soft+cosine"])
+r = CliRunner().invoke(app, ["distill", "--teacher", {str(tiny_checkpoint)!r}, "--method", "cosine", "cosine.weight=3",
+                             "train.epochs=1", "train.max_batches=2", "distill.teacher_min_map=0", "--json"])
+assert r.exit_code == 0, r.output
+run = json.loads(r.output.strip().splitlines()[-1])["run_dir"]
+print(open(run + "/results.csv").read().splitlines()[0])
+last = checkpoint.load(run + "/weights/last.pt")["train_state"]["distiller"]
+best = checkpoint.load(run + "/weights/best.pt")
+print(sorted(k for k in last if not k.startswith("adapters")), best["distill"]["config"]["cosine"]["weight"],
+      any("scale" in k for k in best["weights"]))
+"""
+    env = {**__import__("os").environ, "KDCLI_RUNS": str(tmp_path / "runs")}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    header, params = res.stdout.strip().splitlines()[-2:]
+    assert "loss_cos" in header.split(",")
+    assert params == "['methods.0.scale'] 3.0 False"

@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,26 @@ def test_resume_is_exact(tmp_path: Path, vedai25: Path):
     assert rows == list(csv.DictReader(open(tmp_path / "straight" / "results.csv"))) or all(
         rows[i]["loss_total"] == r["loss_total"] for i, r in
         enumerate(csv.DictReader(open(tmp_path / "straight" / "results.csv"))))
+
+
+def test_training_time_adds_up_over_resumed_attempts(tmp_path: Path, vedai25: Path):
+    recipe = tiny_recipe(vedai25, train={"epochs": 2, "max_batches": 1})
+
+    class SlowFirstAttempt(Trainer):
+        def train_one_epoch(self, epoch):
+            time.sleep(1.0)  # the first attempt's epoch takes a second longer than any later work
+            self.stop_requested = True
+            return super().train_one_epoch(epoch)
+
+    first = SlowFirstAttempt(recipe, run_dir=tmp_path / "r").fit()
+    last = tmp_path / "r" / "weights" / "last.pt"
+    saved = checkpoint.load(last)["train_state"]["train_seconds"]
+    assert first["interrupted"] and saved >= 1.0
+    t0 = time.perf_counter()
+    second = Trainer(recipe, run_dir=tmp_path / "r", resume=last).fit()
+    own = time.perf_counter() - t0
+    assert second["epochs"] == 2 and saved + own + 0.1 >= second["train_seconds"] >= saved + 0.5 * own - 0.1
+    assert checkpoint.load(last)["train_state"]["train_seconds"] >= saved
 
 
 def test_checkpoint_is_self_contained(tiny_checkpoint: Path, tmp_path: Path):

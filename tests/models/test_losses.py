@@ -53,3 +53,31 @@ def test_detection_loss_finite_on_empty_images_and_backprops(assigner: str):
     assert set(terms) == {"cls", "box", "total"} and terms["box"].item() > 0
     terms["total"].backward()
     assert model.head.levels[0].cls_out.weight.grad is not None and torch.isfinite(model.head.levels[0].cls_out.weight.grad).all()
+
+
+def test_detection_loss_mg_hand_case_reductions():
+    """The hand case of test_anchors_assign (classification positive a1, regression positive a0), through the
+    loss: QFL summed over classes, / 1 positive, x 2; Balanced L1 averaged over the 4 coordinates of a0."""
+    from kdcli.models.detector import DetectorOutput
+
+    anchors = torch.tensor([[0.0, 0, 10, 10], [5, 0, 15, 10], [50, 50, 60, 60]])
+    deltas = torch.tensor([[[30.0, 30, 0, 0], [-5, 0, 0, 0], [0, 0, 0, 0]]])  # a0 -> (30,30,40,40), a1 -> GT
+    out = DetectorOutput([], anchors, [8], torch.zeros(1, 3, 2), deltas)
+    terms = DetectionLoss(ModelConfig(mg_topk=1), 2)(out, [torch.tensor([[0.0, 0, 10, 10]])], [torch.tensor([1])])
+    ln2, b = math.log(2), math.e ** 3 - 1
+    assert terms["cls"].item() == pytest.approx(2 * 6 * 0.25 * ln2, rel=1e-5)  # every p = 0.5: |t-p|^2 = 0.25
+    bl1_30 = 1.5 * 30 + 1.5 / b - 0.5 * 0.11
+    assert terms["box"].item() == pytest.approx(2 * bl1_30 / 4, rel=1e-5)
+
+
+def test_detection_loss_iou_mean_over_positives_and_coordinates():
+    from kdcli.models.detector import DetectorOutput
+
+    anchors = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10], [50, 50, 60, 60]])
+    deltas = torch.zeros(1, 3, 4)
+    deltas[0, 0, 0] = 1.0  # a0 off by 1 in x; a1 exact
+    out = DetectorOutput([], anchors, [8], torch.zeros(1, 3, 1), deltas)
+    gt = [torch.tensor([[0.0, 0, 10, 10], [20.0, 0, 30, 10]])]
+    terms = DetectionLoss(ModelConfig(assigner="iou", box_weight=1.0), 1)(out, gt, [torch.tensor([0, 0])])
+    b = math.e ** 3 - 1
+    assert terms["box"].item() == pytest.approx((1.5 + 1.5 / b - 0.055) / 8, rel=1e-5)  # 2 positives x 4

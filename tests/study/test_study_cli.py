@@ -32,14 +32,22 @@ def ledger_lines(d: Path) -> list[str]:
 
 
 def test_grid_failed_cell_resume_and_cut_ledger(tmp_path: Path, vedai25: Path):
-    recipe = tiny_study(tmp_path, vedai25, "teacher, hard, hard+pdf, hard+bogus")
+    bad = tiny_study(tmp_path, vedai25, "teacher, hard, hard+pfd")
+    for extra in ([], ["--dry-run"]):  # a misspelt method stops the study at load, before any teacher trains
+        res = CliRunner().invoke(app, ["study", str(bad), "--out", str(tmp_path / "bad"), *extra])
+        assert res.exit_code == 2 and "'hard+pfd'" in res.output and "did you mean 'pdf'" in res.output, res.output
+        assert not (tmp_path / "bad" / "runs").exists()
+    recipe = tiny_study(tmp_path, vedai25, "teacher, hard, hard+pdf, soft")
     out = tmp_path / "s"
+    corrupt = out / "runs" / "soft-f1-s0" / "weights" / "last.pt"  # a cell whose checkpoint is unreadable
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_bytes(b"not a checkpoint")
     res = CliRunner().invoke(app, ["study", str(recipe), "--out", str(out)])
     assert res.exit_code == 1 and "1 cells failed" in res.output  # the bad cell fails, the grid goes on
     recs = study_records(out)
     assert {k: r["status"] for k, r in recs.items()} == {
-        ("teacher", 1, 0): "ok", ("hard", 1, 0): "ok", ("hard+pdf", 1, 0): "ok", ("hard+bogus", 1, 0): "failed"}
-    assert "unknown distillation method 'bogus'" in recs[("hard+bogus", 1, 0)]["error"]
+        ("teacher", 1, 0): "ok", ("hard", 1, 0): "ok", ("hard+pdf", 1, 0): "ok", ("soft", 1, 0): "failed"}
+    assert "not a readable kdcli checkpoint" in recs[("soft", 1, 0)]["error"]
     ok = recs[("hard+pdf", 1, 0)]
     assert set(ok["metrics"]) >= {"mAP50", "mAP50-95", "val_mAP50"} and ok["split"] == "test"
     assert Path(ok["weights"]).is_file() and ok["teacher"] == recs[("teacher", 1, 0)]["weights"]
