@@ -196,6 +196,9 @@ def synthetic(
     size: Annotated[int | None, typer.Option("--size", help="Image side: VEDAI 25 cm side (12.5 cm is twice), "
                                                             "xView mean scene side, VOC width "
                                                             "[default: 512, 2000, 320].")] = None,
+    test_images: Annotated[int, typer.Option("--test-images", min=0, help="VEDAI: extra scenes listed in the test "
+                                                                         "set of every fold (more evaluation "
+                                                                         "images, same training set).")] = 0,
     force: Force = False,
 ) -> None:
     """Write a synthetic dataset in a raw format, for trying kdcli without downloads (and for tests).
@@ -206,7 +209,7 @@ def synthetic(
     from kdcli.data import synthetic as gen
 
     out_dir = out_dir or paths.datasets_root() / "raw" / f"synthetic-{kind}"
-    info = gen.generate(kind, out_dir, seed=seed, images=images, size=size, force=force)
+    info = gen.generate(kind, out_dir, seed=seed, images=images, size=size, force=force, test_images=test_images)
     follow = {"vedai": f"kdcli prepare vedai --src {out_dir} --res 25",
               "xview": f"kdcli prepare xview --src {out_dir}",
               "voc": f"kdcli prepare voc --src {out_dir}"}.get(kind, "")

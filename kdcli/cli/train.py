@@ -148,6 +148,10 @@ def val(
               f"{result['coco_AP50']:.4f}", f"{result['mAP50-95']:.4f}",
               *(f"{result['m' + k]:.4f}" for k in extra))
     out.print(t)
+    if "mAP50_ci95" in result:
+        lo, hi = result["mAP50_ci95"]
+        out.print(f"mAP50 95 % interval over the {result['images']} images (bootstrap, 1000 resamples): "
+                  f"[{lo:.4f}, {hi:.4f}]", highlight=False)
     out.print(f"written: {run_dir}/metrics.json, predictions.png", highlight=False)
 
 

@@ -71,6 +71,11 @@ class ModelConfig(Strict):
     levels: int | None = Field(None, ge=2, le=6, description="pyramid levels from stride 8; default 4 below "
                                                              "512 px input, else 5")
     head_convs: int = Field(2, ge=0, description="conv blocks per head branch (RetinaNet uses 4; paper 2)")
+    norm: Literal["bn", "gn"] = Field("bn", description="normalisation in CEM, levels, neck and head: bn (paper) or "
+                                                     "gn (GroupNorm: per image, for small batches from scratch)")
+    backbone_norm: Literal["bn", "gn"] = Field("bn", description="normalisation in the ResNet trunk: bn "
+                                                              "(torchvision's, ImageNet weights) or gn (from "
+                                                              "scratch only)")
     assigner: Literal["mg", "iou"] = Field("mg", description="anchor assignment: mutual guidance or max-IoU")
     pos_iou: float = Field(0.5, gt=0, le=1, description="iou assigner: positive at IoU >= this")
     neg_iou: float = Field(0.4, ge=0, le=1, description="iou assigner: negative below this (ignored between)")

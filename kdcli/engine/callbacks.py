@@ -2,7 +2,7 @@
 so a user (or a distillation trainer) adds behaviour without touching the loop.
 
 Events: on_train_start, on_epoch_start, on_batch_end, on_epoch_end (after validation and saving),
-on_train_end.
+on_train_end (after the last epoch, or after an interruption).
 """
 
 from __future__ import annotations
@@ -57,6 +57,14 @@ def plot_curves(trainer: Trainer) -> None:
         plot_results(trainer.run_dir / "results.csv", trainer.run_dir / "results.png")
 
 
+def plot_predictions(trainer: Trainer) -> None:
+    """val_predictions.png: the last validation's first images, predictions over ground truth."""
+    if trainer.recipe.train.plots and trainer.val_samples:
+        from kdcli.engine.plots import prediction_grid
+
+        prediction_grid(trainer.val_samples, trainer.classes, trainer.run_dir / "val_predictions.png")
+
+
 def tensorboard_logger() -> Callable[[Trainer], None] | None:
     """An on_epoch_end callback writing scalars to runs/<name>/tensorboard, when tensorboard is installed."""
     try:
@@ -80,7 +88,9 @@ def tensorboard_logger() -> Callable[[Trainer], None] | None:
 def default_callbacks() -> Callbacks:
     cb = Callbacks()
     cb.add("on_epoch_end", write_results_csv)
-    cb.add("on_epoch_end", plot_curves)
+    # pictures once, at the end (also after an interruption): drawing them every epoch cost seconds each time
+    cb.add("on_train_end", plot_curves)
+    cb.add("on_train_end", plot_predictions)
     tb = tensorboard_logger()
     if tb is not None:
         cb.add("on_epoch_end", tb)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,49 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
                "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **payload}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of nested dicts/lists of tensors with every tensor copied to the CPU: what training changes next
+    cannot reach it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Writes checkpoints in a thread so that the next epoch does not wait for the disk. `submit` snapshots the
+    payloads first (a memory copy, a fraction of the write), waits for the previous write, then starts; `wait`
+    joins and re-raises a failed write. Files are written in the order given, each atomically."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, items: list[tuple[Path, dict[str, Any]]]) -> None:
+        copies = [(path, snapshot(payload)) for path, payload in items]
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(copies,), name="kdcli-checkpoint")
+        self._thread.start()
+
+    def _write(self, items: list[tuple[Path, dict[str, Any]]]) -> None:
+        try:
+            for path, payload in items:
+                save(path, payload)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise KdcliError(f"could not write a checkpoint: {type(e).__name__}: {e}") from e
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ first epoch: a teacher below `distill.teacher_min_map` stops the run unless forc
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from kdcli import atomic
 from kdcli.config import load
 from kdcli.console import err
+from kdcli.data import coco
 from kdcli.data.dataset import DetectionDataset, collate
 from kdcli.distill.distiller import Distiller
 from kdcli.engine import checkpoint, distributed as dist
@@ -36,6 +39,14 @@ def student_defaults(teacher_ckpt: dict[str, Any]) -> dict[str, Any]:
     model.update({k: tr["model"][k] for k in ("pretrained", "channels", "levels", "maxpool")})
     return {"seed": tr["seed"], "data": {**tr["data"], "path": teacher_ckpt["data"]["path"]},
             "augment": tr["augment"], "model": model, "train": {**tr["train"], "lr": STUDENT_LR}}
+
+
+def _read_checks(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def file_sha256(path: Path) -> str:
@@ -103,11 +114,37 @@ class DistillTrainer(Trainer):
             self.distiller.wrap_ddp(self.device)
 
     def before_train(self) -> None:
-        """Evaluate the teacher first: a random teacher must not be distilled silently."""
+        """Evaluate the teacher first: a random teacher must not be distilled silently. The result is cached beside
+        the teacher (`<name>.checks.json`, keyed by its SHA-256, dataset, fold and split), so the students of one
+        teacher in a study pay for it once."""
         if self.epoch > 0:  # resumed: it was checked when the run started
             return
+        where = "val" if self.val_set is not None else f"first {TEACHER_CHECK_IMAGES} train images (no val split)"
+        cache = self.teacher_path.with_suffix(".checks.json")
+        d = self.recipe.data
+        split = coco.split_path(self.dataset_dir, d.val_split if self.val_set is not None else d.train_split, d.fold)
+        st = split.stat()  # a re-prepared dataset at the same path is checked again
+        key = f"{self.teacher_sha256}|{split}|{st.st_size}|{st.st_mtime_ns}|{where}"
+        cached = _read_checks(cache).get(key)
+        if cached is not None:
+            self.teacher_map = float(cached)
+            err.print(f"teacher mAP50 on {where}: {self.teacher_map:.4f} (checked before: {cache.name})",
+                      highlight=False)
+        else:
+            self.teacher_map = self._evaluate_teacher()
+            err.print(f"teacher mAP50 on {where}: {self.teacher_map:.4f}", highlight=False)
+            try:
+                atomic.write_json(cache, {**_read_checks(cache), key: self.teacher_map}, indent=1)
+            except OSError:
+                pass  # a read-only teacher folder: the check is simply not cached
+        threshold = self.recipe.distill.teacher_min_map
+        if self.teacher_map < threshold and not self.force:
+            raise KdcliError(f"the teacher looks untrained: mAP50 {self.teacher_map:.4f} < {threshold} on {where}",
+                             hint="train it longer, check the checkpoint, or pass --force", exit_code=FAILED)
+
+    def _evaluate_teacher(self) -> float:
         if self.val_set is not None:
-            loader_set, gt, where = self.val_set, self.val_json, "val"
+            loader_set, gt = self.val_set, self.val_json
         else:
             ds = self.train_set
             n = min(len(ds), TEACHER_CHECK_IMAGES)
@@ -119,17 +156,11 @@ class DistillTrainer(Trainer):
             full = plain.coco
             gt = {**full, "images": [im for im in full["images"] if im["id"] in ids],
                   "annotations": [a for a in full["annotations"] if a["image_id"] in ids]}
-            where = f"first {n} train images (no val split)"
         loader = DataLoader(loader_set, batch_size=self.recipe.train.batch * 2, num_workers=self.recipe.data.workers,
                             collate_fn=collate)
         metrics, _ = evaluate(self.teacher, loader, gt, self.classes, self.teacher.cfg, self.device, [],
                               amp_dtype=self.amp_dtype)
-        self.teacher_map = metrics["mAP50"]
-        err.print(f"teacher mAP50 on {where}: {self.teacher_map:.4f}", highlight=False)
-        threshold = self.recipe.distill.teacher_min_map
-        if self.teacher_map < threshold and not self.force:
-            raise KdcliError(f"the teacher looks untrained: mAP50 {self.teacher_map:.4f} < {threshold} on {where}",
-                             hint="train it longer, check the checkpoint, or pass --force", exit_code=FAILED)
+        return float(metrics["mAP50"])
 
     # ---- loss --------------------------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

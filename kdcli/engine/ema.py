@@ -1,4 +1,8 @@
-"""Exponential moving average of the weights (and float buffers): decay * (1 - exp(-updates / tau))."""
+"""Exponential moving average of the weights (and float buffers): decay * (1 - exp(-updates / tau)).
+
+One fused multiply-add over every tensor (`torch._foreach_*`) per update rather than a Python loop over them:
+on a CPU the per-tensor loop cost a tenth of the training step.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +19,26 @@ class ModelEMA:
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay, self.tau, self.updates = decay, tau, updates
+        self._pairs: tuple[int, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None
+        self._pairs = None
+
+    def _tensors(self, model: nn.Module):
+        """(float EMA tensors, their model tensors, other EMA tensors, theirs), cached per model object (the
+        optimizer and state loading update tensors in place, so the pairs stay valid)."""
+        if self._pairs is None or self._pairs[0] != id(model):
+            msd, esd = model.state_dict(keep_vars=True), self.module.state_dict(keep_vars=True)
+            floats = [k for k, v in esd.items() if v.dtype.is_floating_point]
+            others = [k for k, v in esd.items() if not v.dtype.is_floating_point]
+            self._pairs = (id(model), [esd[k].data for k in floats], [msd[k].data for k in floats],
+                           [esd[k].data for k in others], [msd[k].data for k in others])
+        return self._pairs[1:]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = self.decay * (1 - math.exp(-self.updates / self.tau))
-        msd = model.state_dict()
-        for k, v in self.module.state_dict().items():
-            if v.dtype.is_floating_point:
-                v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
-            else:
-                v.copy_(msd[k])
+        ema_f, model_f, ema_o, model_o = self._tensors(model)
+        torch._foreach_mul_(ema_f, d)
+        torch._foreach_add_(ema_f, model_f, alpha=1 - d)
+        for e, m in zip(ema_o, model_o):
+            e.copy_(m)

@@ -80,43 +80,82 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(((mrec[i + 1] - mrec[i]) * mpre[i + 1]).sum())
 
 
+def voc_matches(dets: Detections, gt: GroundTruth, c: int, iou_t: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The detections of class c ranked by score (indices into `dets`), and their TP and FP flags (an ignored
+    match is neither). A detection's flag depends only on higher-scoring detections of its own image, so the
+    flags stay valid when images are resampled (the bootstrap below)."""
+    gt_groups = _group(gt.image_ids, gt.labels)
+    idx = np.flatnonzero(dets.labels == c)
+    idx = idx[np.argsort(-dets.scores[idx], kind="stable")]
+    used: dict[int, np.ndarray] = {}
+    tp = np.zeros(len(idx))
+    fp = np.zeros(len(idx))
+    for r, d in enumerate(idx):
+        key = (int(dets.image_ids[d]), c)
+        g = gt_groups.get(key)
+        if g is None:
+            fp[r] = 1
+            continue
+        ious = iou_matrix(dets.boxes[d:d + 1], gt.boxes[g])[0]
+        j = int(ious.argmax())
+        if ious[j] > iou_t:
+            if gt.ignore[g[j]]:
+                continue
+            seen = used.setdefault(key[0], np.zeros(len(g), bool))
+            if not seen[j]:
+                seen[j] = True
+                tp[r] = 1
+            else:
+                fp[r] = 1
+        else:
+            fp[r] = 1
+    return idx, tp, fp
+
+
 def voc_per_class(dets: Detections, gt: GroundTruth, num_classes: int, iou_t: float = 0.5) -> np.ndarray:
     """VOC-style AP per class at IoU > iou_t; NaN for classes without (non-ignored) ground truth."""
-    gt_groups = _group(gt.image_ids, gt.labels)
     aps = np.full(num_classes, np.nan)
     for c in range(num_classes):
         n_pos = int(((gt.labels == c) & ~gt.ignore).sum())
         if n_pos == 0:
             continue
-        idx = np.flatnonzero(dets.labels == c)
-        idx = idx[np.argsort(-dets.scores[idx], kind="stable")]
-        used: dict[int, np.ndarray] = {}
-        tp = np.zeros(len(idx))
-        fp = np.zeros(len(idx))
-        for r, d in enumerate(idx):
-            key = (int(dets.image_ids[d]), c)
-            g = gt_groups.get(key)
-            if g is None:
-                fp[r] = 1
-                continue
-            ious = iou_matrix(dets.boxes[d:d + 1], gt.boxes[g])[0]
-            j = int(ious.argmax())
-            if ious[j] > iou_t:
-                if gt.ignore[g[j]]:
-                    continue
-                seen = used.setdefault(key[0], np.zeros(len(g), bool))
-                if not seen[j]:
-                    seen[j] = True
-                    tp[r] = 1
-                else:
-                    fp[r] = 1
-            else:
-                fp[r] = 1
+        _, tp, fp = voc_matches(dets, gt, c, iou_t)
         tp, fp = np.cumsum(tp), np.cumsum(fp)
         recall = tp / n_pos
         precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
         aps[c] = voc_ap(recall, precision)
     return aps
+
+
+def bootstrap_map(dets: Detections, gt: GroundTruth, image_ids: list[int], num_classes: int, iou_t: float = 0.5,
+                  resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the VOC-style mAP over images resampled with replacement (the split's own
+    variability: how much a number could move on another draw of test images of the same kind). Each resample
+    weighs every image by how often it was drawn; a class without ground truth in a resample is left out."""
+    ids = np.asarray(sorted(image_ids))
+    if len(ids) == 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    w = rng.multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=resamples).astype(np.float64)  # [R, I]
+    aps = np.full((resamples, num_classes), np.nan)
+    for c in range(num_classes):
+        pos = (gt.labels == c) & ~gt.ignore
+        n_pos_img = np.bincount(np.searchsorted(ids, gt.image_ids[pos]), minlength=len(ids))[:len(ids)]
+        n_pos = w @ n_pos_img  # [R]
+        if not (n_pos > 0).any():
+            continue
+        idx, tp, fp = voc_matches(dets, gt, c, iou_t)
+        dw = w[:, np.searchsorted(ids, dets.image_ids[idx])] if len(idx) else np.zeros((resamples, 0))
+        ctp, cfp = np.cumsum(dw * tp, 1), np.cumsum(dw * fp, 1)
+        precision = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
+        envelope = np.maximum.accumulate(precision[:, ::-1], 1)[:, ::-1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ap = (dw * tp * envelope).sum(1) / n_pos  # sum of recall steps x the precision envelope there
+        aps[:, c] = np.where(n_pos > 0, ap, np.nan)
+    with np.errstate(all="ignore"):
+        means = np.array([np.nanmean(r) if np.isfinite(r).any() else 0.0 for r in aps])
+    lo, hi = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def coco_per_class(dets: Detections, gt: GroundTruth, num_classes: int, image_ids: list[int],

@@ -100,6 +100,17 @@ def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(groups: list[dict[str, Any]], t: Any) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW with the fused kernels where torch has them for the device (CPU included since
+    torch 2.4: six times faster than the per-tensor loop torch otherwise picks on a CPU), else `foreach`."""
+    cls, kw = ((torch.optim.SGD, {"momentum": t.momentum, "nesterov": True}) if t.optimizer == "sgd" else
+               (torch.optim.AdamW, {"betas": (t.momentum, 0.999)}))
+    try:
+        return cls(groups, lr=t.lr, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return cls(groups, lr=t.lr, foreach=True, **kw)
+
+
 class Trainer:
     task = "train"
 
@@ -122,6 +133,8 @@ class Trainer:
         self.reloads = 0
         self.last_metrics: dict[str, Any] = {}
         self.seconds_before = 0.0  # training time of earlier attempts (resume)
+        self.writer = checkpoint.BackgroundWriter()
+        self.val_samples: list[dict[str, Any]] = []
         self.attempt_start = time.perf_counter()
 
     # ---- setup -------------------------------------------------------------------------------------------------
@@ -151,10 +164,7 @@ class Trainer:
         self.build_extra()
         self.ema = ModelEMA(self.model, t.ema_decay, t.ema_tau) if t.ema else None
         groups = param_groups([self.model, *self.trainable_extra()], t.weight_decay)
-        if t.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.momentum, 0.999))
+        self.optimizer = make_optimizer(groups, t)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.accumulate = max(1, round((t.nominal_batch or t.batch) / t.batch))
@@ -302,6 +312,7 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            self.writer.wait()
             dist.cleanup()
         return {"run_dir": str(self.run_dir), "epochs": self.epoch, "best_epoch": self.best_epoch,
                 "best_fitness": self.best_fitness, "metrics": self.last_metrics,
@@ -429,10 +440,7 @@ class Trainer:
         metrics, samples = evaluate(self.eval_model(), self.val_loader(), self.val_json, self.classes,
                                     self.recipe.model, self.device, self.recipe.train.eval_iou_thresholds,
                                     amp_dtype=self.amp_dtype)
-        if self.recipe.train.plots and samples:
-            from kdcli.engine.plots import prediction_grid
-
-            prediction_grid(samples, self.classes, self.run_dir / "val_predictions.png")
+        self.val_samples = samples  # drawn once, at the end of training (callbacks.plot_predictions)
         dist.barrier()
         return metrics
 
@@ -466,9 +474,9 @@ class Trainer:
                  "best_fitness": self.best_fitness, "best_epoch": self.best_epoch, "history": self.history,
                  "rng": rng_state(), "reloads": self.reloads, "train_seconds": self.train_seconds,
                  **self.train_state_extra()}
-        checkpoint.save(self.weights_dir / "last.pt", {**payload, "train_state": state})
-        if best:
-            checkpoint.save(self.weights_dir / "best.pt", payload)
+        # best.pt before last.pt: a last.pt on disk never names a best epoch whose best.pt is not there yet
+        items = [(self.weights_dir / "best.pt", payload)] if best else []
+        self.writer.submit([*items, (self.weights_dir / "last.pt", {**payload, "train_state": state})])
 
     def load_resume(self, path: Path) -> None:
         ckpt = checkpoint.load(path)

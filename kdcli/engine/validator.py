@@ -119,7 +119,9 @@ def _column_means(a: np.ndarray) -> np.ndarray:
 
 
 def compute_metrics(dets: M.Detections, gt_json: dict[str, Any], classes: list[str], max_det: int,
-                    iou_thresholds: list[float], backend: str = "auto") -> dict[str, Any]:
+                    iou_thresholds: list[float], backend: str = "auto", ci_resamples: int = 0) -> dict[str, Any]:
+    """Every metric of a split; with `ci_resamples`, also `mAP50_ci95`: the 95 % bootstrap interval of mAP50
+    over the split's images."""
     gt = M.ground_truth(gt_json)
     k = len(classes)
     backend = coco_backend(backend)
@@ -143,6 +145,9 @@ def compute_metrics(dets: M.Detections, gt_json: dict[str, Any], classes: list[s
         per_class.append(row)
     out = {"mAP50": mean(voc50), "mAP50-95": mean(coco5095), "coco_AP50": mean(coco50)}
     out.update({f"mAP{t:g}": mean(a) for t, a in extra.items()})
+    if ci_resamples:
+        lo, hi = M.bootstrap_map(dets, gt, [im["id"] for im in gt_json["images"]], k, 0.5, ci_resamples)
+        out["mAP50_ci95"] = [round(lo, 6), round(hi, 6)]
     out.update({"images": len(gt_json["images"]), "objects": int(n_gt.sum()), "detections": int(len(dets.scores)),
                 "coco_backend": backend, "max_det": max_det, "per_class": per_class})
     return out
@@ -154,11 +159,11 @@ def _num(v: float) -> float | None:
 
 def evaluate(model: torch.nn.Module, loader: DataLoader, gt_json: dict[str, Any], classes: list[str],
              cfg: ModelConfig, device: torch.device, iou_thresholds: list[float], backend: str = "auto",
-             amp_dtype: torch.dtype | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             amp_dtype: torch.dtype | None = None, ci_resamples: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     t0 = time.perf_counter()
     dets, samples = predict_loader(model, loader, cfg, device, amp_dtype)
     t1 = time.perf_counter()
-    result = compute_metrics(dets, gt_json, classes, cfg.max_det, iou_thresholds, backend)
+    result = compute_metrics(dets, gt_json, classes, cfg.max_det, iou_thresholds, backend, ci_resamples)
     result["time_inference_s"] = round(t1 - t0, 3)
     result["time_metrics_s"] = round(time.perf_counter() - t1, 3)
     return result, samples
@@ -167,9 +172,10 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, gt_json: dict[str, Any]
 def evaluate_checkpoint(weights: str | Path, split: str = "test", dataset: str | Path | None = None,
                         fold: int | None = None, batch: int = 16, workers: int = 2, device: str = "auto",
                         overrides: dict[str, Any] | None = None, iou_thresholds: list[float] | None = None,
-                        backend: str = "auto") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                        backend: str = "auto", ci_resamples: int = 1000) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate a checkpoint on a split of its own dataset and fold (or of `dataset`/`fold`): `kdcli val` and the
-    cells of a study. `overrides` may change the postprocess keys conf, nms_iou, max_det."""
+    cells of a study, with the bootstrap interval of mAP50 over images. `overrides` may change the postprocess
+    keys conf, nms_iou, max_det."""
     from kdcli.data import coco
     from kdcli.data.dataset import DetectionDataset, collate
     from kdcli.engine import checkpoint, distributed
@@ -188,6 +194,7 @@ def evaluate_checkpoint(weights: str | Path, split: str = "test", dataset: str |
     loader = DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate)
     amp = torch.bfloat16 if dev.type == "cuda" else None
     result, samples = evaluate(model, loader, ds.coco, m["classes"], model_cfg, dev,
-                               [0.1, 0.25, 0.5, 0.75] if iou_thresholds is None else iou_thresholds, backend, amp)
+                               [0.1, 0.25, 0.5, 0.75] if iou_thresholds is None else iou_thresholds, backend, amp,
+                               ci_resamples)
     result.update({"weights": str(weights), "dataset": str(dataset_dir), "fold": fold, "split": split})
     return result, samples

@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from kdcli.errors import KdcliError
+from kdcli.models.blocks import norm_layer
 
 OUT_CHANNELS = {"resnet18": (256, 512), "resnet34": (256, 512), "resnet50": (1024, 2048),
                 "resnet101": (1024, 2048)}
@@ -48,11 +49,18 @@ def load_pretrained(net: nn.Module, name: str, pretrained: bool | str) -> None:
 
 
 class ResNetTrunk(nn.Module):
-    """Stem + layer1..4 of a torchvision ResNet; forward returns (C4, C5)."""
+    """Stem + layer1..4 of a torchvision ResNet; forward returns (C4, C5). `norm="gn"` swaps every BatchNorm for
+    GroupNorm (32 groups), for training from scratch on small batches (He et al., Rethinking ImageNet
+    Pre-training, 2019); ImageNet weights are BatchNorm weights, so it needs `pretrained=False`."""
 
-    def __init__(self, name: str = "resnet18", pretrained: bool | str = False, maxpool: bool = False):
+    def __init__(self, name: str = "resnet18", pretrained: bool | str = False, maxpool: bool = False,
+                 norm: str = "bn"):
         super().__init__()
-        net = getattr(torchvision.models, name)(weights=None)
+        if norm == "gn" and pretrained:
+            raise KdcliError("model.backbone_norm=gn trains the backbone from scratch: ImageNet weights are "
+                             "BatchNorm weights", hint="set model.pretrained=false, or model.backbone_norm=bn")
+        layer = (lambda c: norm_layer("gn", c)) if norm == "gn" else None
+        net = getattr(torchvision.models, name)(weights=None, **({"norm_layer": layer} if layer else {}))
         if pretrained:
             load_pretrained(net, name, pretrained)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool if maxpool else nn.Identity())

@@ -42,12 +42,12 @@ class Detector(nn.Module):
         super().__init__()
         self.cfg, self.num_classes, self.anchor_size = cfg, num_classes, anchor_size
         n_levels = cfg.levels or default_levels(imgsz)
-        self.backbone = ResNetTrunk(cfg.backbone, cfg.pretrained, cfg.maxpool)
+        self.backbone = ResNetTrunk(cfg.backbone, cfg.pretrained, cfg.maxpool, cfg.backbone_norm)
         c4, c5 = self.backbone.out_channels
-        self.cem = CEM(c4, c5, cfg.channels)
-        self.levels = Levels(cfg.channels, n_levels)
-        self.neck = NECKS[cfg.neck](cfg.channels, n_levels)
-        self.head = Head(cfg.channels, num_classes, n_levels, ANCHORS_PER_LOCATION, cfg.head_convs)
+        self.cem = CEM(c4, c5, cfg.channels, cfg.norm)
+        self.levels = Levels(cfg.channels, n_levels, cfg.norm)
+        self.neck = NECKS[cfg.neck](cfg.channels, n_levels, cfg.norm)
+        self.head = Head(cfg.channels, num_classes, n_levels, ANCHORS_PER_LOCATION, cfg.head_convs, cfg.norm)
         first = self.backbone.strides[0]
         self.strides = [first * 2 ** k for k in range(n_levels)]
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)

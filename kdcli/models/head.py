@@ -20,10 +20,10 @@ PRIOR = 0.01
 
 
 class LevelHead(nn.Module):
-    def __init__(self, channels: int, num_classes: int, num_anchors: int, convs: int):
+    def __init__(self, channels: int, num_classes: int, num_anchors: int, convs: int, norm: str = "bn"):
         super().__init__()
-        self.cls_tower = nn.Sequential(*(conv_block(channels, channels) for _ in range(convs)))
-        self.box_tower = nn.Sequential(*(conv_block(channels, channels) for _ in range(convs)))
+        self.cls_tower = nn.Sequential(*(conv_block(channels, channels, norm=norm) for _ in range(convs)))
+        self.box_tower = nn.Sequential(*(conv_block(channels, channels, norm=norm) for _ in range(convs)))
         self.cls_out = nn.Conv2d(channels, num_anchors * num_classes, 1)
         self.box_out = nn.Conv2d(channels, num_anchors * 4, 1)
         for conv in (self.cls_out, self.box_out):
@@ -36,10 +36,12 @@ class LevelHead(nn.Module):
 
 
 class Head(nn.Module):
-    def __init__(self, channels: int, num_classes: int, num_levels: int, num_anchors: int = 6, convs: int = 2):
+    def __init__(self, channels: int, num_classes: int, num_levels: int, num_anchors: int = 6, convs: int = 2,
+                 norm: str = "bn"):
         super().__init__()
         self.num_classes, self.num_anchors = num_classes, num_anchors
-        self.levels = nn.ModuleList(LevelHead(channels, num_classes, num_anchors, convs) for _ in range(num_levels))
+        self.levels = nn.ModuleList(LevelHead(channels, num_classes, num_anchors, convs, norm)
+                                    for _ in range(num_levels))
 
     def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(class logits [B, A_total, K], box deltas [B, A_total, 4])."""

@@ -15,10 +15,10 @@ from kdcli.models.blocks import conv_block
 
 
 class Levels(nn.Module):
-    def __init__(self, channels: int, n_levels: int):
+    def __init__(self, channels: int, n_levels: int, norm: str = "bn"):
         super().__init__()
-        self.first = conv_block(channels, channels, 3, 1)
-        self.down = nn.ModuleList(conv_block(channels, channels, 3, 2) for _ in range(n_levels - 1))
+        self.first = conv_block(channels, channels, 3, 1, norm)
+        self.down = nn.ModuleList(conv_block(channels, channels, 3, 2, norm) for _ in range(n_levels - 1))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = [self.first(x)]
@@ -28,10 +28,10 @@ class Levels(nn.Module):
 
 
 class FPN(nn.Module):
-    def __init__(self, channels: int, n_levels: int):
+    def __init__(self, channels: int, n_levels: int, norm: str = "bn"):
         super().__init__()
-        self.lateral = nn.ModuleList(conv_block(channels, channels, 1) for _ in range(n_levels))
-        self.smooth = nn.ModuleList(conv_block(channels, channels, 3) for _ in range(n_levels))
+        self.lateral = nn.ModuleList(conv_block(channels, channels, 1, norm=norm) for _ in range(n_levels))
+        self.smooth = nn.ModuleList(conv_block(channels, channels, 3, norm=norm) for _ in range(n_levels))
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         lat = [l(f) for l, f in zip(self.lateral, feats)]
@@ -41,10 +41,10 @@ class FPN(nn.Module):
 
 
 class PAFPN(FPN):
-    def __init__(self, channels: int, n_levels: int):
-        super().__init__(channels, n_levels)
-        self.bottom_up = nn.ModuleList(conv_block(channels, channels, 3, 2) for _ in range(n_levels - 1))
-        self.smooth2 = nn.ModuleList(conv_block(channels, channels, 3) for _ in range(n_levels))
+    def __init__(self, channels: int, n_levels: int, norm: str = "bn"):
+        super().__init__(channels, n_levels, norm)
+        self.bottom_up = nn.ModuleList(conv_block(channels, channels, 3, 2, norm) for _ in range(n_levels - 1))
+        self.smooth2 = nn.ModuleList(conv_block(channels, channels, 3, norm=norm) for _ in range(n_levels))
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         p = super().forward(feats)

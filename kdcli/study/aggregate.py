@@ -51,6 +51,16 @@ def values_by_config(study: dict[str, Any], metric: str) -> dict[str, dict[tuple
     return {c: v for c, v in out.items() if v}
 
 
+def image_intervals(study: dict[str, Any], metric: str) -> dict[str, list[float]]:
+    """{config: [low, high]}: the 95 % bootstrap interval over test images that a cell recorded for `metric`,
+    for the configurations with a single finished cell (one fold, one seed), where it is the only error bar."""
+    out: dict[str, list[float]] = {}
+    for (config, _, _), r in study["records"].items():
+        if r.get("status") == "ok" and f"{metric}_ci95" in r.get("metrics", {}):
+            out[config] = [float(x) for x in r["metrics"][f"{metric}_ci95"]]
+    return out
+
+
 def summarize(dirs: list[Path], metric: str | None = None, baseline: str = "hard") -> dict[str, Any]:
     """Everything a report shows, as plain data (also the --json output)."""
     studies = load_studies(dirs)
@@ -68,7 +78,9 @@ def summarize(dirs: list[Path], metric: str | None = None, baseline: str = "hard
             "seeds": sorted({sd for v in values.values() for _, sd in v}),
             "cells_done": sum(len(v) for v in values.values()), "cells_expected": expected, "failed": failed,
             "configs": list(values),
-            "table": {c: {**stats.cell(v), "cells": len(v)} for c, v in values.items()},
+            "table": {c: {**stats.cell(v), "cells": len(v),
+                          **({"ci95": cis[c]} if len(v) == 1 and c in cis else {})}
+                      for c, v in values.items() for cis in [image_intervals(s, metric)]},
             "gains": {c: stats.compare(v, values[baseline]) for c, v in values.items()
                       if c != baseline and baseline in values},
             "values": {c: [[f, sd, x] for (f, sd), x in sorted(v.items())] for c, v in values.items()},

@@ -33,7 +33,8 @@ def _cell_text(c: dict[str, Any] | None) -> str:
     if c is None:
         return "-"
     spread = f" ({_pct(c['min'])}–{_pct(c['max'])})" if c["seeds"] > 1 else ""
-    return _pct(c["median"]) + spread
+    ci = f" [{_pct(c['ci95'][0])}–{_pct(c['ci95'][1])}]" if "ci95" in c else ""
+    return _pct(c["median"]) + spread + ci
 
 
 def _p(w: dict[str, Any]) -> str:
@@ -52,6 +53,9 @@ def table_markdown(rep: dict[str, Any]) -> str:
     notes = [f"Each cell: median over seeds of the mean over folds of {rep['metric']} on the "
              f"{'/'.join(sorted({s['split'] for s in studies}))} split, in %; (min–max over seeds). Bold: best "
              "of the column."]
+    if any("ci95" in t for s in studies for t in s["table"].values()):
+        notes.append("[low–high]: 95 % bootstrap interval over the split's images (1000 resamples), shown for a "
+                     "configuration with a single cell (one fold, one seed), where seeds give no spread.")
     for s in studies:
         notes.append(f"{s['name']}: folds {','.join(map(str, s['folds']))}, seeds {','.join(map(str, s['seeds']))}"
                      f", {s['cells_done']}/{s['cells_expected']} cells" +
@@ -101,15 +105,17 @@ def table_latex(rep: dict[str, Any]) -> str:
 def table_csv(rep: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["study", "config", "metric", "median", "min", "max", "q1", "q3", "seeds", "cells", "gain_mean",
-                "gain_ci_low", "gain_ci_high", "wilcoxon_p", "wilcoxon_method", "win_rate"])
+    w.writerow(["study", "config", "metric", "median", "min", "max", "q1", "q3", "seeds", "cells", "images_ci_low",
+                "images_ci_high", "gain_mean", "gain_ci_low", "gain_ci_high", "wilcoxon_p", "wilcoxon_method",
+                "win_rate"])
     for s in rep["studies"]:
         for c in s["configs"]:
             t, g = s["table"][c], s["gains"].get(c, {})
             gain = [g["mean_gain"], *g["ci95"], g["wilcoxon"]["p"], g["wilcoxon"]["method"], g["win_rate"]] \
                 if g.get("pairs") else [""] * 6
             w.writerow([s["name"], c, rep["metric"], *(round(t[k], 6) for k in ("median", "min", "max", "q1", "q3")),
-                        t["seeds"], t["cells"], *(round(x, 6) if isinstance(x, float) else x for x in gain)])
+                        t["seeds"], t["cells"], *([round(x, 6) for x in t["ci95"]] if "ci95" in t else ["", ""]),
+                        *(round(x, 6) if isinstance(x, float) else x for x in gain)])
     return buf.getvalue()
 
 
@@ -132,8 +138,9 @@ def write_report(rep: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def print_report(rep: dict[str, Any]) -> None:
     studies = rep["studies"]
-    t = Table(title=f"{rep['metric']} (%): median over seeds of the mean over folds (min–max over seeds)",
-              title_justify="left")
+    ci = any("ci95" in x for s in studies for x in s["table"].values())
+    t = Table(title=f"{rep['metric']} (%): median over seeds of the mean over folds (min–max over seeds)"
+                    + (" [95 % interval over test images]" if ci else ""), title_justify="left")
     t.add_column("configuration")
     for s in studies:
         t.add_column(s["name"], justify="right")

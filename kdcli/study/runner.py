@@ -113,7 +113,7 @@ def run_cell(study: Study, cell: Cell, ledger: Ledger, device: str | None = None
                        "time_s": round(time.time() - t0, 1)})
         err.print(f"[red]{cell.id} failed:[/] {msg}", highlight=False)
         return FAILED
-    metrics = {k: result[k] for k in ("mAP50", "mAP50-95", "coco_AP50")}
+    metrics = {k: result[k] for k in ("mAP50", "mAP50-95", "coco_AP50", "mAP50_ci95")}
     metrics["val_mAP50"] = summary["best_fitness"]
     metrics["per_class_AP50"] = {r["class"]: r["AP50"] for r in result["per_class"]}
     record = {**base, "status": "ok", "split": study.cfg.split, "metrics": metrics, "weights": str(weights),

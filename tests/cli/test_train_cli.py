@@ -74,8 +74,10 @@ def test_val_prints_table_json_and_files(tiny_checkpoint: Path, tmp_path: Path, 
     assert 0 <= m["mAP50"] <= 1 and m["coco_backend"] == "kdcli" and m["split"] == "test" and m["fold"] == 1
     assert {"mAP0.1", "mAP0.25", "mAP0.75", "coco_AP50", "mAP50-95"} <= set(m)
     assert len(m["per_class"]) == 8
+    lo, hi = m["mAP50_ci95"]
+    assert 0 <= lo <= hi <= 1
     r = run("val", str(tiny_checkpoint), "split=val")
-    assert r.exit_code == 0 and "mAP50" in r.output and "car" in r.output
+    assert r.exit_code == 0 and "mAP50" in r.output and "car" in r.output and "95 % interval over the" in r.output
     val_runs = sorted((tmp_path / "runs" / "val").iterdir())
     assert len(val_runs) == 2 and (val_runs[0] / "metrics.json").is_file() and (val_runs[0] / "predictions.png").is_file()
     assert json.loads((val_runs[1] / "metrics.json").read_text())["coco_backend"] == "pycocotools"

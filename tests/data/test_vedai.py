@@ -214,3 +214,21 @@ def test_missing_source_and_folders(tmp_path: Path, vedai_raw: Path):
         vedai.prepare(raw, tmp_path / "out", res=50)
     with pytest.raises(KdcliError, match=r"fold\(s\) \[11\] not found"):
         vedai.prepare(vedai_raw, tmp_path / "out", folds=[11])
+
+
+def test_synthetic_extra_test_images_join_every_fold_test_split(tmp_path: Path):
+    from kdcli.data import synthetic
+
+    raw = tmp_path / "raw"
+    synthetic.generate("vedai", raw, images=20, size=48, test_images=7)
+    folds = [(raw / "Annotations512" / f"fold{k:02d}test.txt").read_text().split() for k in range(1, 11)]
+    extra = {f"{20 + 1 + j:08d}" for j in range(7)}  # after the 20 scenes and the one id listed without files
+    assert all(extra <= set(f) for f in folds)
+    train = (raw / "Annotations512" / "fold01.txt").read_text().split()
+    assert not extra & set(train) and (raw / "Vehicules1024" / f"{20 + 1:08d}_co.png").is_file()
+    out = tmp_path / "ds"
+    vedai.prepare(raw, out, res=25, folds=[1, 2], val_fraction=0)
+    tests = [json.loads((out / "annotations" / f"fold0{k}_test.json").read_text()) for k in (1, 2)]
+    assert all(len(t["images"]) == 2 + 7 for t in tests)  # 20 scenes / 10 folds + 7 extra
+    with pytest.raises(KdcliError, match="--kind vedai"):
+        synthetic.generate("voc", tmp_path / "v", images=2, test_images=3)

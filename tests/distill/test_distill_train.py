@@ -184,3 +184,24 @@ print(sorted(k for k in last if not k.startswith("adapters")), best["distill"]["
     header, params = res.stdout.strip().splitlines()[-2:]
     assert "loss_cos" in header.split(",")
     assert params == "['methods.0.scale'] 3.0 False"
+
+
+def test_teacher_check_is_cached_per_teacher_and_split(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
+    import shutil
+
+    teacher = tmp_path / "t" / "best.pt"
+    teacher.parent.mkdir()
+    shutil.copy(tiny_checkpoint, teacher)
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    args = ("distill", "--teacher", str(teacher), "train.epochs=1", "train.max_batches=1", "distill.teacher_min_map=0")
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    cache = teacher.parent / "best.checks.json"
+    entries = json.loads(cache.read_text())
+    assert len(entries) == 1 and "checked before" not in r.output
+    r = run(*args)
+    assert r.exit_code == 0 and "checked before: best.checks.json" in r.output
+    key = next(iter(entries))
+    cache.write_text(json.dumps({key: 0.0}))  # the cached result is what decides
+    r = run("distill", "--teacher", str(teacher), "train.epochs=1", "distill.teacher_min_map=0.5")
+    assert r.exit_code == 1 and "the teacher looks untrained: mAP50 0.0000" in r.output

@@ -104,3 +104,40 @@ def test_empty_detections_do_not_crash_pycocotools():
     gt, _ = _random_case(0)
     m = compute_metrics(Detections.empty(), gt, ["0", "1", "2"], 100, [0.25, 0.5], backend="pycocotools")
     assert m["mAP50"] == 0.0 and m["mAP50-95"] == 0.0 and m["mAP0.25"] == 0.0 and m["detections"] == 0
+
+
+def test_bootstrap_interval_equals_resampling_by_copying_images():
+    """The weighted bootstrap against the plain one: each resample built by copying the drawn images (new ids)
+    and scored by voc_per_class."""
+    from kdcli.engine.metrics import bootstrap_map
+
+    rng = np.random.default_rng(0)
+    ids = list(range(1, 13))
+    anns, dets = [], []
+    for im in ids:
+        for _ in range(rng.integers(0, 4)):
+            x, y, c = *rng.uniform(0, 80, 2), int(rng.integers(0, 2))
+            anns.append({"image_id": im, "category_id": c + 1, "bbox": [x, y, 20, 15]})
+            if rng.random() < 0.8:  # found, a little off
+                dets.append((im, c, rng.uniform(0.3, 1), [x + rng.normal(0, 3), y, x + 20, y + 15]))
+        for _ in range(rng.integers(0, 3)):  # false positives
+            x, y = rng.uniform(0, 80, 2)
+            dets.append((im, int(rng.integers(0, 2)), rng.uniform(0, 0.8), [x, y, x + 10, y + 10]))
+    gt = ground_truth({"annotations": anns})
+    d = Detections(np.array([x[0] for x in dets]), np.array([x[1] for x in dets]), np.array([x[2] for x in dets]),
+                   np.array([x[3] for x in dets], float))
+    lo, hi = bootstrap_map(d, gt, ids, 2, resamples=200, seed=3)
+    draws = np.random.default_rng(3).multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=200)
+    maps = []
+    for counts in draws:
+        copies = [(im, k) for im, n in zip(ids, counts) for k in range(n)]
+        new_id = {c: i for i, c in enumerate(copies)}
+        a2 = [{**a, "image_id": new_id[(a["image_id"], k)]} for a in anns for k in range(counts[ids.index(a["image_id"])])]
+        rows = [(new_id[(x[0], k)], *x[1:]) for x in dets for k in range(counts[ids.index(x[0])])]
+        d2 = Detections(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), np.array([r[2] for r in rows]),
+                        np.array([r[3] for r in rows], float).reshape(-1, 4))
+        aps = voc_per_class(d2, ground_truth({"annotations": a2}), 2)
+        maps.append(np.nanmean(aps) if np.isfinite(aps).any() else 0.0)
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(maps, [2.5, 97.5])), abs=1e-9)
+    full = np.nanmean(voc_per_class(d, gt, 2))
+    assert lo < full < hi

@@ -207,3 +207,23 @@ def test_assigners_on_a_batch_without_any_gt():
     for a in (assign_mg(anchors, preds, logits, gt, 3), assign_iou(anchors, preds, gt, 3)):
         assert a.cls_target.shape == (2, len(anchors), 3) and a.cls_target.sum() == 0
         assert not a.box_pos.any() and a.num_pos.item() == 0 and a.cls_valid.all()
+
+
+def test_groupnorm_option_makes_neck_and_head_independent_of_the_batch():
+    from torch import nn
+
+    cfg = ModelConfig(channels=32, norm="gn", neck="pafpn")
+    model = Detector(cfg, 2, 128, 16).train()
+    ours = [model.cem, model.levels, model.neck, model.head]
+    assert not any(isinstance(m, nn.BatchNorm2d) for part in ours for m in part.modules())
+    assert model.cem.glb[1].num_groups == 1 and model.head.levels[0].cls_tower[0][1].num_groups == 32
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules())  # the trunk keeps torchvision's
+    torch.manual_seed(0)
+    a, b = torch.randn(1, 32, 16, 16), torch.randn(1, 32, 16, 16) * 5 + 3
+    alone = model.head(model.neck(model.levels(a)))
+    together = model.head(model.neck(model.levels(torch.cat([a, b]))))
+    assert torch.allclose(alone[0][0], together[0][0], atol=1e-5)  # train mode, yet no batch statistics
+    bn = Detector(ModelConfig(channels=32), 2, 128, 16).train()
+    x = bn.head(bn.neck(bn.levels(a.expand(2, -1, -1, -1).contiguous())))[0][0]
+    y = bn.head(bn.neck(bn.levels(torch.cat([a, b]))))[0][0]
+    assert not torch.allclose(x, y, atol=1e-3)  # with BatchNorm the other image changes this one's output

@@ -112,23 +112,29 @@ def test_bad_study_recipe(tmp_path: Path, bad: str, message: str):
 
 def test_quickstart_reduced(tmp_path: Path):
     out = tmp_path / "qs"
-    res = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--images", "24", "--teacher-epochs", "1",
-                                   "--student-epochs", "1", "--students", "hard", "--force"])
+    res = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--images", "24", "--test-images", "6",
+                                   "--teacher-epochs", "1", "--student-epochs", "1", "--students", "hard", "--force"],
+                             terminal_width=200)
     assert res.exit_code == 0, res.output
     recs = study_records(out / "study")
     assert {k[0] for k, r in recs.items() if r["status"] == "ok"} == {"teacher", "hard"}
     for name in ("table.md", "table.csv", "table.tex", "gains.md", "boxplot.png", "boxplot.svg"):
         assert (out / "study" / name).is_file(), name
-    assert (out / "datasets" / "synthetic-vehicle12" / "annotations" / "fold01_test.json").is_file()
+    test = json.loads((out / "datasets" / "synthetic-vehicle12" / "annotations" / "fold01_test.json").read_text())
+    assert len(test["images"]) >= 6 + 2  # the fold's share of the 24 scenes, and the 6 extra test scenes
     assert "box plot" in res.output and "teacher mAP50" in res.output
+    lo, hi = recs[("hard", 1, 0)]["metrics"]["mAP50_ci95"]
+    assert 0 <= lo <= hi <= 1
+    assert "95 % bootstrap interval over the split's images" in (out / "study" / "table.md").read_text()
 
 
-@pytest.mark.parametrize("recipe, cells, teachers", [("study/vedai25_paper", 200, 20), ("study/synthetic", 40, 4)])
+@pytest.mark.parametrize("recipe, cells, teachers", [("study/vedai25_paper", 200, 20), ("study/synthetic", 40, 4),
+                                                    ("study/synthetic_gpu", 24, 4)])
 def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tmp_path: Path):
     from kdcli.config.schema import PAPER_CONFIGS
     from kdcli.study.grid import Study
 
     s = Study.open(recipe, tmp_path / "s")
-    assert s.cfg.configs == PAPER_CONFIGS
+    assert s.cfg.configs == (PAPER_CONFIGS[:6] if recipe.endswith("gpu") else PAPER_CONFIGS)
     assert len(s.cells()) == cells and sum(c.is_teacher for c in s.cells()) == teachers
     assert Path(s.cfg.teacher).is_file() and Path(s.cfg.student).is_file()

@@ -29,18 +29,22 @@ def _line14(v: Placed, f: float, image_size: int) -> str:
 
 
 def generate(out: Path, n_images: int = 200, size: int = 512, seed: int = 0, empty_share: float = 0.1,
-             missing_ids: int = 1) -> dict[str, int]:
+             missing_ids: int = 1, test_images: int = 0) -> dict[str, int]:
     """Write `n_images` scenes at `size` px (25 cm) and 2*`size` px (12.5 cm). The fold test sets partition the
-    ids; `missing_ids` ids are listed in fold files without an image (a case the real data has)."""
+    ids; `missing_ids` ids are listed in fold files without an image (a case the real data has).
+    `test_images` more scenes (ids after those) join the test list of every fold: a larger evaluation set at no
+    training cost, still in VEDAI's raw format."""
     hi = 2 * size
     dirs = {k: out / k for k in ("Vehicules512", "Vehicules1024", "Annotations512", "Annotations1024")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     combined: dict[str, list[str]] = {"512": [], "1024": []}
     ids = [f"{i:08d}" for i in range(n_images)]
+    extra = [f"{n_images + missing_ids + j:08d}" for j in range(test_images)]
     mean_objects = 2 + 6 * (size / 512) ** 2
     n_objects = 0
-    for i, vid in enumerate(console.track(ids, "synthetic VEDAI scenes")):
+    for vid in console.track(ids + extra, "synthetic VEDAI scenes"):
+        i = int(vid)
         rng = np.random.default_rng([seed, i])
         empty = rng.random() < empty_share
         n = 0 if empty else max(1, int(rng.poisson(mean_objects)))
@@ -66,13 +70,14 @@ def generate(out: Path, n_images: int = 200, size: int = 512, seed: int = 0, emp
     listed = order + [f"{n_images + k:08d}" for k in range(missing_ids)]  # ids without any file
     groups = [sorted(listed[k::10]) for k in range(10)]
     for k in range(10):
-        test = groups[k]
+        test = sorted(groups[k] + extra)
         train = sorted(i for j, g in enumerate(groups) if j != k for i in g)
         for res in ("512", "1024"):
             (dirs[f"Annotations{res}"] / f"fold{k + 1:02d}.txt").write_text("".join(i + "\n" for i in train))
             (dirs[f"Annotations{res}"] / f"fold{k + 1:02d}test.txt").write_text("".join(i + "\n" for i in test))
-    (out / SYNTHETIC_MARKER).write_text(f"kdcli synthetic vedai: images={n_images} size={size} seed={seed}\n")
-    return {"images": n_images, "objects": n_objects, "folds": 10}
+    (out / SYNTHETIC_MARKER).write_text(f"kdcli synthetic vedai: images={n_images} test_images={test_images} "
+                                        f"size={size} seed={seed}\n")
+    return {"images": n_images + test_images, "objects": n_objects, "folds": 10}
 
 
 def _to_combined(vid: str, line14: str) -> str:
