@@ -21,8 +21,10 @@ def study(
     overrides: StudyOverrides = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Study dir [default: $KDCLI_RUNS/study/<name>].")]
     = None,
-    devices: Annotated[str | None, typer.Option("--devices", help="GPUs to spread cells over, one cell per GPU, "
-                                                                  "e.g. 0,1,2,3.")] = None,
+    devices: Annotated[str | None, typer.Option("--devices", help="GPUs to spread cells over, e.g. 0,1,2,3 (a GPU "
+                                                                  "listed twice takes two cells).")] = None,
+    per_device: Annotated[int, typer.Option("--per-device", min=1, help="With --devices: cells sharing each GPU at "
+                                                                        "once (small models leave a GPU idle).")] = 1,
     jobs: Annotated[int, typer.Option("--jobs", min=1, help="Cells at once on CPU (threads are shared out).")] = 1,
     skip_failed: Annotated[bool, typer.Option("--skip-failed", help="Do not retry cells that failed before.")]
     = False,
@@ -34,24 +36,29 @@ def study(
     ledger: Annotated[Path | None, typer.Option("--ledger", help="With --cell: the ledger to append to "
                                                                 "[default: <study>/ledger.jsonl].")] = None,
     device: Annotated[str | None, typer.Option("--device", help="With --cell: cpu or a GPU index.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=0, help="With --cell: loader workers (data.workers)."
+                                                )] = None,
 ) -> None:
     """Run a grid of configurations x folds x seeds. One teacher per (fold, seed) is shared by the students of
     that fold and seed. Each finished cell appends a line to ledger.jsonl; rerunning skips finished cells,
     resumes killed ones from last.pt and retries failed ones (unless --skip-failed).
 
-    Example: [bold]kdcli study recipes/study/synthetic.yaml --jobs 2[/]
+    Example: [bold]kdcli study recipes/study/synthetic.yaml --jobs 2[/]  |  [bold]kdcli study
+    recipes/study/synthetic_gpu.yaml --devices 0 --per-device 4[/]
     """
     from kdcli.study import runner
     from kdcli.study.grid import Cell, Study
     from kdcli.study.ledger import Ledger
 
+    if per_device > 1 and not devices:
+        raise KdcliError("--per-device shares GPUs: give them with --devices", hint="on a CPU, use --jobs N")
     s = Study.open(recipe, out_dir, list(overrides or []))
     if cell is not None:
         c = Cell.parse(cell)
         if c not in s.cells():
             raise KdcliError(f"{c.id} is not a cell of study {s.cfg.name}",
                              hint=f"see `kdcli study {s.dir} --dry-run`")
-        rc = runner.run_cell(s, c, Ledger(ledger or s.dir / "ledger.jsonl"), device)
+        rc = runner.run_cell(s, c, Ledger(ledger or s.dir / "ledger.jsonl"), device, workers)
         if rc:
             raise typer.Exit(rc)
         return
@@ -66,7 +73,7 @@ def study(
         _show_status(s)
         return
     s.save()
-    n_failed = runner.run_grid(s, jobs, devices.split(",") if devices else None, skip_failed)
+    n_failed = runner.run_grid(s, jobs, devices.split(",") if devices else None, skip_failed, per_device)
     out.print(f"study {s.cfg.name}: {s.dir}  -> next: kdcli report {s.dir}", highlight=False, soft_wrap=True)
     if n_failed:
         raise KdcliError(f"{n_failed} cells failed or could not run (errors in {s.dir}/ledger.jsonl, logs in "
@@ -132,11 +139,13 @@ def quickstart(
     students: Annotated[str, typer.Option("--students", help="Student configurations, comma-separated (any of "
                                                              "the paper's rows).")] = "hard,hard+pdf",
     images: Annotated[int, typer.Option("--images", min=20, help="Synthetic scenes of the fold's train/val/test "
-                                                                 "split.")] = 200,
+                                                                 "split.")] = 400,
     test_images: Annotated[int, typer.Option("--test-images", min=0, help="Extra synthetic scenes in the test "
                                                                           "split (each row's 95 % interval).")] = 160,
-    teacher_epochs: Annotated[int, typer.Option("--teacher-epochs", min=1, help="Teacher epochs.")] = 20,
-    student_epochs: Annotated[int, typer.Option("--student-epochs", min=1, help="Epochs per student.")] = 12,
+    teacher_epochs: Annotated[int, typer.Option("--teacher-epochs", min=1, help="Teacher epochs (trained once, "
+                                                                                "for every student).")] = 8,
+    student_epochs: Annotated[int, typer.Option("--student-epochs", min=1, help="Epochs per student (the same "
+                                                                                "for every student row).")] = 5,
     jobs: Annotated[int, typer.Option("--jobs", min=1, help="Students trained at once (CPU threads are shared "
                                                             "out).")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Distil even from a teacher that looks untrained (short "

@@ -50,6 +50,16 @@ def write_results_csv(trainer: Trainer) -> None:
             w.writerows(rows)
 
 
+def write_progress(trainer: Trainer) -> None:
+    """progress.json: where a run stands and its training speed (what `kdcli study` shows for running cells)."""
+    row = trainer.history[-1]
+    seconds = row.get("train_s") or row.get("time_s") or 0
+    images = trainer.images_per_epoch()
+    atomic.write_json(trainer.run_dir / "progress.json", {
+        "epoch": row["epoch"], "epochs": trainer.recipe.train.epochs,
+        "images_per_s": round(images / seconds, 2) if seconds else 0.0})
+
+
 def plot_curves(trainer: Trainer) -> None:
     if trainer.recipe.train.plots and (trainer.run_dir / "results.csv").is_file():
         from kdcli.engine.plots import plot_results
@@ -88,6 +98,7 @@ def tensorboard_logger() -> Callable[[Trainer], None] | None:
 def default_callbacks() -> Callbacks:
     cb = Callbacks()
     cb.add("on_epoch_end", write_results_csv)
+    cb.add("on_epoch_end", write_progress)
     # pictures once, at the end (also after an interruption): drawing them every epoch cost seconds each time
     cb.add("on_train_end", plot_curves)
     cb.add("on_train_end", plot_predictions)

@@ -33,10 +33,11 @@ STUDENT_LR = 0.01  # methods.md: the student's learning rate
 
 def student_defaults(teacher_ckpt: dict[str, Any]) -> dict[str, Any]:
     """With no recipe: the teacher's data, fold, image size and training schedule, and the paper's R18+FPN
-    student sharing the teacher's channels, levels, max-pool and ImageNet-weights setting."""
+    student sharing the teacher's channels, levels, max-pool, normalisation and ImageNet-weights setting."""
     tr = teacher_ckpt["recipe"]
     model = load.read_yaml(load.find_recipe(STUDENT_MODEL))["model"]
-    model.update({k: tr["model"][k] for k in ("pretrained", "channels", "levels", "maxpool")})
+    model.update({k: tr["model"][k] for k in ("pretrained", "channels", "levels", "maxpool", "norm", "backbone_norm")
+                  if k in tr["model"]})
     return {"seed": tr["seed"], "data": {**tr["data"], "path": teacher_ckpt["data"]["path"]},
             "augment": tr["augment"], "model": model, "train": {**tr["train"], "lr": STUDENT_LR}}
 

@@ -33,10 +33,17 @@ class ModelEMA:
                            [esd[k].data for k in others], [msd[k].data for k in others])
         return self._pairs[1:]
 
+    def decay_at(self, updates: int) -> float:
+        return self.decay * (1 - math.exp(-updates / self.tau))
+
+    def window(self, updates: int) -> float:
+        """How many recent steps the average effectively spans after `updates` updates: 1 / (1 - decay)."""
+        return 1 / (1 - self.decay_at(updates))
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
-        d = self.decay * (1 - math.exp(-self.updates / self.tau))
+        d = self.decay_at(self.updates)
         ema_f, model_f, ema_o, model_o = self._tensors(model)
         torch._foreach_mul_(ema_f, d)
         torch._foreach_add_(ema_f, model_f, alpha=1 - d)

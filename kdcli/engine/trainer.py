@@ -170,6 +170,14 @@ class Trainer:
         self.accumulate = max(1, round((t.nominal_batch or t.batch) / t.batch))
         self.steps_per_epoch = math.ceil(self._batches_per_epoch() / self.accumulate)
         self.total_steps = t.epochs * self.steps_per_epoch
+        if self.ema is not None and dist.is_main():
+            window = self.ema.window(self.total_steps)
+            if window > max(10.0, self.total_steps / 4):
+                err.print(f"[yellow]warning:[/] at the end of this run the EMA averages over about {window:.0f} "
+                          f"steps of {self.total_steps}: the saved model would lag behind training",
+                          highlight=False, soft_wrap=True)
+                err.print("[dim]hint: lower train.ema_decay (e.g. 0.99 for a few hundred steps) or raise "
+                          "train.ema_tau[/]", highlight=False)
         if self.resume_path:
             self.load_resume(self.resume_path)
         if dist.world_size() > 1:
@@ -215,6 +223,10 @@ class Trainer:
         per_rank = len(self.train_set) / dist.world_size() / self.recipe.train.batch
         n = math.floor(per_rank) if self._drop_last() else math.ceil(per_rank)
         return min(n, self.recipe.train.max_batches or n)
+
+    def images_per_epoch(self) -> int:
+        """Training images one epoch goes through, all processes together."""
+        return self._batches_per_epoch() * self.recipe.train.batch * dist.world_size()
 
     @property
     def bare_model(self) -> Detector:
@@ -290,7 +302,7 @@ class Trainer:
                     self.save(epoch_complete=False)
                     break
                 row = {"epoch": self.epoch + 1, **{f"loss_{k}": round(v, 6) for k, v in losses.items()},
-                       "lr": self.optimizer.param_groups[0]["lr"]}
+                       "lr": self.optimizer.param_groups[0]["lr"], "train_s": round(time.perf_counter() - t0, 2)}
                 last = self.epoch + 1 == t.epochs
                 if self.val_set is not None and ((self.epoch + 1) % t.val_every == 0 or last):
                     self.last_metrics = self.validate()

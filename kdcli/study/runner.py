@@ -8,6 +8,7 @@ with its error); a cell killed before that leaves its `last.pt`, and the next ru
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -54,7 +55,7 @@ def _teacher_weights(study: Study, cell: Cell) -> Path:
     return Path(rec["weights"])
 
 
-def _trainer(study: Study, cell: Cell, device: str | None):
+def _trainer(study: Study, cell: Cell, device: str | None, workers: int | None = None):
     """The trainer of a cell: resumed from its last.pt when a previous attempt left one, else fresh (an earlier
     run dir without last.pt is moved aside, never deleted)."""
     from kdcli.engine import checkpoint
@@ -63,7 +64,7 @@ def _trainer(study: Study, cell: Cell, device: str | None):
 
     run_dir = study.run_dir(cell)
     cls = Trainer if cell.is_teacher else DistillTrainer
-    extra = [f"train.device={device}"] if device else []
+    extra = ([f"train.device={device}"] if device else []) + ([f"data.workers={workers}"] if workers else [])
     last = run_dir / "weights" / "last.pt"
     if last.is_file():
         ckpt = checkpoint.load(last)
@@ -80,12 +81,14 @@ def _trainer(study: Study, cell: Cell, device: str | None):
     else:
         weights = _teacher_weights(study, cell)
         recipe = study.student_recipe(cell, weights, student_defaults(checkpoint.load(weights)))
-    if extra:
+    if device:
         recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"device": device})})
+    if workers:
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"workers": workers})})
     return cls(recipe, run_dir=run_dir)
 
 
-def run_cell(study: Study, cell: Cell, ledger: Ledger, device: str | None = None) -> int:
+def run_cell(study: Study, cell: Cell, ledger: Ledger, device: str | None = None, workers: int | None = None) -> int:
     """Train or distil one cell, evaluate its best.pt on the study's split, append the record. Returns the exit
     code: 0 ok, 1 failed (recorded), 130 interrupted (not recorded: the next run resumes it)."""
     from kdcli.engine.validator import evaluate_checkpoint
@@ -94,7 +97,7 @@ def run_cell(study: Study, cell: Cell, ledger: Ledger, device: str | None = None
     base = {"config": cell.config, "fold": cell.fold, "seed": cell.seed, "run_dir": str(study.run_dir(cell)),
             "log": str(study.log_path(cell)), "started": started, "host": platform.node(), "versions": _versions()}
     try:
-        trainer = _trainer(study, cell, device)
+        trainer = _trainer(study, cell, device, workers)
         summary = trainer.fit()
         fit_end = time.time()
         if summary["interrupted"]:
@@ -129,10 +132,11 @@ def run_cell(study: Study, cell: Cell, ledger: Ledger, device: str | None = None
 
 
 # ---- the grid ----------------------------------------------------------------------------------------------------
-def cell_command(study: Study, cell: Cell, ledger: Path | None = None, device: str | None = None) -> list[str]:
+def cell_command(study: Study, cell: Cell, ledger: Path | None = None, device: str | None = None,
+                 workers: int | None = None) -> list[str]:
     cmd = ["kdcli", "study", str(study.dir.resolve()), "--cell", cell.id]
     cmd += ["--ledger", str(ledger)] if ledger else []
-    return cmd + (["--device", device] if device else [])
+    return cmd + (["--device", device] if device else []) + (["--workers", str(workers)] if workers else [])
 
 
 @dataclass
@@ -195,10 +199,11 @@ def write_plan(study: Study) -> dict[str, Path]:
 class _Pool:
     """Child processes of the grid, one per slot (a GPU index, or a CPU job)."""
 
-    def __init__(self, study: Study, slots: list[str | None], threads: int | None):
+    def __init__(self, study: Study, slots: list[str | None], threads: int | None, workers: int | None = None):
         self.study = study
         self.free = list(slots)
         self.threads = threads
+        self.workers = workers
         self.running: dict[Cell, tuple[subprocess.Popen, str | None, float, Any]] = {}
 
     def launch(self, cell: Cell) -> None:
@@ -213,9 +218,10 @@ class _Pool:
         log_path = self.study.log_path(cell)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed when the child is reaped
-        log.write(f"==== {_now()} {shlex.join(cell_command(self.study, cell, device=device))}\n")
+        command = cell_command(self.study, cell, device=device, workers=self.workers if slot is not None else None)
+        log.write(f"==== {_now()} {shlex.join(command)}\n")
         log.flush()
-        cmd = [sys.executable, "-m", "kdcli", *cell_command(self.study, cell, device=device)[1:]]
+        cmd = [sys.executable, "-m", "kdcli", *command[1:]]
         # a session of its own: a terminal's Ctrl-C reaches the study only, which passes it on exactly once
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env | {"COLUMNS": "120"},
                                 start_new_session=True)
@@ -238,13 +244,34 @@ class _Pool:
                 proc.send_signal(signum)
 
 
-def run_grid(study: Study, jobs: int = 1, devices: list[str] | None = None, skip_failed: bool = False) -> int:
-    """Run every unfinished cell; returns the number of cells that failed (or could not run) in this run."""
+def _images_per_s(run_dir: Path) -> float:
+    """A running cell's training speed over its last epoch (progress.json, written by the trainer)."""
+    try:
+        return float(json.loads((run_dir / "progress.json").read_text()).get("images_per_s", 0.0))
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+
+
+def share_out(jobs: int, devices: list[str] | None, per_device: int, cpus: int
+              ) -> tuple[list[str | None], int | None, int | None]:
+    """(slots, CPU threads per cell, loader workers per cell). A slot is a GPU index (listed `per_device` times)
+    or None for a CPU job; with several cells at once each gets an equal share of the CPU threads, and a GPU cell
+    the rest of its share as loader workers (a CPU cell keeps its recipe's)."""
+    slots: list[str | None] = [d for d in devices for _ in range(per_device)] if devices else [None] * jobs
+    threads = max(1, cpus // len(slots)) if len(slots) > 1 else None
+    workers = max(1, cpus // len(slots) - 1) if devices else None
+    return slots, threads, workers
+
+
+def run_grid(study: Study, jobs: int = 1, devices: list[str] | None = None, skip_failed: bool = False,
+             per_device: int = 1) -> int:
+    """Run every unfinished cell; returns the number of cells that failed (or could not run) in this run.
+    `devices` with `per_device` N: N cells share each GPU at a time. CPU threads (and, on GPUs, loader workers)
+    are shared out between the cells running at once."""
     st = status(study, skip_failed)
     ledger = Ledger(study.dir / "ledger.jsonl")
-    slots: list[str | None] = list(devices) if devices else [None] * jobs
-    threads = max(1, (os.cpu_count() or 1) // len(slots)) if not devices and len(slots) > 1 else None
-    pool = _Pool(study, slots, threads)
+    slots, threads, workers = share_out(jobs, devices, per_device, os.cpu_count() or 1)
+    pool = _Pool(study, slots, threads, workers)
     pending = list(st.todo)
     records = dict(st.records)
     failed_now: list[Cell] = []
@@ -303,7 +330,8 @@ def run_grid(study: Study, jobs: int = 1, devices: list[str] | None = None, skip
                             continue
                     pending.remove(cell)
                     pool.launch(cell)
-                bar.update(task, now=", ".join(c.id for c in pool.running))
+                rate = sum(_images_per_s(study.run_dir(c)) for c in pool.running)
+                bar.update(task, now=", ".join(c.id for c in pool.running) + (f"  {rate:.0f} img/s" if rate else ""))
                 time.sleep(0.2)
     finally:
         for s, h in previous.items():

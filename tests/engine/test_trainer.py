@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -205,3 +206,16 @@ def test_sigterm_mid_epoch_saves_last_and_resumes(tmp_path: Path, vedai25: Path)
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert checkpoint.load(last)["train_state"]["epoch"] == 3
+
+
+def test_ema_window_and_lag_warning(tmp_path: Path, vedai25: Path, capsys):
+    from kdcli.engine.ema import ModelEMA
+
+    ema = ModelEMA(torch.nn.Linear(2, 2), decay=0.99, tau=100)
+    assert ema.window(10_000) == pytest.approx(100, rel=1e-3)
+    assert ema.window(100) == pytest.approx(1 / (1 - 0.99 * (1 - np.exp(-1))), rel=1e-6)
+    lagging = tiny_recipe(vedai25, train={"epochs": 1, "max_batches": 8, "ema_decay": 0.9998, "ema_tau": 1})
+    Trainer(lagging, run_dir=tmp_path / "a").fit()
+    assert "the saved model would lag behind training" in capsys.readouterr().err
+    Trainer(tiny_recipe(vedai25, train={"epochs": 1, "max_batches": 1, "ema_tau": 2000}), run_dir=tmp_path / "b").fit()
+    assert "lag behind" not in capsys.readouterr().err

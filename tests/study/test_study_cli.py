@@ -138,3 +138,31 @@ def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tm
     assert s.cfg.configs == (PAPER_CONFIGS[:6] if recipe.endswith("gpu") else PAPER_CONFIGS)
     assert len(s.cells()) == cells and sum(c.is_teacher for c in s.cells()) == teachers
     assert Path(s.cfg.teacher).is_file() and Path(s.cfg.student).is_file()
+
+
+def test_cells_share_gpus_and_cpus(tmp_path: Path):
+    from kdcli.study.runner import share_out
+
+    slots, threads, workers = share_out(1, ["0", "1"], 3, 16)
+    assert slots == ["0", "0", "0", "1", "1", "1"] and threads == 2 and workers == 1
+    assert share_out(1, ["0"], 4, 16) == (["0"] * 4, 4, 3)
+    assert share_out(2, None, 1, 2) == ([None, None], 1, None)  # CPU jobs keep their recipe's loader workers
+    assert share_out(1, None, 1, 8) == ([None], None, None)  # one cell: torch's own thread count
+    res = CliRunner().invoke(app, ["study", "study/synthetic", "--per-device", "2", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "--per-device shares GPUs" in res.output
+
+
+def test_cell_command_carries_device_and_workers(tmp_path: Path, vedai25: Path):
+    from kdcli.study.grid import Cell, Study
+    from kdcli.study.runner import cell_command
+
+    s = Study.open(str(tiny_study(tmp_path, vedai25, "teacher, hard")), tmp_path / "s")
+    cmd = cell_command(s, Cell("hard", 1, 0), device="0", workers=3)
+    assert cmd[-4:] == ["--device", "0", "--workers", "3"]
+    res = CliRunner().invoke(app, ["study", str(tmp_path / "study.yaml"), "--out", str(tmp_path / "s"), "--cell",
+                                   "teacher/f1/s0", "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    args = (tmp_path / "s" / "runs" / "teacher-f1-s0" / "args.yaml").read_text()
+    assert "workers: 0" in args
+    progress = json.loads((tmp_path / "s" / "runs" / "teacher-f1-s0" / "progress.json").read_text())
+    assert progress["epoch"] == 1 and progress["images_per_s"] > 0
