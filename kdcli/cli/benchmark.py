@@ -21,12 +21,12 @@ def benchmark(
                                                      help="Checkpoints (.pt) or model/train recipes, teacher first "
                                                           "(repeatable or comma-separated) [default: the paper's "
                                                           "teacher and student].")] = None,
-    imgsz: Annotated[int | None, typer.Option("--imgsz", help="Square input size [default: the checkpoint's, else "
+    imgsz: Annotated[int | None, typer.Option("--imgsz", min=32, help="Square input size [default: the checkpoint's, else "
                                                                "512].")] = None,
-    batch: Annotated[int, typer.Option("--batch", help="Images per step.")] = 4,
+    batch: Annotated[int, typer.Option("--batch", min=2, help="Images per step.")] = 4,
     device: Annotated[str, typer.Option("--device", help="cpu or a GPU index.")] = "cpu",
     amp: Annotated[str, typer.Option("--amp", help="off, bf16 or fp16 (CUDA only).")] = "off",
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed steps (after 2 warm-up steps).")] = 5,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed steps (after 2 warm-up steps).")] = 5,
     reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Also time torchvision's "
                                                                                "retinanet_resnet50_fpn.")] = True,
     distill: Annotated[bool, typer.Option("--distill", help="Also time the nine distillation rows against the "
@@ -38,6 +38,18 @@ def benchmark(
     evaluation: Annotated[bool, typer.Option("--eval/--no-eval", help="Time kdcli's metrics against pycocotools on "
                                                                       "the same detections.")] = True,
     eval_images: Annotated[int, typer.Option("--eval-images", min=1, help="Images in the metric timing.")] = 500,
+    data: Annotated[str | None, typer.Option("--data", help="A dataset dir: also run one real training epoch of "
+                                                           "each model through the loader (images/s end to end, "
+                                                           "next to the step figure).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="With --data: loader workers.")] = 4,
+    epoch_batches: Annotated[int | None, typer.Option("--epoch-batches", min=1, help="With --data: stop the epoch "
+                                                                                      "after this many batches.")]
+    = None,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Time kdcli's models in NHWC layout "
+                                                                         "(recipe: train.channels_last).")] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="Time kdcli's models compiled with torch.compile "
+                                                             "(recipe: train.compile; compilation not timed).")]
+    = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     save: Annotated[Path | None, typer.Option("--save", help="Write the results JSON here.")] = None,
 ) -> None:
@@ -49,6 +61,8 @@ def benchmark(
     """
     import torch
 
+    from kdcli import paths
+    from kdcli.data import coco
     from kdcli.deploy import benchmark as bench
     from kdcli.engine.distributed import resolve_device
     from kdcli.engine.info import describe
@@ -61,11 +75,18 @@ def benchmark(
         dtype = None
     specs = [x for m in (models or ["models/teacher_r50_pafpn", "models/student_r18_fpn"]) for x in m.split(",") if x]
     loaded = [_model(spec, imgsz) for spec in specs]
+    dataset = str(paths.resolve_dataset(data)) if data else None
+    folds = (coco.read_dataset_yaml(Path(dataset)).get("folds") or [None]) if dataset else None
     size = imgsz or next((s for _, _, s, _ in loaded if s), 512)
     rows = []
     for spec, (model, cfg, _, classes) in zip(specs, loaded):
         err.print(f"timing {spec} ...")
-        row = {"recipe": spec, **bench.train_step(cfg, size, batch, dev, dtype, num_classes=classes, repeats=repeats)}
+        row = {"recipe": spec, **bench.train_step(cfg, size, batch, dev, dtype, num_classes=classes, repeats=repeats,
+                                                              channels_last=channels_last, compile=compile_)}
+        if dataset:
+            row["epoch"] = bench.train_epoch(cfg, dataset, folds[0], size, batch, device, amp, workers, epoch_batches,
+                                           channels_last, compile_)
+            row["epoch"]["step_ratio"] = round(row["images_per_s"] / row["epoch"]["images_per_s"], 2)
         if inference:
             row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
             row["gflops"] = describe(model, size)["gflops"]
@@ -111,14 +132,26 @@ def _print(result: dict, batch: int, dev, distill: bool) -> None:
     rows = result["rows"]
     t = Table(title=f"training step, {imgsz} px, batch {batch}, {dev} ({result['machine'].get('gpu', 'cpu')}, "
                     f"torch {result['machine']['torch']})", title_justify="left")
-    for col in ("model", "ms/image", "images/s", "step s (min-max)", "assign+loss share", "peak GiB", "amp"):
+    for col in ("model", "ms/image", "images/s", "step s (min-max)", "assign+loss share", "peak GiB", "amp",
+                "options"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         share = "-" if r["assign_loss_share"] is None else f"{r['assign_loss_share']:.0%}"
         t.add_row(r["model"], f"{r['ms_per_image']:.1f}", f"{r['images_per_s']:.1f}",
                   f"{r['step_s']:.3f} ({r['step_min_s']:.3f}-{r['step_max_s']:.3f})", share,
-                  "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}", r["amp"])
+                  "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}", r["amp"], r.get("options", "-"))
     out.print(t)
+    epochs = [r for r in rows if "epoch" in r]
+    if epochs:
+        t = Table(title=f"a real training epoch through the loader ({epochs[0]['epoch']['dataset']}, validation, "
+                        "plots and EMA off) next to the step figure", title_justify="left")
+        for col in ("model", "images", "epoch s", "images/s", "step images/s", "step / epoch", "first step s"):
+            t.add_column(col, justify="left" if col == "model" else "right")
+        for r in epochs:
+            e = r["epoch"]
+            t.add_row(r["model"], str(e["images"]), f"{e['epoch_s']:.1f}", f"{e['images_per_s']:.1f}",
+                      f"{r['images_per_s']:.1f}", f"{e['step_ratio']:.2f}x", f"{e['first_step_s']:.1f}")
+        out.print(t)
     inf = [r for r in rows if "inference" in r]
     if inf:
         t = Table(title=f"inference (forward + postprocess), {imgsz} px: latency at batch 1 (median, p10-p90), "

@@ -121,6 +121,10 @@ class TrainConfig(Strict):
     nan_skip_limit: int = Field(5, ge=1, description="non-finite losses in a row before reloading the last "
                                                      "good state")
     deterministic: bool = Field(False, description="deterministic algorithms (slower; exact resume on CPU)")
+    channels_last: bool = Field(False, description="NHWC memory layout for the model, the teacher and the inputs "
+                                                   "(pays on GPUs with AMP; measure: kdcli benchmark --channels-last)")
+    compile: bool = Field(False, description="torch.compile the forward of the model and the teacher (slow first "
+                                             "steps; measure: kdcli benchmark --compile)")
     device: Device = Field("auto", description="auto, cpu, 0, or 0,1 (several GPUs: use torchrun)")
     plots: bool = Field(True, description="write loss/metric curves and sample predictions as PNG")
     max_batches: int | None = Field(None, ge=1, description="stop each epoch after this many batches "

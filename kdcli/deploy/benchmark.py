@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kdcli.config.schema import ModelConfig
+from kdcli.engine.acceleration import compile_forward, to_channels_last
 from kdcli.models.detector import build_detector
 from kdcli.models.losses import DetectionLoss
 
@@ -65,11 +66,20 @@ def _time(step: Callable[[], dict[str, float]], device: torch.device, warmup: in
 
 
 def train_step(cfg: ModelConfig, imgsz: int, batch: int, device: torch.device, amp: torch.dtype | None,
-               num_classes: int = 8, anchor_size: float = 16.0, warmup: int = 2, repeats: int = 5) -> dict[str, Any]:
+               num_classes: int = 8, anchor_size: float = 16.0, warmup: int = 2, repeats: int = 5,
+               channels_last: bool = False, compile: bool = False) -> dict[str, Any]:
+    """One training step of `cfg`; `channels_last` / `compile` as the recipe options of the same names (a
+    compiled model gets 2 more warm-up steps, its compilation is left out of the timing)."""
     model = build_detector(cfg, num_classes, imgsz, anchor_size).to(device).train()
     loss_fn = DetectionLoss(cfg, num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     images, boxes, labels = synthetic_batch(batch, imgsz, num_classes, device)
+    if channels_last:
+        to_channels_last(model)
+        images = images.contiguous(memory_format=torch.channels_last)
+    if compile:
+        compile_forward(model, device)
+        warmup += 2
 
     def step() -> dict[str, float]:
         opt.zero_grad(set_to_none=True)
@@ -91,7 +101,9 @@ def train_step(cfg: ModelConfig, imgsz: int, batch: int, device: torch.device, a
             "ms_per_image": round(1000 * med / batch, 2), "images_per_s": round(batch / med, 2),
             "assign_loss_share": round(parts["loss_s"] / med, 3),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
-            else None, "amp": str(amp).split(".")[-1] if amp else "off"}
+            else None, "amp": str(amp).split(".")[-1] if amp else "off",
+            "options": "+".join(n for n, on in (("channels_last", channels_last), ("compile", compile)) if on)
+            or "-"}
 
 
 def torchvision_reference(imgsz: int, batch: int, device: torch.device, amp: torch.dtype | None,
@@ -272,3 +284,34 @@ def evaluation(images: int = 500, objects: int = 20, detections: int = 100, clas
     return {"images": images, "objects": images * objects, "detections": images * detections,
             "kdcli_s": round(statistics.median(t_ours), 3), "pycocotools_s": round(statistics.median(t_theirs), 3),
             "speedup": round(statistics.median(t_theirs) / statistics.median(t_ours), 2)}
+
+
+def train_epoch(cfg: ModelConfig, dataset: str, fold: int | None, imgsz: int, batch: int, device: str, amp: str,
+                workers: int, max_batches: int | None = None, channels_last: bool = False, compile: bool = False
+                ) -> dict[str, Any]:
+    """One real training epoch of `cfg` through kdcli's Trainer and loader on a dataset dir (validation, plots
+    and EMA off, checkpoints to a temporary folder): images/s end to end, and the seconds from the start of `fit`
+    to the end of the first step. Next to the step figure it shows what the loader and the loop cost."""
+    import tempfile
+    from pathlib import Path
+
+    from kdcli.config import schema
+    from kdcli.engine.callbacks import Callbacks
+    from kdcli.engine.trainer import Trainer
+
+    recipe = schema.Recipe.model_validate({
+        "data": {"path": dataset, "fold": fold, "imgsz": imgsz, "val_split": "", "workers": workers},
+        "model": cfg.model_dump(), "train": {"epochs": 1, "batch": batch, "device": device, "amp": amp,
+                                             "plots": False, "ema": False, "max_batches": max_batches,
+                                             "channels_last": channels_last, "compile": compile}})
+    marks: dict[str, float] = {}
+    cb = Callbacks()
+    cb.add("on_batch_end", lambda t: marks.setdefault("first", time.perf_counter()))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        trainer = Trainer(recipe, run_dir=Path(tmp) / "run", callbacks=cb)
+        trainer.fit()
+    seconds = trainer.history[-1]["train_s"]
+    images = trainer.images_per_epoch()
+    return {"dataset": dataset, "images": images, "epoch_s": round(seconds, 2),
+            "images_per_s": round(images / seconds, 1), "first_step_s": round(marks.get("first", t0) - t0, 2)}

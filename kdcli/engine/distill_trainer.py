@@ -82,6 +82,9 @@ class DistillTrainer(Trainer):
             for line in self.distiller.report(self.recipe.data.imgsz, self.recipe.model.channels):
                 err.print(line, highlight=False, soft_wrap=True)
 
+    def forward_modules(self) -> list[nn.Module]:
+        return [self.model, self.teacher]
+
     @property
     def teacher(self) -> nn.Module:
         return self.distiller.teacher

@@ -33,6 +33,7 @@ from kdcli.data import coco
 from kdcli.data.dataset import DetectionDataset, collate
 from kdcli.data.transforms import train_transform
 from kdcli.engine import checkpoint, distributed as dist
+from kdcli.engine.acceleration import compile_forward, to_channels_last
 from kdcli.engine.callbacks import Callbacks, default_callbacks
 from kdcli.engine.ema import ModelEMA
 from kdcli.engine.schedule import lr_at
@@ -162,7 +163,13 @@ class Trainer:
         self.model = self.build_model().to(self.device)
         self.loss_fn = DetectionLoss(r.model, len(self.classes))
         self.build_extra()
+        if t.channels_last:
+            for m in self.forward_modules():
+                to_channels_last(m)
         self.ema = ModelEMA(self.model, t.ema_decay, t.ema_tau) if t.ema else None
+        if t.compile:  # after the EMA copy, which stays a plain module for evaluation
+            for m in self.forward_modules():
+                compile_forward(m, self.device)
         groups = param_groups([self.model, *self.trainable_extra()], t.weight_decay)
         self.optimizer = make_optimizer(groups, t)
         self.amp_dtype = self._amp_dtype()
@@ -190,6 +197,10 @@ class Trainer:
 
     def build_extra(self) -> None:
         """Hook: more modules trained beside the model (distillation adapters)."""
+
+    def forward_modules(self) -> list[nn.Module]:
+        """Hook: the networks that take the images (distillation: the teacher too)."""
+        return [self.model]
 
     def before_train(self) -> None:
         """Hook: checks after setup, before the first epoch (distillation: the teacher check)."""
@@ -253,6 +264,8 @@ class Trainer:
         """Move to the device; multi-scale: resize the batch to a size drawn for this step."""
         t, imgsz = self.recipe.train, self.recipe.data.imgsz
         images = batch["images"].to(self.device, non_blocking=True).float()
+        if t.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         boxes = [b.to(self.device) for b in batch["boxes"]]
         if t.multiscale and epoch < t.multiscale_until * t.epochs:
             size = random.Random(self.recipe.seed * 1_000_003 + self.step).choice(t.multiscale)
@@ -349,15 +362,15 @@ class Trainer:
                 batch = self.preprocess(batch, epoch)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     terms = self.compute_loss(batch)
-                total = terms["total"]
-                if not torch.isfinite(total.detach()).all():
+                values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
+                if not math.isfinite(values["total"]):  # one host sync per step for the check and the log
                     self._on_nonfinite(terms)
                     continue
-                self.scaler.scale(total / self.accumulate).backward()
+                self.scaler.scale(terms["total"] / self.accumulate).backward()
                 if (i + 1) % self.accumulate == 0 or i + 1 == n_batches:
                     self._optimizer_step()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
                 count += 1
                 bar.update(task, advance=1, losses="  ".join(f"{k} {v / count:.4f}" for k, v in sums.items()))
                 self.run_callbacks("on_batch_end")

@@ -133,3 +133,18 @@ def test_benchmark_distill_rows(tmp_path: Path):
     assert by_row["hard+mse"]["teacher"] == "backbone+neck" and by_row["hard+pdf"]["teacher"] == "full"
     assert by_row["hard+mse"]["flop_ratio"] < by_row["hard+pdf"]["flop_ratio"]
     assert 0 < d["truncation_saving"] < 1
+
+
+def test_benchmark_real_epoch_next_to_the_step(vedai25: Path, tmp_path: Path):
+    r = run("benchmark", "--models", "models/student_r18_fpn", "--imgsz", "96", "--batch", "2", "--repeats", "1",
+            "--no-reference", "--no-eval", "--no-inference", "--data", str(vedai25), "--workers", "0",
+            "--epoch-batches", "3", "--json")
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output.strip().splitlines()[-1])["rows"][0]
+    e = row["epoch"]
+    assert e["images"] == 6 and e["images_per_s"] > 0 and e["epoch_s"] > 0 and e["first_step_s"] > 0
+    assert e["step_ratio"] == pytest.approx(row["images_per_s"] / e["images_per_s"], rel=0.02)
+    r = run("benchmark", "--models", "models/student_r18_fpn", "--imgsz", "96", "--batch", "2", "--repeats", "1",
+            "--no-reference", "--no-eval", "--no-inference", "--data", str(vedai25), "--workers", "0",
+            "--epoch-batches", "2")
+    assert r.exit_code == 0 and "a real training epoch through the loader" in r.output
