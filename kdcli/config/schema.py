@@ -150,8 +150,9 @@ def check_method(name: str) -> str:
     """`none` or a registered method; otherwise an error naming the closest valid name."""
     valid = ["none", *method_names()]
     if name not in valid:
-        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        swapped = [v for v in valid if sorted(v) == sorted(name)]  # a transposition (pfd) names its method first
+        close = list(dict.fromkeys(swapped + difflib.get_close_matches(name, valid, n=2, cutoff=0.5)))[:2]
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
         raise ValueError(f"unknown distillation method '{name}'{hint}; valid: {', '.join(valid)}")
     return name
 

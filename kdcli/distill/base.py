@@ -66,6 +66,12 @@ class DistillMethod(nn.Module):
         super().__init__()
         self.cfg = cfg
 
+    @classmethod
+    def adapts(cls, student_channels: int, teacher_channels: int) -> bool:
+        """Whether the student's features reach `loss` through the adapters (a method that needs them only when
+        the widths differ overrides this)."""
+        return cls.uses_adapters
+
     def loss(self, student: DetectorOutput, teacher: DetectorOutput, batch: dict[str, Any]
              ) -> dict[str, torch.Tensor]:
         raise NotImplementedError

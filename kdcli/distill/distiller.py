@@ -31,17 +31,18 @@ def method_names(labels: str, method: str) -> list[str]:
 class DistillTerms(nn.Module):
     """The trainable side of distillation: adapters and methods, one forward for DDP."""
 
-    def __init__(self, methods: list[DistillMethod], adapters: Adapters | None):
+    def __init__(self, methods: list[DistillMethod], adapters: Adapters | None, adapted: list[bool]):
         super().__init__()
         self.methods = nn.ModuleList(methods)
         self.adapters = adapters
+        self.adapted = adapted  # per method: whether it reads the adapted student features
 
     def forward(self, student: DetectorOutput, teacher: DetectorOutput, batch: dict[str, Any]
                 ) -> dict[str, torch.Tensor]:
         adapted = replace(student, features=self.adapters(student.features)) if self.adapters is not None else student
         terms: dict[str, torch.Tensor] = {}
-        for m in self.methods:
-            terms.update(m.loss(adapted if m.uses_adapters else student, teacher, batch))
+        for m, a in zip(self.methods, self.adapted):
+            terms.update(m.loss(adapted if a else student, teacher, batch))
         return terms
 
 
@@ -55,10 +56,10 @@ class Distiller:
         registry = discover()
         classes = [registry[n] for n in method_names(cfg.labels, cfg.method)]
         levels, channels = len(teacher.strides), teacher.cfg.channels
-        adapters = (Adapters(levels, student_channels, channels, cfg.adapter_kernel)
-                    if any(c.uses_adapters for c in classes) else None)
+        adapted = [c.adapts(student_channels, channels) for c in classes]
+        adapters = Adapters(levels, student_channels, channels, cfg.adapter_kernel) if any(adapted) else None
         methods = [c(getattr(cfg, c.name), channels=channels, levels=levels) for c in classes]
-        self.terms = DistillTerms(methods, adapters)
+        self.terms = DistillTerms(methods, adapters, adapted)
         self._forward: nn.Module = self.terms
         self.teacher_head = any(c.needs_teacher_head for c in classes)
 

@@ -126,8 +126,9 @@ def test_benchmark_distill_rows(tmp_path: Path):
             "--no-inference", "--distill", "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.output.strip().splitlines()[-1])["distill"]
-    assert [row["row"] for row in d["rows"]] == ["hard", "hard+soft", "hard+mse", "hard+pdf", "hard+defeat", "soft",
-                                                "soft+mse", "soft+pdf", "soft+defeat"]
+    assert [row["row"] for row in d["rows"]] == ["hard", "hard+soft", "hard+mse", "hard+pdf", "hard+defeat", "hard+cwd",
+                                                "hard+fgd", "hard+pkd", "soft", "soft+mse", "soft+pdf", "soft+defeat",
+                                                "soft+cwd", "soft+fgd", "soft+pkd"]
     assert d["rows"][0]["time_ratio"] == 1.0 and d["rows"][0]["flop_ratio"] == 1.0
     by_row = {row["row"]: row for row in d["rows"]}
     assert by_row["hard+mse"]["teacher"] == "backbone+neck" and by_row["hard+pdf"]["teacher"] == "full"

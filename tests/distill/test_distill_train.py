@@ -48,6 +48,27 @@ def test_nine_rows_from_the_cli(labels: str, method: str, tiny_checkpoint: Path,
     assert model.num_classes == 8
 
 
+NEWER = [("hard", "cwd", {"loss_cwd"}), ("soft", "pkd", {"loss_pkd"}),
+         ("hard", "fgd", {"loss_fgd_fg", "loss_fgd_bg", "loss_fgd_attention", "loss_fgd_global"})]
+
+
+@pytest.mark.parametrize("labels,method,columns", NEWER, ids=[f"{a}+{b}" for a, b, _ in NEWER])
+def test_newer_methods_from_the_cli(labels: str, method: str, columns: set[str], tiny_checkpoint: Path,
+                                    tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    r = run("distill", "--teacher", str(tiny_checkpoint), "--method", method, "--labels", labels,
+            "train.epochs=1", "train.max_batches=2", "distill.teacher_min_map=0", "--json")
+    assert r.exit_code == 0, r.output
+    run_dir = Path(json.loads(r.output.strip().splitlines()[-1])["run_dir"])
+    header = (run_dir / "results.csv").read_text().splitlines()[0].split(",")
+    assert columns <= set(header)
+    state = checkpoint.load(run_dir / "weights" / "last.pt")["train_state"]["distiller"]
+    best = checkpoint.load(run_dir / "weights" / "best.pt")
+    assert best["distill"]["method"] == method and not any("context" in k for k in best["weights"])
+    assert any("student_context" in k for k in state) == (method == "fgd")
+    assert any(k.startswith("adapters.") for k in state) == (method != "pkd")  # PKD: same widths, no adapter
+
+
 def test_teacher_frozen_student_and_adapters_trained(tiny_checkpoint: Path, tmp_path: Path):
     teacher_ckpt = checkpoint.load(tiny_checkpoint)
     from kdcli.engine.distill_trainer import student_defaults
