@@ -143,9 +143,9 @@ def _print(result: dict, batch: int, dev, distill: bool) -> None:
     out.print(t)
     epochs = [r for r in rows if "epoch" in r]
     if epochs:
-        t = Table(title=f"a real training epoch through the loader ({epochs[0]['epoch']['dataset']}, validation, "
-                        "plots and EMA off) next to the step figure", title_justify="left")
-        for col in ("model", "images", "epoch s", "images/s", "step images/s", "step / epoch", "first step s"):
+        t = Table(title="one real epoch through the loader and trainer (no validation, plots or EMA)", title_justify="left")
+        for col in ("model", "images", "epoch s", "images/s", "step images/s", "step / epoch",
+                    "command to first step s"):
             t.add_column(col, justify="left" if col == "model" else "right")
         for r in epochs:
             e = r["epoch"]

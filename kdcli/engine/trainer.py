@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+import kdcli
 from kdcli import atomic, paths
 from kdcli.config.load import dump
 from kdcli.config.schema import Recipe
@@ -137,6 +138,7 @@ class Trainer:
         self.writer = checkpoint.BackgroundWriter()
         self.val_samples: list[dict[str, Any]] = []
         self.attempt_start = time.perf_counter()
+        self.first_step_s: float | None = None  # from the start of the process to the end of the first step
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -341,7 +343,8 @@ class Trainer:
             dist.cleanup()
         return {"run_dir": str(self.run_dir), "epochs": self.epoch, "best_epoch": self.best_epoch,
                 "best_fitness": self.best_fitness, "metrics": self.last_metrics,
-                "interrupted": self.stop_requested, "train_seconds": round(self.train_seconds, 1)}
+                "interrupted": self.stop_requested, "train_seconds": round(self.train_seconds, 1),
+                "first_step_s": self.first_step_s}
 
     def train_one_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
         t = self.recipe.train
@@ -369,6 +372,8 @@ class Trainer:
                 self.scaler.scale(terms["total"] / self.accumulate).backward()
                 if (i + 1) % self.accumulate == 0 or i + 1 == n_batches:
                     self._optimizer_step()
+                    if self.first_step_s is None:
+                        self.first_step_s = round(time.perf_counter() - kdcli.STARTED, 2)
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
