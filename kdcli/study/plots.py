@@ -1,5 +1,7 @@
 """The paper's Figure 2: per fold, one box per configuration over seeds, and an "average" group whose boxes are
-the per-seed means over folds. Tukey whiskers (1.5 IQR), outliers as points, every cell as a dot."""
+the per-seed means over folds. Tukey whiskers (1.5 IQR), outliers as points, every cell as a dot. A
+configuration with a single cell (the quickstart) has no spread to box: its 95 % interval over test images is
+drawn instead, and the axis spans at least 5 points so that a difference of a tenth of a point does not fill it."""
 
 from __future__ import annotations
 
@@ -40,6 +42,11 @@ def boxplot(study: dict[str, Any], metric: str, out_base: Path) -> list[Path]:
                    flierprops={"marker": "o", "markersize": 3, "markeredgecolor": colour})
         for p, d in keep:
             ax.scatter(p + rng.uniform(-width * 0.2, width * 0.2, len(d)), d, s=6, color=colour, zorder=3)
+        ci = study["table"].get(config, {}).get("ci95")
+        if ci is not None:
+            for p, d in keep:
+                ax.errorbar([p], [d[0]], yerr=[[d[0] - ci[0]], [ci[1] - d[0]]], color=colour, capsize=4, lw=1.2,
+                            zorder=2)
         ax.plot([], [], color=colour, lw=6, alpha=0.5, label=config)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups)
@@ -47,8 +54,13 @@ def boxplot(study: dict[str, Any], metric: str, out_base: Path) -> list[Path]:
         ax.axvline(i + 0.5, color="0.85", lw=0.8)
     ax.set_ylabel(f"{metric} ({study['split']} split)")
     seeds = study["seeds"]
-    ax.set_title(f"{study['name']}: {metric} per fold over {len(seeds)} seed(s); average = per-seed mean over "
-                 f"folds; whiskers 1.5 IQR", fontsize=9)
+    bars = ("\nbars: 95 % interval over test images" if any("ci95" in t for t in study["table"].values()) else "")
+    ax.set_title(f"{study['name']}: {metric} per fold over {len(seeds)} seed(s)\naverage = per-seed mean over "
+                 f"folds; whiskers 1.5 IQR{bars}", fontsize=9)
+    lo, hi = ax.get_ylim()
+    if hi - lo < 0.05:
+        mid = (lo + hi) / 2
+        ax.set_ylim(mid - 0.025, mid + 0.025)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=min(5, len(configs)), loc="upper center", bbox_to_anchor=(0.5, -0.08),
               frameon=False)
