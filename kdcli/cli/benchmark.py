@@ -167,7 +167,9 @@ def _print(result: dict, batch: int, dev, distill: bool) -> None:
         e = result["evaluation"]
         out.print(f"metrics on {e['images']} images, {e['objects']} boxes, {e['detections']} detections: kdcli "
                   f"(VOC-style + COCO-style) {e['kdcli_s']:.2f} s, pycocotools COCOeval {e['pycocotools_s']:.2f} s "
-                  f"({e['speedup']:.1f}x)", highlight=False)
+                  f"({e['speedup']:.1f}x)" + (f", faster-coco-eval {e['faster_coco_eval_s']:.2f} s "
+                                             f"({e['speedup_faster_coco_eval']:.1f}x)" if "faster_coco_eval_s" in e
+                                             else " (faster-coco-eval not installed)"), highlight=False)
     m = result["machine"]
     out.print(f"machine: {m.get('gpu') or m['cpu']}, {m['threads']} threads, torch {m['torch']}, python "
               f"{m['python']}", highlight=False)
