@@ -1,7 +1,9 @@
 """The append-only ledger of a study: one JSON line per finished (or failed) cell, fsynced.
 
 A study killed mid-write may leave a cut last line: it is ignored when reading and cut away before the next
-append, so the ledger stays valid. A malformed line anywhere else is an error naming its line. Appends hold an
+append, so the ledger stays valid. A line anywhere else that is not JSON, or JSON of the wrong shape (no cell
+name, fold or seed; a status other than ok/failed; ok without numeric metrics), is reported once with its file
+and line and skipped: one bad line must not block a whole study (the cell it named is simply not finished). Appends hold an
 exclusive lock, so the cells of a pool can share one ledger; cells run by a scheduler (`kdcli study --plan`)
 write a ledger each under `ledgers/`, and `study_records` merges them all.
 """
@@ -14,7 +16,35 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kdcli.errors import KdcliError
+
+
+_REPORTED: set[tuple[Path, int]] = set()  # lines already warned about in this process
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def shape_problem(record: Any) -> str | None:
+    """Why a parsed ledger line cannot be a cell record, or None."""
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__}, not a record"
+    if not isinstance(record.get("config"), str):
+        return "'config' is not a configuration name"
+    for key in ("fold", "seed"):
+        if isinstance(record.get(key), bool) or not isinstance(record.get(key), int):
+            return f"'{key}' is not an integer"
+    status = record.get("status")
+    if status not in ("ok", "failed"):
+        return f"'status' is {json.dumps(status)}, not \"ok\" or \"failed\""
+    if status == "ok":
+        metrics = record.get("metrics")
+        if not isinstance(metrics, dict) or not metrics:
+            return "status ok without metrics"
+        for k, v in metrics.items():
+            if not (_number(v) or (isinstance(v, list) and all(_number(x) for x in v))):
+                return f"metric '{k}' is not a number"
+    return None
 
 
 def cell_key(record: dict[str, Any]) -> tuple[str, int, int]:
@@ -36,16 +66,31 @@ class Ledger:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise KdcliError(f"{self.path}:{n}: malformed ledger line ({e.msg})",
-                                 hint="remove or fix that line; finished cells on other lines are kept") from None
+                self._skip(n, f"not JSON ({e.msg})")
+                continue
+            problem = shape_problem(record)
+            if problem:
+                self._skip(n, problem)
+            else:
+                records.append(record)
         if tail.strip():
             try:  # a last line written whole but without its newline still counts
-                records.append(json.loads(tail))
+                record = json.loads(tail)
             except json.JSONDecodeError:
-                pass
+                record = None
+            if record is not None and not shape_problem(record):
+                records.append(record)
         return records
+
+    def _skip(self, line: int, why: str) -> None:
+        if (self.path, line) not in _REPORTED:
+            _REPORTED.add((self.path, line))
+            from kdcli.console import err
+
+            err.print(f"[yellow]warning:[/] {self.path}:{line}: ledger line skipped: {why}", highlight=False,
+                      soft_wrap=True)
 
     def _repair(self) -> None:
         """Cut a partial last line so that the next append starts on a line of its own."""

@@ -55,3 +55,23 @@ def test_prepare_coco_errors(tmp_path: Path):
     with pytest.raises(KdcliError, match="image folder not found"):
         coco_json.prepare(ann, tmp_path / "nope", tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_nothing_is_lost_without_being_counted(tmp_path: Path):
+    ann, images = _user_dataset(tmp_path, n=4)
+    data = json.loads(ann.read_text())
+    data["annotations"] += [
+        {"id": 200, "image_id": 100, "category_id": 3, "bbox": [1, 2, float("nan"), 4]},  # NaN: dropped, counted
+        {"id": 201, "image_id": 555, "category_id": 3, "bbox": [1, 2, 3, 4]},  # no such image
+        {"id": 202, "image_id": "101", "category_id": 3, "bbox": [1, 2, 3, 4]},  # a string id: another type
+    ]
+    ann.write_text(json.dumps(data))  # json writes NaN, as Python's and many tools' JSON writers do
+    meta = coco_json.prepare(ann, images, tmp_path / "out", val_fraction=0.25, seed=0)
+    dropped = meta["dropped"]
+    assert dropped["bbox with NaN or infinite numbers (dropped)"]["count"] == 1
+    plain = "annotation of an image id not in images (dropped)"
+    typed = plain + " (an id of another type matches: ids must have the same JSON type)"
+    assert dropped[plain]["count"] == 1 and "555" in dropped[plain]["example"]
+    assert dropped[typed]["count"] == 1 and '"101"' in dropped[typed]["example"]
+    kept = sum(s["objects"] for s in meta["splits"].values())
+    assert kept == 4 + 2 - 1  # the 4 boxes, the extra one on image 100 and the crowd box dropped as before

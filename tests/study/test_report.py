@@ -97,3 +97,17 @@ def test_report_errors(tmp_path: Path):
     d = write_study(tmp_path / "toy")
     res = CliRunner().invoke(app, ["report", str(d), "--metric", "accuracy"])
     assert res.exit_code == 2 and "unknown metric" in res.output
+
+
+def test_report_skips_ledger_lines_of_the_wrong_shape(tmp_path: Path):
+    d = write_study(tmp_path / "toy")
+    bad = ['{"config": 5}', "[1, 2]", '"hard"',
+           '{"config": "hard", "fold": 1, "seed": 0, "status": "ok", "metrics": {"mAP50": "0.9"}}',
+           '{"config": "hard", "fold": 1, "seed": 1, "status": "ok"}']
+    text = (d / "ledger.jsonl").read_text().splitlines()
+    (d / "ledger.jsonl").write_text("\n".join(text[:3] + bad + text[3:]) + "\n")
+    res = CliRunner().invoke(app, ["report", str(d), "--json"])
+    assert res.exit_code == 0, res.output
+    assert all(f"ledger.jsonl:{n}: ledger line skipped" in res.stderr for n in range(4, 9))
+    s = json.loads(res.stdout)["studies"][0]
+    assert s["table"]["hard"]["median"] == pytest.approx(0.25)  # the bad lines changed nothing

@@ -7,6 +7,7 @@ split is carved from train when no val JSON is given.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +27,83 @@ def _load(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise KdcliError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KdcliError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(data, dict):
+        raise KdcliError(f"{path}: not COCO detection JSON (the top level is a {type(data).__name__}, not an "
+                         "object with images, annotations and categories)")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise KdcliError(f"{path}: not COCO detection JSON (no '{key}' list)")
+    for key in ("images", "annotations", "categories"):
+        for n, entry in enumerate(data[key]):
+            if not isinstance(entry, dict):
+                raise KdcliError(f"{path}: {key}[{n}]: expected an object, got {json.dumps(entry)[:40]}")
     return data
+
+
+def _id(value: Any, where: str) -> Any:
+    """An image or category id: an integer or a string (JSON numbers like 1.0 are not ids)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise KdcliError(f"{where}: expected an integer or string id, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _bbox(value: Any, where: str) -> tuple[float, float, float, float] | None:
+    """[x, y, w, h] as 4 numbers; None when a number is NaN or infinite (the caller drops and counts it)."""
+    if (not isinstance(value, list) or len(value) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise KdcliError(f"{where}: expected [x, y, width, height] as 4 numbers, got {json.dumps(value)[:60]}")
+    x, y, w, h = (float(v) for v in value)
+    return (x, y, w, h) if all(math.isfinite(v) for v in (x, y, w, h)) else None
+
+
+def categories(data: dict[str, Any], path: Path) -> tuple[list[str], dict[Any, int]]:
+    """(class names in the given order, category id -> 0-based label); duplicate ids or names are errors."""
+    names, index = [], {}
+    for n, c in enumerate(data["categories"]):
+        where = f"{path}: categories[{n}]"
+        name = c.get("name")
+        if "id" not in c or isinstance(name, bool) or not isinstance(name, (str, int)) or name == "":
+            raise KdcliError(f"{where}: needs an id and a non-empty name")
+        cid, name = _id(c["id"], f"{where}.id"), str(name)
+        if cid in index:
+            raise KdcliError(f"{where}: category id {json.dumps(cid)} is declared twice (first as "
+                             f"'{names[index[cid]]}', again as '{name}')")
+        if name in names:
+            raise KdcliError(f"{where}: category name '{name}' is declared twice")
+        index[cid] = len(names)
+        names.append(name)
+    return names, index
 
 
 def _convert(data: dict[str, Any], path: Path, images_dir: Path, tmp: Path, classes: list[str],
              cat_index: dict[int, int], b: coco.CocoBuilder, tally: Tally, mode: str, skip_bad: bool,
              next_id: int) -> int:
-    by_image: dict[Any, list[dict[str, Any]]] = {}
+    by_image: dict[Any, list[tuple[int, dict[str, Any]]]] = {}
     for n, a in enumerate(data["annotations"]):
         if "image_id" not in a or "bbox" not in a or "category_id" not in a:
             raise KdcliError(f"{path}: annotations[{n}]: needs image_id, category_id and bbox")
-        by_image.setdefault(a["image_id"], []).append(a)
+        _id(a["image_id"], f"{path}: annotations[{n}].image_id")
+        by_image.setdefault(a["image_id"], []).append((n, a))
     seen: set[Any] = set()
-    for n, im in enumerate(console.track(data["images"], f"{path.name}")):
+    for n, im in enumerate(data["images"]):
         if "id" not in im or "file_name" not in im:
             raise KdcliError(f"{path}: images[{n}]: needs id and file_name")
+        _id(im["id"], f"{path}: images[{n}].id")
+        if not isinstance(im["file_name"], str) or not im["file_name"]:
+            raise KdcliError(f"{path}: images[{n}].file_name: expected a file name, got "
+                             f"{json.dumps(im['file_name'])[:40]}")
         if im["id"] in seen:
             raise KdcliError(f"{path}: images[{n}]: duplicate image id {im['id']}")
         seen.add(im["id"])
+    for image_id, anns in by_image.items():
+        if image_id not in seen:
+            other = str(image_id) if isinstance(image_id, int) else (int(image_id) if image_id.isdigit() else None)
+            note = " (an id of another type matches: ids must have the same JSON type)" if other in seen else ""
+            tally.add(f"annotation of an image id not in images (dropped){note}",
+                      f"annotations[{anns[0][0]}].image_id {json.dumps(image_id)}", len(anns))
+    for im in console.track(data["images"], f"{path.name}"):
         src_img = images_dir / im["file_name"]
         try:
             width, height = probe(src_img)
@@ -60,14 +117,18 @@ def _convert(data: dict[str, Any], path: Path, images_dir: Path, tmp: Path, clas
         dst = f"{coco.IMAGES}/{im['file_name']}"
         place(src_img, tmp / dst, mode)
         b.add_image(next_id, dst, width, height, source_id=im["id"])
-        for a in by_image.get(im["id"], []):
+        for n, a in by_image.get(im["id"], []):
+            bbox = _bbox(a["bbox"], f"{path}: annotations[{n}].bbox")
+            if bbox is None:
+                tally.add("bbox with NaN or infinite numbers (dropped)", f"annotations[{n}]")
+                continue
             if a["category_id"] not in cat_index:
                 tally.add(f"unknown category id {a['category_id']} (dropped)", im["file_name"])
                 continue
             if a.get("iscrowd", 0):
                 tally.add("crowd box (dropped)", im["file_name"])
                 continue
-            x, y, w, h = (float(v) for v in a["bbox"])
+            x, y, w, h = bbox
             box, clipped = clip_box(x, y, x + w, y + h, width, height)
             if is_sliver(box):
                 tally.add("zero-area box (dropped)", im["file_name"])
@@ -85,11 +146,7 @@ def prepare(src: Path, images_dir: Path, out: Path, val: Path | None = None, val
     train_data = _load(src)
     if not images_dir.is_dir():
         raise KdcliError(f"{images_dir}: image folder not found", hint="give --images DIR")
-    cats = train_data["categories"]
-    classes = [str(c["name"]) for c in cats]
-    if len(set(classes)) != len(classes):
-        raise KdcliError(f"{src}: duplicate category names")
-    cat_index = {c["id"]: i for i, c in enumerate(cats)}
+    classes, cat_index = categories(train_data, src)
     tally = Tally()
     with atomic_dir(out, force) as tmp:
         full = coco.CocoBuilder(classes, f"{src.name}")
@@ -97,7 +154,7 @@ def prepare(src: Path, images_dir: Path, out: Path, val: Path | None = None, val
                            skip_bad_images, 1)
         if val is not None:
             val_data = _load(val)
-            if [c["name"] for c in val_data["categories"]] != classes:
+            if categories(val_data, val) != (classes, cat_index):
                 raise KdcliError(f"{val}: categories differ from {src}")
             parts = {"train": full, "val": coco.CocoBuilder(classes, val.name)}
             _convert(val_data, val, images_dir, tmp, classes, cat_index, parts["val"], tally, images,

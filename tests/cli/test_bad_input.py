@@ -1,0 +1,141 @@
+"""Bad input, table-driven: every case gives exit code 2 (or the stated one), one `error:` line holding the stated
+fragment, no traceback or "internal error", and leaves the folder as it was (nothing new, existing files
+byte-identical)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from kdcli.cli.app import app
+
+runner = CliRunner()
+
+GOOD_COCO = {"images": [{"id": 1, "file_name": "a.png", "width": 32, "height": 32},
+                        {"id": 2, "file_name": "b.png", "width": 32, "height": 32}],
+             "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]},
+                             {"id": 2, "image_id": 2, "category_id": 1, "bbox": [4, 4, 8, 8]}],
+             "categories": [{"id": 1, "name": "car"}]}
+
+
+def coco_with(change: Callable[[dict[str, Any]], Any]) -> str:
+    """GOOD_COCO edited in place by `change`; a change that returns a value replaces the whole document."""
+    data = copy.deepcopy(GOOD_COCO)
+    result = change(data)
+    return json.dumps(data if result is None else result)
+
+
+def _pop(path: list[Any]) -> Callable[[dict[str, Any]], None]:
+    def change(d: dict[str, Any]) -> None:
+        target = d
+        for k in path[:-1]:
+            target = target[k]
+        del target[path[-1]]
+    return change
+
+
+def _append(key: str, entry: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    return lambda d: d[key].append(entry)
+
+
+def _set(path: list[Any], value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(d: dict[str, Any]) -> None:
+        target = d
+        for k in path[:-1]:
+            target = target[k]
+        target[path[-1]] = value
+    return change
+
+
+@dataclass
+class Case:
+    id: str
+    args: list[str]  # {tmp} is the case's folder
+    fragment: str
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> text ("PNG" writes a 32x32 image)
+    code: int = 2
+
+
+def coco_case(id: str, change: Callable[[dict[str, Any]], Any], fragment: str) -> Case:
+    return Case(id, ["prepare", "coco", "--src", "{tmp}/ann.json", "--images", "{tmp}/imgs", "--out", "{tmp}/out"],
+                fragment, {"ann.json": coco_with(change), "imgs/a.png": "PNG", "imgs/b.png": "PNG"})
+
+
+CASES = [
+    # prepare coco: structure
+    coco_case("coco-top-level-list", lambda d: [d], "top level is a list"),
+    coco_case("coco-images-not-list", _set(["images"], {"1": "a.png"}), "no 'images' list"),
+    coco_case("coco-image-not-object", _set(["images", 0], "a.png"), "images[0]: expected an object"),
+    coco_case("coco-file-name-null", _set(["images", 0, "file_name"], None), "images[0].file_name"),
+    coco_case("coco-file-name-number", _set(["images", 0, "file_name"], 5), "images[0].file_name"),
+    coco_case("coco-image-id-float", _set(["images", 0, "id"], 1.5), "images[0].id"),
+    coco_case("coco-image-id-duplicate", _set(["images", 1, "id"], 1), "duplicate image id 1"),
+    coco_case("coco-bbox-3-numbers", _set(["annotations", 0, "bbox"], [1, 2, 3]), "annotations[0].bbox"),
+    coco_case("coco-bbox-string-value", _set(["annotations", 0, "bbox"], [1, "2", 3, 4]), "annotations[0].bbox"),
+    coco_case("coco-bbox-null", _set(["annotations", 1, "bbox"], None), "annotations[1].bbox"),
+    coco_case("coco-bbox-string", _set(["annotations", 0, "bbox"], "1 2 3 4"), "annotations[0].bbox"),
+    coco_case("coco-annotation-no-bbox", _pop(["annotations", 0, "bbox"]), "annotations[0]: needs"),
+    coco_case("coco-annotation-image-id-list", _set(["annotations", 0, "image_id"], [1]),
+              "annotations[0].image_id"),
+    coco_case("coco-category-id-twice", _append("categories", {"id": 1, "name": "truck"}),
+              "category id 1 is declared twice"),
+    coco_case("coco-category-name-twice", _append("categories", {"id": 2, "name": "car"}),
+              "category name 'car' is declared twice"),
+    coco_case("coco-category-no-name", _set(["categories", 0, "name"], None), "categories[0]: needs"),
+    Case("coco-invalid-json", ["prepare", "coco", "--src", "{tmp}/ann.json", "--images", "{tmp}/imgs", "--out",
+                               "{tmp}/out"], "ann.json:2: invalid JSON", {"ann.json": '{"images": [\n,]}',
+                                                                           "imgs/a.png": "PNG"}),
+    Case("coco-src-missing", ["prepare", "coco", "--src", "{tmp}/nope.json", "--images", "{tmp}/imgs", "--out",
+                              "{tmp}/out"], "nope.json: file not found", {"imgs/a.png": "PNG"}),
+    Case("coco-src-is-dir", ["prepare", "coco", "--src", "{tmp}/imgs", "--images", "{tmp}/imgs", "--out",
+                             "{tmp}/out"], "imgs: file not found", {"imgs/a.png": "PNG"}),
+    Case("coco-images-dir-missing", ["prepare", "coco", "--src", "{tmp}/ann.json", "--images", "{tmp}/none",
+                                     "--out", "{tmp}/out"], "image folder not found",
+         {"ann.json": json.dumps(GOOD_COCO)}),
+    # benchmark options
+    Case("benchmark-imgsz-negative", ["benchmark", "--imgsz", "-5"], "--imgsz"),
+    Case("benchmark-imgsz-zero", ["benchmark", "--imgsz", "0"], "--imgsz"),
+    Case("benchmark-batch-one", ["benchmark", "--batch", "1"], "--batch"),
+    Case("benchmark-data-missing", ["benchmark", "--models", "models/student_r18_fpn", "--imgsz", "64", "--data",
+                                    "{tmp}/nodata", "--no-eval", "--no-inference", "--no-reference"],
+         "not a kdcli dataset dir"),
+]
+
+
+def _write(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if text == "PNG":
+            Image.new("RGB", (32, 32), (200, 10, 10)).save(p)
+        else:
+            p.write_text(text)
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("KDCLI_DATASETS", str(tmp_path / "datasets"))
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv("KDCLI_DEBUG", raising=False)
+    _write(tmp_path, case.files)
+    before = _snapshot(tmp_path)
+    r = runner.invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in case.args], terminal_width=200)
+    out = r.output
+    assert r.exit_code == case.code, out
+    assert "Traceback" not in out and "internal error" not in out, out
+    flat = " ".join(out.split())
+    assert case.fragment in flat, out
+    errors = [line for line in out.splitlines() if line.startswith("error:") or "Error" in line[:12]]
+    assert len(errors) <= 1 or all("Usage" not in e for e in errors), out
+    assert _snapshot(tmp_path) == before, "the case left files behind or changed existing ones"
