@@ -33,20 +33,40 @@ def find_recipe(name: str | Path) -> Path:
     for c in candidates:
         if c.is_file():
             return c
+    if p.is_dir():
+        raise KdcliError(f"{p}: a folder, not a file", hint="give the recipe's YAML file")
     known = sorted(str(q.relative_to(REPO_RECIPES).with_suffix("")) for q in REPO_RECIPES.rglob("*.yaml"))
     close = difflib.get_close_matches(str(p.with_suffix("")), known, n=1)
     hint = f"did you mean '{close[0]}'?" if close else "give a path to a YAML file or a name under recipes/"
     raise KdcliError(f"recipe not found: {name}", hint=hint)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (first on line {seen[key]})", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from `path`; a syntax error names the file and line."""
+    """A YAML mapping from `path`; a syntax error or a key given twice names the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise KdcliError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+        raise KdcliError(f"{path}: {'a folder, not a file' if path.is_dir() else 'file not found'}")
     try:
-        data = yaml.safe_load(text)
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise KdcliError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -178,7 +198,11 @@ def _expand_sections(data: dict[str, Any], schema: type[BaseModel], base_dir: Pa
             p = Path(value)
             p = p if p.is_absolute() else (base_dir / p)
             if not p.is_file():
-                p = find_recipe(value)
+                try:
+                    p = find_recipe(value)
+                except KdcliError:
+                    raise KdcliError(f"{src.where((name,))}: {name}: section file '{value}' not found (looked "
+                                     f"beside the recipe, in ./recipes and the installed recipes)") from None
             section = read_yaml(p)
             if set(section) == {name} and isinstance(section[name], dict):
                 section = section[name]  # a recipe file holding just this section, e.g. recipes/data/*.yaml
@@ -206,6 +230,8 @@ def load(schema: type[M], recipe: str | Path | None = None, overrides: list[str]
     for item in overrides or []:
         key, value = parse_override(item)
         keypath = resolve_key(schema, key)
+        if keypath == ["data"] and isinstance(value, str) and not value.endswith((".yaml", ".yml")):
+            keypath = ["data", "path"]  # data=DIR: another dataset dir (e.g. one that moved)
         _set(data, keypath, value)
         src.overrides[tuple(keypath)] = item
     try:

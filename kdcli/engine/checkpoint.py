@@ -8,6 +8,7 @@ RNG states, epoch, history) for exact resume. Files are written atomically (temp
 from __future__ import annotations
 
 import datetime as _dt
+import pickle
 import platform
 import threading
 from pathlib import Path
@@ -76,10 +77,19 @@ class BackgroundWriter:
 
 def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise KdcliError(f"{path}: a folder, not a checkpoint file",
+                         hint=f"give a file such as {path / 'weights' / 'best.pt'}")
     if not path.is_file():
         raise KdcliError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message advises weights_only=False, which would run code from the file: never pass that on
+        raise KdcliError(f"{path}: holds Python objects beyond tensors and plain data, which kdcli's safe "
+                         "(weights-only) reader refuses to load",
+                         hint="a kdcli checkpoint never needs them; if this file is yours, re-save its "
+                              "state_dict") from None
     except Exception as e:
         raise KdcliError(f"{path}: not a readable kdcli checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt or "model" not in ckpt:

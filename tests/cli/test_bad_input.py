@@ -99,6 +99,30 @@ CASES = [
     Case("coco-images-dir-missing", ["prepare", "coco", "--src", "{tmp}/ann.json", "--images", "{tmp}/none",
                                      "--out", "{tmp}/out"], "image folder not found",
          {"ann.json": json.dumps(GOOD_COCO)}),
+    # recipes
+    Case("recipe-duplicate-key", ["recipe", "show", "{tmp}/r.yaml"], "r.yaml:3: invalid YAML: key 'imgsz' is given "
+         "twice (first on line 2)", {"r.yaml": "data:\n  imgsz: 256\n  imgsz: 512\n  path: x\n"}),
+    Case("recipe-section-file-missing", ["recipe", "show", "{tmp}/r.yaml"], "r.yaml:2: data: section file "
+         "'nothere.yaml' not found", {"r.yaml": "name: x\ndata: nothere.yaml\n"}),
+    Case("recipe-is-a-folder", ["recipe", "show", "{tmp}/sub"], "sub: a folder, not a file", {"sub/x.txt": ""}),
+    Case("recipe-not-a-mapping", ["recipe", "show", "{tmp}/r.yaml"], "r.yaml:1: a recipe must be a mapping",
+         {"r.yaml": "- a\n- b\n"}),
+    Case("recipe-unknown-key", ["recipe", "show", "{tmp}/r.yaml"], "unknown key 'imgsiz' (did you mean 'data.imgsz'?)",
+         {"r.yaml": "data:\n  path: x\n  imgsiz: 3\n"}),
+    Case("recipe-wrong-type", ["recipe", "show", "{tmp}/r.yaml"], "r.yaml:3: data.imgsz:",
+         {"r.yaml": "data:\n  path: x\n  imgsz: big\n"}),
+    Case("recipe-bad-override", ["recipe", "show", "{tmp}/r.yaml", "train.epochs=many"],
+         "override 'train.epochs=many': train.epochs", {"r.yaml": "data:\n  path: x\n"}),
+    Case("recipe-override-unknown-key", ["recipe", "show", "{tmp}/r.yaml", "train.epoch=3"],
+         "unknown recipe key 'train.epoch'", {"r.yaml": "data:\n  path: x\n"}),
+    Case("recipe-override-no-equals", ["recipe", "show", "{tmp}/r.yaml", "train.epochs"], "bad override",
+         {"r.yaml": "data:\n  path: x\n"}),
+    # checkpoints
+    Case("val-checkpoint-is-a-folder", ["val", "{tmp}/run"], "run: a folder, not a checkpoint file",
+         {"run/weights/x.txt": ""}),
+    Case("val-checkpoint-missing", ["val", "{tmp}/best.pt"], "best.pt: checkpoint not found"),
+    Case("val-checkpoint-not-torch", ["val", "{tmp}/best.pt"], "best.pt: not a readable kdcli checkpoint",
+         {"best.pt": "hello"}),
     # benchmark options
     Case("benchmark-imgsz-negative", ["benchmark", "--imgsz", "-5"], "--imgsz"),
     Case("benchmark-imgsz-zero", ["benchmark", "--imgsz", "0"], "--imgsz"),

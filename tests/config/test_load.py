@@ -110,3 +110,17 @@ def test_suffix_keys_resolve():
     assert r.distill.pdf.variant == "plus" and r.distill.defeat.variant == "level" and r.train.device == "0"
     with pytest.raises(KdcliError, match="ambiguous"):
         load.load(Recipe, "data/vedai25", ["variant=plus"])
+
+
+def test_data_override_with_a_dataset_dir_sets_its_path(tmp_path: Path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  path: old/place\n  imgsz: 256\n")
+    r = load.load(Recipe, recipe, ["data=/new/place"])
+    assert r.data.path == "/new/place" and r.data.imgsz == 256  # the rest of the section is kept
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path: Path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  path: x\ntrain:\n  epochs: 3\n  lr: 0.1\n  epochs: 5\n")
+    with pytest.raises(KdcliError, match=r"r\.yaml:6: invalid YAML: key 'epochs' is given twice \(first on line 4\)"):
+        load.load(Recipe, recipe)
