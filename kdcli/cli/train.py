@@ -76,10 +76,18 @@ def train(
 
 
 def report(summary: dict, as_json: bool) -> None:
+    """Print the run's summary; an interrupted run (SIGTERM, Ctrl-C: last.pt saved) exits 130, so that
+    `kdcli train ... && kdcli val ...` stops there."""
     if as_json:
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "metrics"} |
                               {"metrics": {k: v for k, v in summary["metrics"].items() if k != "per_class"}}))
-        return
+    else:
+        _print_summary(summary)
+    if summary["interrupted"]:
+        raise typer.Exit(130)
+
+
+def _print_summary(summary: dict) -> None:
     m = summary["metrics"]
     tail = f"  mAP50 {m['mAP50']:.4f}  mAP50-95 {m['mAP50-95']:.4f}" if m else ""
     state = "interrupted (resume with --resume .../weights/last.pt)" if summary["interrupted"] else "done"
