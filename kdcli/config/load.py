@@ -230,7 +230,8 @@ def load(schema: type[M], recipe: str | Path | None = None, overrides: list[str]
     for item in overrides or []:
         key, value = parse_override(item)
         keypath = resolve_key(schema, key)
-        if keypath == ["data"] and isinstance(value, str) and not value.endswith((".yaml", ".yml")):
+        if (keypath == ["data"] and isinstance(value, str) and not value.endswith((".yaml", ".yml"))
+                and submodel(schema.model_fields["data"].annotation)):
             keypath = ["data", "path"]  # data=DIR: another dataset dir (e.g. one that moved)
         _set(data, keypath, value)
         src.overrides[tuple(keypath)] = item

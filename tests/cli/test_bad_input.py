@@ -163,3 +163,17 @@ def test_bad_input(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     errors = [line for line in out.splitlines() if line.startswith("error:") or "Error" in line[:12]]
     assert len(errors) <= 1 or all("Usage" not in e for e in errors), out
     assert _snapshot(tmp_path) == before, "the case left files behind or changed existing ones"
+
+
+def test_val_after_the_dataset_moved_says_how_to_point_at_it(tiny_checkpoint: Path, tmp_path: Path):
+    import torch
+
+    ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    ckpt["data"]["path"] = str(tmp_path / "moved-away")
+    moved = tmp_path / "best.pt"
+    torch.save(ckpt, moved)
+    before = _snapshot(tmp_path)
+    r = runner.invoke(app, ["val", str(moved)], terminal_width=200)
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "moved-away no longer exists" in flat and "data=NEWDIR" in flat, r.output
+    assert _snapshot(tmp_path) == before
