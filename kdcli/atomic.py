@@ -1,7 +1,8 @@
 """Atomic writes: a file (or a whole directory) appears complete or not at all.
 
 Checkpoints, ledgers and dataset JSON go through here so that a crash or Ctrl-C never leaves a half-written
-file where a finished one is expected.
+file where a finished one is expected. Files and folders get the permissions the user's umask gives (temporary
+files start private), so a shared cluster's other users can read what kdcli writes when the umask allows it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,26 @@ from typing import Any
 
 import yaml
 
+_UMASK = os.umask(0)  # read once, at import, in the main thread: os.umask cannot be read without setting it
+os.umask(_UMASK)
+
+
+def ensure_dir_possible(path: str | Path, what: str = "output") -> None:
+    """Fail early, naming the culprit, when `path` (a folder to create or fill) cannot be: a part of it is a file,
+    or the nearest existing folder above it is not writable."""
+    from kdcli.errors import KdcliError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise KdcliError(f"{path}: the {what} exists as a file, not a folder")
+    p = path
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise KdcliError(f"{path}: cannot create the {what}: {p} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise KdcliError(f"{path}: cannot create the {what}: {p} is not writable")
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -26,6 +47,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -52,25 +74,68 @@ def write_yaml(path: str | Path, obj: Any) -> None:
 def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Build a directory in a temporary sibling and rename it onto `out` only when the block succeeds.
 
-    An existing `out` is replaced only with `force`, and only after the new one is complete.
+    An existing `out` is replaced only with `force`, and only after the new one is complete. SIGTERM (a
+    cluster's preemption) is turned into an interrupt while the block runs, so the temporary folder is removed
+    as after Ctrl-C; folders left by a killed (kill -9) earlier run for the same `out` are removed first.
     """
     from kdcli.errors import KdcliError
 
     out = Path(out)
     if out.exists() and not force:
         raise KdcliError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
+    ensure_dir_possible(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    _remove_dead_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        with _sigterm_as_interrupt():
+            yield tmp
+            if out.exists():
+                old = out.with_name(f".{out.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Remove `.<name>.<pid>.*.partial` siblings whose process is gone (a live one is another prepare's)."""
+    for p in out.parent.glob(f".{out.name}.*.partial"):
+        pid = p.name[len(out.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -8,8 +8,11 @@ from typing import Annotated
 import typer
 
 from kdcli import paths
-from kdcli.console import out, progress
+from kdcli.atomic import ensure_dir_possible
+from kdcli.console import err, out, progress
 from kdcli.errors import KdcliError
+
+MAX_WINDOWS = 10_000  # beyond this many windows predict asks for --yes: a mistyped --overlap 0.99 is a long night
 
 
 def _ints(text: str | None, what: str) -> list[int] | None:
@@ -54,6 +57,7 @@ def predict(
     = None,
     draw_images: Annotated[bool, typer.Option("--draw/--no-draw", help="Write drawn PNGs.")] = True,
     draw_conf: Annotated[float, typer.Option("--draw-conf", help="Draw boxes scoring at least this.")] = 0.25,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help=f"Run even past {MAX_WINDOWS} windows.")] = False,
 ) -> None:
     """Detect objects in images or whole scenes. Writes predictions.json (COCO results), images.json, a
     GeoJSON per image (pixel coordinates; map coordinates too for a georeferenced TIFF) and drawn PNGs.
@@ -78,6 +82,10 @@ def predict(
                          hint="e.g. kdcli predict best.pt scene.tif --slice 512, or --split val_scenes")
     if split and str(weights).endswith(".onnx"):
         raise KdcliError("--split reads the dataset from a kdcli checkpoint: give the .pt", hint="or list the images")
+    if not 0 <= overlap < 1:
+        raise KdcliError(f"--overlap {overlap}: give a fraction in [0, 1)")
+    if out_dir is not None:
+        ensure_dir_possible(out_dir, "--out folder")
     dev = distributed.resolve_device(device)
     predictor = Predictor(weights, dev, conf, iou, max_det, slice_size, overlap, merge, batch, keep_cut)
     gt = None
@@ -91,6 +99,13 @@ def predict(
     band_list = _ints(bands, "--bands")
     rasters = [(i, p, open_raster(p, band_list, (pct[0], pct[1]), normalize)) for i, p in items]
     total = sum(len(predictor.windows(r)) for _, _, r in rasters)
+    if total > MAX_WINDOWS and not yes:
+        stride = max(1, round((slice_size or 0) * (1 - overlap)))
+        step = f" (--slice {slice_size} --overlap {overlap}: a window every {stride} px)" if slice_size else ""
+        raise KdcliError(f"{total} windows to predict in {len(rasters)} image(s){step}",
+                         hint="lower --overlap or raise --slice; pass --yes to run them all")
+    if total > len(rasters):
+        err.print(f"{total} windows of {slice_size} px in {len(rasters)} image(s)", highlight=False)
     results = []
     with progress() as bar:
         task = bar.add_task("predict", total=total)
@@ -153,6 +168,9 @@ def export(
     if suffix is None:
         raise KdcliError(f"--format {fmt}: use onnx or torchscript")
     target = out_file or Path(weights).with_suffix(suffix)
+    if target.is_dir():
+        raise KdcliError(f"--out {target}: a folder; give the output file's name")
+    ensure_dir_possible(target.parent, "output folder")
     res = run_export(weights, fmt, target, nms, half, tolerance)
     if as_json:
         typer.echo(json.dumps(res))

@@ -123,6 +123,30 @@ CASES = [
     Case("val-checkpoint-missing", ["val", "{tmp}/best.pt"], "best.pt: checkpoint not found"),
     Case("val-checkpoint-not-torch", ["val", "{tmp}/best.pt"], "best.pt: not a readable kdcli checkpoint",
          {"best.pt": "hello"}),
+    # output places
+    Case("prepare-out-under-a-file", ["prepare", "coco", "--src", "{tmp}/ann.json", "--images", "{tmp}/imgs",
+                                      "--out", "{tmp}/afile/sub"], "afile is a file, not a folder",
+         {"ann.json": json.dumps(GOOD_COCO), "imgs/a.png": "PNG", "imgs/b.png": "PNG", "afile": "keep"}),
+    Case("prepare-out-exists", ["prepare", "coco", "--src", "{tmp}/ann.json", "--images", "{tmp}/imgs", "--out",
+                                "{tmp}/afile"], "afile already exists",
+         {"ann.json": json.dumps(GOOD_COCO), "imgs/a.png": "PNG", "imgs/b.png": "PNG", "afile": "keep"}),
+    Case("predict-out-is-a-file", ["predict", "{tmp}/best.pt", "{tmp}/a.png", "--out", "{tmp}/afile"],
+         "afile: the --out folder exists as a file", {"a.png": "PNG", "afile": "keep"}),
+    Case("predict-out-under-a-file", ["predict", "{tmp}/best.pt", "{tmp}/a.png", "--out", "{tmp}/afile/x"],
+         "afile is a file, not a folder", {"a.png": "PNG", "afile": "keep"}),
+    Case("predict-overlap-one", ["predict", "{tmp}/best.pt", "{tmp}/a.png", "--slice", "64", "--overlap", "1"],
+         "--overlap 1.0: give a fraction in [0, 1)", {"a.png": "PNG"}),
+    Case("predict-no-images", ["predict", "{tmp}/best.pt"], "give images to predict"),
+    Case("predict-bad-merge", ["predict", "{tmp}/best.pt", "{tmp}/a.png", "--merge", "vote"], "--merge vote",
+         {"a.png": "PNG"}),
+    Case("predict-bad-percentiles", ["predict", "{tmp}/best.pt", "{tmp}/a.png", "--percentiles", "98,2"],
+         "--percentiles 98,2", {"a.png": "PNG"}),
+    Case("export-out-under-a-file", ["export", "{tmp}/best.pt", "--out", "{tmp}/afile/m.onnx"],
+         "afile: the output folder exists as a file", {"afile": "keep", "best.pt": "x"}),
+    Case("export-out-is-a-folder", ["export", "{tmp}/best.pt", "--out", "{tmp}/sub"], "a folder; give the output",
+         {"sub/x": "", "best.pt": "x"}),
+    Case("export-bad-format", ["export", "{tmp}/best.pt", "--format", "tflite"], "--format tflite",
+         {"best.pt": "x"}),
     # benchmark options
     Case("benchmark-imgsz-negative", ["benchmark", "--imgsz", "-5"], "--imgsz"),
     Case("benchmark-imgsz-zero", ["benchmark", "--imgsz", "0"], "--imgsz"),
@@ -176,4 +200,14 @@ def test_val_after_the_dataset_moved_says_how_to_point_at_it(tiny_checkpoint: Pa
     r = runner.invoke(app, ["val", str(moved)], terminal_width=200)
     flat = " ".join(r.output.split())
     assert r.exit_code == 2 and "moved-away no longer exists" in flat and "data=NEWDIR" in flat, r.output
+    assert _snapshot(tmp_path) == before
+
+
+def test_predict_asks_before_a_mistyped_overlap_runs_all_night(tiny_checkpoint: Path, tmp_path: Path):
+    Image.new("RGB", (2000, 2000), (90, 90, 90)).save(tmp_path / "scene.png")
+    before = _snapshot(tmp_path)
+    r = runner.invoke(app, ["predict", str(tiny_checkpoint), str(tmp_path / "scene.png"), "--slice", "64",
+                            "--overlap", "0.99", "--out", str(tmp_path / "pred")], terminal_width=200)
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "3751969 windows to predict in 1 image(s)" in flat and "--yes" in flat, r.output
     assert _snapshot(tmp_path) == before
