@@ -58,7 +58,6 @@ def test_impossible_output_places_are_named(tmp_path: Path):
         atomic.ensure_dir_possible(tmp_path / "afile" / "sub")
     with pytest.raises(KdcliError, match=r"exists as a file"):
         atomic.ensure_dir_possible(tmp_path / "afile")
-    with pytest.raises(KdcliError, match=r"afile is a file"):
-        with atomic.atomic_dir(tmp_path / "afile" / "sub"):
-            pass
+    with pytest.raises(KdcliError, match=r"afile is a file"), atomic.atomic_dir(tmp_path / "afile" / "sub"):
+        pass
     assert (tmp_path / "afile").read_text() == "keep me"

@@ -21,7 +21,8 @@ def benchmark(
                                                      help="Checkpoints (.pt) or model/train recipes, teacher first "
                                                           "(repeatable or comma-separated) [default: the paper's "
                                                           "teacher and student].")] = None,
-    imgsz: Annotated[int | None, typer.Option("--imgsz", min=32, help="Square input size [default: the checkpoint's, else "
+    imgsz: Annotated[int | None, typer.Option("--imgsz", min=32, help="Square input size [default: the checkpoint's, "
+                                                                       "else "
                                                                "512].")] = None,
     batch: Annotated[int, typer.Option("--batch", min=2, help="Images per step.")] = 4,
     device: Annotated[str, typer.Option("--device", help="cpu or a GPU index.")] = "cpu",
@@ -143,7 +144,8 @@ def _print(result: dict, batch: int, dev, distill: bool) -> None:
     out.print(t)
     epochs = [r for r in rows if "epoch" in r]
     if epochs:
-        t = Table(title="one real epoch through the loader and trainer (no validation, plots or EMA)", title_justify="left")
+        t = Table(title="one real epoch through the loader and trainer (no validation, plots or EMA)",
+                  title_justify="left")
         for col in ("model", "images", "epoch s", "images/s", "step images/s", "step / epoch",
                     "command to first step s"):
             t.add_column(col, justify="left" if col == "model" else "right")
@@ -161,7 +163,8 @@ def _print(result: dict, batch: int, dev, distill: bool) -> None:
         for r in inf:
             i = r["inference"]
             t.add_row(r["model"], f"{r['params_m']:.2f}", f"{r['gflops']:.1f}", f"{i['latency_b1']['median_ms']:.1f}",
-                      f"{i['latency_b1']['p10_ms']:.1f}-{i['latency_b1']['p90_ms']:.1f}", f"{i['throughput_img_s']:.1f}")
+                      f"{i['latency_b1']['p10_ms']:.1f}-{i['latency_b1']['p90_ms']:.1f}",
+                      f"{i['throughput_img_s']:.1f}")
         out.print(t)
     if "evaluation" in result:
         e = result["evaluation"]

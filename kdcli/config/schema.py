@@ -17,8 +17,8 @@ from pydantic import BeforeValidator, Field, create_model, field_validator, mode
 
 from kdcli.config.base import Device, Strict
 
-__all__ = ["AugmentConfig", "DataConfig", "Device", "DistillConfig", "ModelConfig", "Recipe", "Strict",
-           "StudyConfig", "TrainConfig"]
+__all__ = ["AugmentConfig", "DataConfig", "Device", "DistillConfig", "ModelConfig", "Recipe",  # noqa: F822 - built lazily by __getattr__
+           "Strict", "StudyConfig", "TrainConfig"]
 
 
 class AugmentConfig(Strict):

@@ -28,7 +28,7 @@ def probe(path: str | Path, decode: bool = True) -> tuple[int, int]:
         return size
     except FileNotFoundError:
         raise KdcliError(f"{path}: image not found") from None
-    except Exception as e:  # PIL raises many types for corrupt data
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
         raise ImageDecodeError(f"{path}: cannot decode image ({type(e).__name__}: {e})",
                                hint="pass --skip-bad-images to leave such images out") from None
 
@@ -40,7 +40,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise KdcliError(f"{path}: image not found") from None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
         raise ImageDecodeError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 

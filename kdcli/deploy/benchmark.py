@@ -228,7 +228,7 @@ def inference(model: torch.nn.Module, imgsz: int, batch: int, device: torch.devi
     for n, key in ((1, "latency_b1"), (batch, f"batch_{batch}")):
         images, _, _ = synthetic_batch(n, imgsz, 1, device)
 
-        def step() -> dict[str, float]:
+        def step(images: torch.Tensor = images) -> dict[str, float]:
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 postprocess(model(images), model.cfg, (imgsz, imgsz))
             return {}
@@ -263,7 +263,8 @@ def evaluation(images: int = 500, objects: int = 20, detections: int = 100, clas
         labels.append(np.where(rng.random(detections) < 0.8, cls[pick], rng.integers(0, classes, detections)))
         scores.append(rng.random(detections))
         boxes.append(b)
-    gt_json = {"images": [{"id": i, "width": 512, "height": 512, "file_name": f"{i}.png"} for i in range(1, images + 1)],
+    gt_json = {"images": [{"id": i, "width": 512, "height": 512, "file_name": f"{i}.png"}
+                          for i in range(1, images + 1)],
                "annotations": anns, "categories": [{"id": k + 1, "name": str(k)} for k in range(classes)]}
     dets = M.Detections(np.concatenate(ids), np.concatenate(labels), np.concatenate(scores), np.concatenate(boxes))
     gt = M.ground_truth(gt_json)

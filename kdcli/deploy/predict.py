@@ -37,7 +37,8 @@ def _onnx_session(path: str | Path, device: torch.device):
     try:
         import onnxruntime as ort
     except ImportError:
-        raise KdcliError(f"{path}: running an ONNX model needs onnxruntime", hint='pip install "kdcli[export]"') from None
+        raise KdcliError(f"{path}: running an ONNX model needs onnxruntime",
+                         hint='pip install "kdcli[export]"') from None
     providers = (["CUDAExecutionProvider"] if device.type == "cuda" else []) + ["CPUExecutionProvider"]
     try:
         sess = ort.InferenceSession(str(path), providers=providers)
@@ -62,7 +63,8 @@ def expand_sources(sources: list[str]) -> list[Path]:
         else:
             found = sorted(Path(x) for x in glob.glob(s, recursive=True) if Path(x).suffix.lower() in IMAGE_SUFFIXES)
         if not found:
-            raise KdcliError(f"{s}: no image found", hint=f"give files, folders or globs of {', '.join(IMAGE_SUFFIXES)}")
+            raise KdcliError(f"{s}: no image found",
+                             hint=f"give files, folders or globs of {', '.join(IMAGE_SUFFIXES)}")
         out += [f for f in found if f not in out]
     return out
 
@@ -152,8 +154,10 @@ class Predictor:
                 b = to_scene(b, x0, y0, 1.0)
                 b[:, 0::2] = b[:, 0::2].clamp(x0, x1)
                 b[:, 1::2] = b[:, 1::2].clamp(y0, y1)
-                keep = torch.ones(len(b), dtype=torch.bool) if self.keep_cut or len(wins) == 1 or not self.overlap else \
-                    drop_cut_boxes(b, (x0, y0, x1, y1), (raster.width, raster.height))
+                if self.keep_cut or len(wins) == 1 or not self.overlap:
+                    keep = torch.ones(len(b), dtype=torch.bool)
+                else:
+                    keep = drop_cut_boxes(b, (x0, y0, x1, y1), (raster.width, raster.height))
                 boxes.append(b[keep])
                 scores.append(d["scores"].float().cpu()[keep])
                 labels.append(d["labels"].cpu()[keep])
@@ -236,5 +240,6 @@ def write_outputs(out_dir: Path, results: list[tuple[Path, Raster, Detections]],
             files.append(out_dir / f"{stem}.png")
     atomic.write_json(out_dir / "predictions.json", coco)
     atomic.write_json(out_dir / "images.json", {"images": images,
-                                                "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)]})
+                                                "categories": [{"id": i + 1, "name": c}
+                                                               for i, c in enumerate(classes)]})
     return [out_dir / "predictions.json", out_dir / "images.json", *files]

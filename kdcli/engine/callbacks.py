@@ -43,11 +43,10 @@ def write_results_csv(trainer: Trainer) -> None:
     for r in rows:
         fields += [k for k in r if k not in fields]
     path = trainer.run_dir / "results.csv"
-    with atomic.atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def write_progress(trainer: Trainer) -> None:
@@ -79,7 +78,7 @@ def tensorboard_logger() -> Callable[[Trainer], None] | None:
     """An on_epoch_end callback writing scalars to runs/<name>/tensorboard, when tensorboard is installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:
+    except Exception:  # noqa: BLE001 - missing or broken tensorboard install: no logging, training goes on
         return None
     writers: dict[str, Any] = {}
 

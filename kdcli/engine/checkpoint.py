@@ -90,7 +90,7 @@ def load(path: str | Path) -> dict[str, Any]:
                          "(weights-only) reader refuses to load",
                          hint="a kdcli checkpoint never needs them; if this file is yours, re-save its "
                               "state_dict") from None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
         raise KdcliError(f"{path}: not a readable kdcli checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt or "model" not in ckpt:
         raise KdcliError(f"{path}: not a kdcli checkpoint (no format_version/model)")

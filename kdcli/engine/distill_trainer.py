@@ -6,6 +6,7 @@ first epoch: a teacher below `distill.teacher_min_map` stops the run unless forc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -137,10 +138,8 @@ class DistillTrainer(Trainer):
         else:
             self.teacher_map = self._evaluate_teacher()
             err.print(f"teacher mAP50 on {where}: {self.teacher_map:.4f}", highlight=False)
-            try:
+            with contextlib.suppress(OSError):  # a read-only teacher folder: the check is simply not cached
                 atomic.write_json(cache, {**_read_checks(cache), key: self.teacher_map}, indent=1)
-            except OSError:
-                pass  # a read-only teacher folder: the check is simply not cached
         threshold = self.recipe.distill.teacher_min_map
         if self.teacher_map < threshold and not self.force:
             raise KdcliError(f"the teacher looks untrained: mAP50 {self.teacher_map:.4f} < {threshold} on {where}",

@@ -80,7 +80,8 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(((mrec[i + 1] - mrec[i]) * mpre[i + 1]).sum())
 
 
-def voc_matches(dets: Detections, gt: GroundTruth, c: int, iou_t: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def voc_matches(dets: Detections, gt: GroundTruth, c: int, iou_t: float = 0.5
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The detections of class c ranked by score (indices into `dets`), and their TP and FP flags (an ignored
     match is neither). A detection's flag depends only on higher-scoring detections of its own image, so the
     flags stay valid when images are resampled (the bootstrap below)."""

@@ -73,7 +73,8 @@ def predict_loader(model: torch.nn.Module, loader: DataLoader, cfg: ModelConfig,
                         np.concatenate(boxes).reshape(-1, 4)), samples
 
 
-def pycoco_per_class(dets: M.Detections, gt_json: dict[str, Any], max_det: int, backend: str) -> tuple[np.ndarray, np.ndarray]:
+def pycoco_per_class(dets: M.Detections, gt_json: dict[str, Any], max_det: int, backend: str
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """(AP50 per class, AP50:95 per class) from pycocotools or faster-coco-eval; NaN where a class has no GT."""
     if backend == "faster-coco-eval":
         from faster_coco_eval import COCO, COCOeval_faster as COCOeval
@@ -159,7 +160,8 @@ def _num(v: float) -> float | None:
 
 def evaluate(model: torch.nn.Module, loader: DataLoader, gt_json: dict[str, Any], classes: list[str],
              cfg: ModelConfig, device: torch.device, iou_thresholds: list[float], backend: str = "auto",
-             amp_dtype: torch.dtype | None = None, ci_resamples: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             amp_dtype: torch.dtype | None = None, ci_resamples: int = 0
+             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     t0 = time.perf_counter()
     dets, samples = predict_loader(model, loader, cfg, device, amp_dtype)
     t1 = time.perf_counter()

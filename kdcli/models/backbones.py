@@ -39,7 +39,7 @@ def load_pretrained(net: nn.Module, name: str, pretrained: bool | str) -> None:
                               f"model.pretrained=/path/to/file.pth, or model.pretrained=false to train from scratch")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
         raise KdcliError(f"{path}: cannot read ImageNet weights ({type(e).__name__}: {e})") from None
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = net.load_state_dict(state, strict=False)

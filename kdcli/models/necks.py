@@ -34,7 +34,7 @@ class FPN(nn.Module):
         self.smooth = nn.ModuleList(conv_block(channels, channels, 3, norm=norm) for _ in range(n_levels))
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        lat = [l(f) for l, f in zip(self.lateral, feats)]
+        lat = [conv(f) for conv, f in zip(self.lateral, feats)]
         for i in range(len(lat) - 2, -1, -1):
             lat[i] = lat[i] + F.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="nearest")
         return [s(x) for s, x in zip(self.smooth, lat)]

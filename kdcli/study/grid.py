@@ -142,6 +142,7 @@ class Study:
     def student_recipe(self, cell: Cell, teacher_weights: Path, defaults: dict[str, Any]) -> schema.Recipe:
         c = self.cfg
         labels, method = StudyConfig.labels_method(cell.config)
-        return load.load(schema.Recipe, c.student, [*c.overrides, *c.student_overrides, f"distill.teacher={teacher_weights}",
+        return load.load(schema.Recipe, c.student, [*c.overrides, *c.student_overrides,
+                                                    f"distill.teacher={teacher_weights}",
                                              f"distill.labels={labels}", f"distill.method={method}",
                                              f"seed={cell.seed}", f"name={cell.slug}"], defaults=defaults)

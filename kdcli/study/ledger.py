@@ -3,7 +3,8 @@
 A study killed mid-write may leave a cut last line: it is ignored when reading and cut away before the next
 append, so the ledger stays valid. A line anywhere else that is not JSON, or JSON of the wrong shape (no cell
 name, fold or seed; a status other than ok/failed; ok without numeric metrics), is reported once with its
-file and line and skipped: one bad line must not block a whole study (the cell it named is not finished). Appends hold an
+file and line and skipped: one bad line must not block a whole study (the cell it named is not finished).
+Appends hold an
 exclusive lock, so the cells of a pool can share one ledger; cells run by a scheduler (`kdcli study --plan`)
 write a ledger each under `ledgers/`, and `study_records` merges them all.
 """

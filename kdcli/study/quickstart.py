@@ -50,7 +50,8 @@ def last_quarter_gain(run_dir: Path) -> float | None:
     path = run_dir / "results.csv"
     if not path.is_file():
         return None
-    vals = [float(r["mAP50"]) for r in csv.DictReader(open(path, newline="")) if r.get("mAP50")]
+    with open(path, newline="") as f:
+        vals = [float(r["mAP50"]) for r in csv.DictReader(f) if r.get("mAP50")]
     if len(vals) < 4:
         return None
     cut = len(vals) - len(vals) // 4

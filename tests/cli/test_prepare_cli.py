@@ -34,7 +34,8 @@ def test_synthetic_then_prepare_each_kind(datasets_env: Path):
     r = run("prepare", "synthetic", "--kind", "vedai", "--images", "20", "--size", "64")
     assert r.exit_code == 0, r.output
     raw = datasets_env / "raw" / "synthetic-vedai"
-    assert (raw / "Vehicules512" / "00000000_co.png").is_file() and (raw / "Annotations1024" / "fold10test.txt").is_file()
+    assert (raw / "Vehicules512" / "00000000_co.png").is_file()
+    assert (raw / "Annotations1024" / "fold10test.txt").is_file()
     for res in ("25", "12"):
         r = run("prepare", "vedai", "--src", str(raw), "--res", res, "--classes", "vedai9")
         assert r.exit_code == 0, r.output

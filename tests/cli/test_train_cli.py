@@ -79,7 +79,8 @@ def test_val_prints_table_json_and_files(tiny_checkpoint: Path, tmp_path: Path, 
     r = run("val", str(tiny_checkpoint), "split=val")
     assert r.exit_code == 0 and "mAP50" in r.output and "car" in r.output and "95 % interval over the" in r.output
     val_runs = sorted((tmp_path / "runs" / "val").iterdir())
-    assert len(val_runs) == 2 and (val_runs[0] / "metrics.json").is_file() and (val_runs[0] / "predictions.png").is_file()
+    assert len(val_runs) == 2 and (val_runs[0] / "metrics.json").is_file()
+    assert (val_runs[0] / "predictions.png").is_file()
     assert json.loads((val_runs[1] / "metrics.json").read_text())["coco_backend"] == "pycocotools"
     r = run("val", str(tiny_checkpoint), "splt=val")
     assert r.exit_code == 2 and "did you mean 'split'" in r.output
@@ -94,7 +95,7 @@ def test_info_model_ratio_and_json():
     t, s = info["models"]
     assert t["params"]["total"] == sum(v for k, v in t["params"].items() if k != "total")
     assert 1.5 < info["param_ratio"] < 1.75  # the paper states 1.6
-    assert len(t["levels"]) == 5 and t["levels"][0]["stride"] == 8  # 5 levels: the recipe size is 512 and t["levels"][0]["shape"] == [256, 16, 16]
+    assert len(t["levels"]) == 5 and t["levels"][0]["stride"] == 8  # 5 levels: the recipe size is 512
     assert t["gflops"] > s["gflops"] > 0
 
 

@@ -27,7 +27,8 @@ def test_unknown_key_named_with_line_and_suggestion(tmp_path: Path):
     p = _write(tmp_path, "r.yaml", "seed: 1\ndata:\n  path: x\n  imgsz: 256\n  anchr_size: 3\n")
     with pytest.raises(KdcliError) as e:
         load.load(Recipe, p)
-    assert str(p) + ":5: data.anchr_size: unknown key 'anchr_size' (did you mean 'data.anchor_size'?)" in e.value.message
+    want = ":5: data.anchr_size: unknown key 'anchr_size' (did you mean 'data.anchor_size'?)"
+    assert str(p) + want in e.value.message
 
 
 def test_wrong_type_names_file_line_and_field(tmp_path: Path):

@@ -71,7 +71,8 @@ def _expected_objects(raw: Path, folder: str, size: int, drop: set[int]) -> int:
     """Objects a correct conversion keeps: from the combined file, minus dropped classes and boxes with no
     area left inside the image."""
     n = 0
-    for line in (raw / folder / f"annotation{folder[-3:] if folder.endswith('512') else '1024'}.txt").read_text().splitlines():
+    size = folder[-3:] if folder.endswith("512") else "1024"
+    for line in (raw / folder / f"annotation{size}.txt").read_text().splitlines():
         f = line.split()
         xs, ys = [int(v) for v in f[4:8]], [int(v) for v in f[8:12]]
         w = min(max(xs), size) - max(min(xs), 0)
@@ -109,7 +110,7 @@ def test_prepare_vedai_folds_partition_and_counts(tmp_path: Path, vedai_raw: Pat
     for a in first["annotations"]:
         im = next(i for i in first["images"] if i["id"] == a["image_id"])
         x, y, w, h = a["bbox"]
-        assert 0 <= x and 0 <= y and x + w <= im["width"] and y + h <= im["height"] and w > 0 and h > 0
+        assert x >= 0 and y >= 0 and x + w <= im["width"] and y + h <= im["height"] and w > 0 and h > 0
         assert a["area"] == pytest.approx(w * h, abs=0.05)
     assert all((out / im["file_name"]).is_file() and (out / im["ir_file"]).is_file() for im in first["images"])
     saved = yaml.safe_load((out / "dataset.yaml").read_text())

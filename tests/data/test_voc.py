@@ -41,7 +41,8 @@ def test_prepare_voc_end_to_end(tmp_path: Path, voc_raw: Path):
     out = tmp_path / "voc"
     meta = voc.prepare(voc_raw, out, val_fraction=0.2, seed=0)
     ids = {s: (voc_raw / y / "ImageSets" / "Main" / f"{s2}.txt").read_text().split()
-           for s, y, s2 in (("07tv", "VOC2007", "trainval"), ("07t", "VOC2007", "test"), ("12tv", "VOC2012", "trainval"))}
+           for s, y, s2 in (("07tv", "VOC2007", "trainval"), ("07t", "VOC2007", "test"),
+                            ("12tv", "VOC2012", "trainval"))}
     n_train = len(ids["07tv"]) + len(ids["12tv"])
     assert meta["splits"]["train"]["images"] + meta["splits"]["val"]["images"] == n_train
     assert meta["splits"]["val"]["images"] == round(0.2 * n_train)

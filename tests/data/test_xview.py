@@ -64,7 +64,8 @@ def test_prepare_xview_end_to_end(tmp_path: Path, xview_raw: Path):
     assert set(train).isdisjoint(val) and len(train) + len(val) == 4 and len(val) == 1
     d = meta["dropped"]
     assert d["scene referenced in the GeoJSON but absent (skipped)"]["example"] == "1395.tif"
-    assert d["type_id 75 is not a class (dropped)"]["count"] == 2 and d["type_id 82 is not a class (dropped)"]["count"] == 2
+    assert d["type_id 75 is not a class (dropped)"]["count"] == 2
+    assert d["type_id 82 is not a class (dropped)"]["count"] == 2
     assert d["box with no area inside the scene (dropped)"]["count"] == 4
     assert d["box clipped to the scene"]["count"] >= 4
     geo = json.loads((xview_raw / "xView_train.geojson").read_text())
@@ -92,7 +93,7 @@ def test_prepare_xview_end_to_end(tmp_path: Path, xview_raw: Path):
         for a in data["annotations"]:
             im = by_id[a["image_id"]]
             x, y, w, h = a["bbox"]
-            assert 0 <= x and 0 <= y and x + w <= im["width"] + 1e-6 and y + h <= im["height"] + 1e-6
+            assert x >= 0 and y >= 0 and x + w <= im["width"] + 1e-6 and y + h <= im["height"] + 1e-6
             assert a["raw_class"] in vehicle_ids
         if split == "train":  # keep_empty=0: every kept training tile has a box
             assert all(any(a["image_id"] == im["id"] for a in data["annotations"]) for im in data["images"])

@@ -166,7 +166,8 @@ class Cosine(DistillMethod):
         self.scale = torch.nn.Parameter(torch.ones(levels))  # a parameter of the method itself
 
     def loss(self, student, teacher, batch):
-        sims = [torch.nn.functional.cosine_similarity(s, t, dim=1).mean() for s, t in zip(student.features, teacher.features)]
+        sims = [torch.nn.functional.cosine_similarity(s, t, dim=1).mean()
+                for s, t in zip(student.features, teacher.features)]
         return {"cos": self.cfg.weight * sum(k * (1 - x) for k, x in zip(self.scale, sims))}
 """
 

@@ -28,7 +28,9 @@ def _sig(x: float) -> float:
 
 def _bl1(d: float, alpha=0.5, gamma=1.5, beta=0.11) -> float:
     d, b = abs(d), math.e ** (gamma / alpha) - 1
-    return alpha / b * (b * d + 1) * math.log(b * d / beta + 1) - alpha * d if d < beta else gamma * d + gamma / b - alpha * beta
+    if d < beta:
+        return alpha / b * (b * d + 1) * math.log(b * d / beta + 1) - alpha * d
+    return gamma * d + gamma / b - alpha * beta
 
 
 def _flat(t: torch.Tensor) -> list[float]:
@@ -207,7 +209,8 @@ def test_defeat_level_variant_direct_and_empty_guard():
     g = torch.Generator().manual_seed(5)
     fs = [torch.randn(1, 2, 2, 2, generator=g), torch.randn(1, 2, 1, 1, generator=g)]
     ft = [torch.randn(1, 2, 2, 2, generator=g), torch.randn(1, 2, 1, 1, generator=g)]
-    terms = DeFeat(_section("defeat", variant="level")).loss(_out(fs), _out(ft), {"boxes": [torch.tensor([[0.0, 0, 4, 4]])]})
+    batch = {"boxes": [torch.tensor([[0.0, 0, 4, 4]])]}
+    terms = DeFeat(_section("defeat", variant="level")).loss(_out(fs), _out(ft), batch)
     fg, bg = [], []
     for lvl, (s, t) in enumerate(zip(fs, ft)):
         _, c, h, w = s.shape
@@ -241,6 +244,7 @@ def test_distiller_adapts_features_once_and_freezes_the_teacher():
     assert set(terms) == {"soft_cls", "soft_box", "feat"}
     sum(terms.values()).backward()
     assert d.terms.adapters.convs[0].weight.grad is not None and teacher.head.levels[0].cls_out.weight.grad is None
-    assert set(d.state_dict()) == {k for k in d.terms.state_dict()} and all(k.startswith("adapters.") for k in d.state_dict())
+    assert set(d.state_dict()) == set(d.terms.state_dict())
+    assert all(k.startswith("adapters.") for k in d.state_dict())
     late = Distiller(DistillConfig(method="mse", stop_epoch=2), teacher, 8)
     assert late.loss(student(images), {"images": images, "boxes": []}, epoch=2) == {}

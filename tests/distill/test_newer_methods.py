@@ -37,7 +37,8 @@ def _cwd_direct(fs, ft, tau, weight):
         total = 0.0
         for i in range(n):
             for k in range(c):
-                xs, xt = [v / tau for v in s[i, k].reshape(-1).tolist()], [v / tau for v in t[i, k].reshape(-1).tolist()]
+                xs = [v / tau for v in s[i, k].reshape(-1).tolist()]
+                xt = [v / tau for v in t[i, k].reshape(-1).tolist()]
                 zs, zt = sum(math.exp(v) for v in xs), sum(math.exp(v) for v in xt)
                 for a, b in zip(xs, xt):
                     pt, ps = math.exp(b) / zt, math.exp(a) / zs

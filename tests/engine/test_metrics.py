@@ -132,7 +132,8 @@ def test_bootstrap_interval_equals_resampling_by_copying_images():
     for counts in draws:
         copies = [(im, k) for im, n in zip(ids, counts) for k in range(n)]
         new_id = {c: i for i, c in enumerate(copies)}
-        a2 = [{**a, "image_id": new_id[(a["image_id"], k)]} for a in anns for k in range(counts[ids.index(a["image_id"])])]
+        a2 = [{**a, "image_id": new_id[(a["image_id"], k)]}
+              for a in anns for k in range(counts[ids.index(a["image_id"])])]
         rows = [(new_id[(x[0], k)], *x[1:]) for x in dets for k in range(counts[ids.index(x[0])])]
         d2 = Detections(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), np.array([r[2] for r in rows]),
                         np.array([r[3] for r in rows], float).reshape(-1, 4))

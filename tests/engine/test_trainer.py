@@ -52,11 +52,10 @@ def test_resume_is_exact(tmp_path: Path, vedai25: Path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    rows = list(csv.DictReader(open(tmp_path / "split" / "results.csv")))
+    rows = list(csv.DictReader((tmp_path / "split" / "results.csv").read_text().splitlines()))
+    straight = list(csv.DictReader((tmp_path / "straight" / "results.csv").read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert rows == list(csv.DictReader(open(tmp_path / "straight" / "results.csv"))) or all(
-        rows[i]["loss_total"] == r["loss_total"] for i, r in
-        enumerate(csv.DictReader(open(tmp_path / "straight" / "results.csv"))))
+    assert rows == straight or all(rows[i]["loss_total"] == r["loss_total"] for i, r in enumerate(straight))
 
 
 def test_training_time_adds_up_over_resumed_attempts(tmp_path: Path, vedai25: Path):

@@ -52,7 +52,8 @@ def test_detection_loss_finite_on_empty_images_and_backprops(assigner: str):
                  [torch.tensor([1]), torch.zeros(0, dtype=torch.long)])
     assert set(terms) == {"cls", "box", "total"} and terms["box"].item() > 0
     terms["total"].backward()
-    assert model.head.levels[0].cls_out.weight.grad is not None and torch.isfinite(model.head.levels[0].cls_out.weight.grad).all()
+    grad = model.head.levels[0].cls_out.weight.grad
+    assert grad is not None and torch.isfinite(grad).all()
 
 
 def test_detection_loss_mg_hand_case_reductions():

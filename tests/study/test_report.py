@@ -59,7 +59,7 @@ def test_report_tables_gains_and_plot(tmp_path: Path):
 
     md = (d / "table.md").read_text()
     assert "| teacher | **55.0 (49.0–58.0)** |" in md and "| hard | 25.0 (19.0–28.0) |" in md
-    rows = list(csv.DictReader(open(d / "table.csv")))
+    rows = list(csv.DictReader((d / "table.csv").read_text().splitlines()))
     assert [r["config"] for r in rows] == ["teacher", "hard", "hard+pdf"]
     assert float(rows[2]["median"]) == pytest.approx(0.27)  # 0.27, 0.315, 0.205 and rows[1]["gain_mean"] == ""
     assert r"\textbf{55.0 (49.0--58.0)}" in (d / "table.tex").read_text()

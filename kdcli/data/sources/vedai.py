@@ -201,7 +201,8 @@ def prepare(src: Path, out: Path, res: int = 25, classes: str = "vedai8", folds:
                 counts[name] = part.class_counts()
         meta = {
             "name": out.name, "source": "vedai", "resolution_cm": 12.5 if res == 12 else 25,
-            "image_size": max((max(im["width"], im["height"]) for im in full.images), default=0), "src": str(src.resolve()),
+            "image_size": max((max(im["width"], im["height"]) for im in full.images), default=0),
+            "src": str(src.resolve()),
             "synthetic": (src / SYNTHETIC_MARKER).is_file(),
             "classes": pre.classes, "preset": classes,
             "class_mapping": pre.describe(), "folds": sorted(fold_ids), "val_fraction": val_fraction, "seed": seed,

@@ -1,6 +1,7 @@
-"""Synthetic data in Pascal VOC's raw format (the output folder plays `VOCdevkit`): `VOC2007|VOC2012/{Annotations,ImageSets/Main,
-JPEGImages}` with the quirks real files have: a float coordinate, an object without `<difficult>`, difficult
-objects, and a person with `<part>` boxes that must not be read as objects.
+"""Synthetic data in Pascal VOC's raw format (the output folder plays `VOCdevkit`):
+`VOC2007|VOC2012/{Annotations,ImageSets/Main,JPEGImages}` with the quirks real files have: a float coordinate,
+an object without `<difficult>`, difficult objects, and a person with `<part>` boxes that must not be read as
+objects.
 """
 
 from __future__ import annotations
