@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kdcli.cli.train import Overrides, report, resume_recipe, split_recipe
+from kdcli.cli.train import Overrides, report, split_recipe
 from kdcli.config import load
 from kdcli.config import schema
 from kdcli.errors import KdcliError
@@ -40,7 +40,7 @@ def distill(
     if resume is not None:
         if recipe is not None:
             raise KdcliError("give a recipe or --resume, not both")
-        summary = DistillTrainer(resume_recipe(resume, extra, "distill"), resume=resume, force=force).fit()
+        summary = DistillTrainer.resume(resume, extra, force=force).fit()
         report(summary, as_json)
         return
     flags = [f"distill.{k}={v}" for k, v in (("teacher", teacher), ("method", method), ("labels", labels)) if v]

@@ -19,31 +19,12 @@ from kdcli.errors import KdcliError
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. fold=2 train.epochs=3.")]
 
-RESUME_OVERRIDES = ("train.device", "data.workers", "train.epochs", "train.plots")
-
-
 def split_recipe(recipe: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:
     """The optional RECIPE argument swallows the first `key=value` when no recipe is given: give it back."""
     extra = list(overrides or [])
     if recipe is not None and "=" in recipe and not Path(recipe).exists():
         return None, [recipe, *extra]
     return recipe, extra
-
-
-def resume_recipe(resume: Path, extra: list[str], task: str) -> schema.Recipe:
-    """The recipe stored in a last.pt, with only the overrides a resume may change."""
-    from kdcli.engine import checkpoint
-
-    ckpt = checkpoint.load(resume)
-    if "train_state" not in ckpt:
-        raise KdcliError(f"{resume}: no training state (best.pt cannot resume)", hint="resume from last.pt")
-    if ckpt.get("task", "train") != task:
-        raise KdcliError(f"{resume}: a '{ckpt.get('task')}' run; resume it with `kdcli {ckpt.get('task')} --resume`")
-    for item in extra:
-        key = ".".join(load.resolve_key(schema.Recipe, load.parse_override(item)[0]))
-        if key not in RESUME_OVERRIDES:
-            raise KdcliError(f"'{item}' cannot change on resume", hint=f"allowed: {', '.join(RESUME_OVERRIDES)}")
-    return load.load(schema.Recipe, None, extra, defaults=ckpt["recipe"])
 
 
 def train(
@@ -65,7 +46,7 @@ def train(
     if resume is not None and recipe is not None:
         raise KdcliError("give a recipe or --resume, not both", hint="the recipe of a resumed run is in last.pt")
     if resume is not None:
-        trainer = Trainer(resume_recipe(resume, extra, "train"), resume=resume)
+        trainer = Trainer.resume(resume, extra)
     else:
         if recipe is None:
             raise KdcliError("give a train recipe (e.g. recipes/train/synthetic_student.yaml) or --resume last.pt")

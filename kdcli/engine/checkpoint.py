@@ -84,7 +84,9 @@ def load(path: str | Path) -> dict[str, Any]:
         raise KdcliError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "unsupported global" not in str(e).lower():  # garbage, not a refused Python object
+            raise KdcliError(f"{path}: not a readable kdcli checkpoint (not a torch file, or a damaged one)") from None
         # torch's message advises weights_only=False, which would run code from the file: never pass that on
         raise KdcliError(f"{path}: holds Python objects beyond tensors and plain data, which kdcli's safe "
                          "(weights-only) reader refuses to load",

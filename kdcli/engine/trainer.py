@@ -46,6 +46,9 @@ from kdcli.models.losses import DetectionLoss
 MAX_RELOADS = 3
 
 
+RESUME_OVERRIDES = ("train.device", "data.workers", "train.epochs", "train.plots")  # what a resume may change
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -139,6 +142,26 @@ class Trainer:
         self.val_samples: list[dict[str, Any]] = []
         self.attempt_start = time.perf_counter()
         self.first_step_s: float | None = None  # from the start of the process to the end of the first step
+
+    @classmethod
+    def resume(cls, path: str | Path, overrides: list[str] | None = None, **kwargs: Any) -> Trainer:
+        """The trainer that continues the run of `path` (a last.pt) exactly: its stored recipe, with only the
+        overrides a resume may change (RESUME_OVERRIDES). `kdcli train/distill --resume` and the study runner all
+        come through here."""
+        from kdcli.config import load
+
+        path = Path(path)
+        ckpt = checkpoint.load(path)
+        if "train_state" not in ckpt:
+            raise KdcliError(f"{path}: no training state (best.pt cannot resume)", hint="resume from last.pt")
+        task = ckpt.get("task", "train")
+        if task != cls.task:
+            raise KdcliError(f"{path}: a '{task}' run; resume it with `kdcli {task} --resume`")
+        for item in overrides or []:
+            key = ".".join(load.resolve_key(Recipe, load.parse_override(item)[0]))
+            if key not in RESUME_OVERRIDES:
+                raise KdcliError(f"'{item}' cannot change on resume", hint=f"allowed: {', '.join(RESUME_OVERRIDES)}")
+        return cls(load.load(Recipe, None, overrides or [], defaults=ckpt["recipe"]), resume=path, **kwargs)
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def setup(self) -> None:

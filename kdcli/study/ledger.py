@@ -22,8 +22,13 @@ from typing import Any
 _REPORTED: set[tuple[Path, int]] = set()  # lines already warned about in this process
 
 
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _numeric(x: Any) -> bool:
+    """A number (or null, as NaN is written), or a list / mapping of them (per-class values, intervals)."""
+    if isinstance(x, (list, tuple)):
+        return all(_numeric(v) for v in x)
+    if isinstance(x, dict):
+        return all(_numeric(v) for v in x.values())
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
 
 
 def shape_problem(record: Any) -> str | None:
@@ -43,7 +48,7 @@ def shape_problem(record: Any) -> str | None:
         if not isinstance(metrics, dict) or not metrics:
             return "status ok without metrics"
         for k, v in metrics.items():
-            if not (_number(v) or (isinstance(v, list) and all(_number(x) for x in v))):
+            if not _numeric(v):
                 return f"metric '{k}' is not a number"
     return None
 

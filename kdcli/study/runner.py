@@ -25,8 +25,6 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from kdcli import __version__
-from kdcli.config import load
-from kdcli.config.schema import Recipe
 from kdcli.console import err
 from kdcli.errors import FAILED, KdcliError
 from kdcli.study.grid import Cell, Study
@@ -66,11 +64,9 @@ def _trainer(study: Study, cell: Cell, device: str | None, workers: int | None =
     cls = Trainer if cell.is_teacher else DistillTrainer
     extra = ([f"train.device={device}"] if device else []) + ([f"data.workers={workers}"] if workers else [])
     last = run_dir / "weights" / "last.pt"
-    if last.is_file():
-        ckpt = checkpoint.load(last)
-        if "train_state" in ckpt:
-            err.print(f"{cell.id}: resuming from {last}", highlight=False)
-            return cls(load.load(Recipe, None, extra, defaults=ckpt["recipe"]), resume=last)
+    if last.is_file() and "train_state" in checkpoint.load(last):
+        err.print(f"{cell.id}: resuming from {last}", highlight=False)
+        return cls.resume(last, extra)
     if run_dir.exists():
         n = 1
         while run_dir.with_name(f"{run_dir.name}.old{n}").exists():

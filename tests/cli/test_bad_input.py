@@ -211,3 +211,17 @@ def test_predict_asks_before_a_mistyped_overlap_runs_all_night(tiny_checkpoint: 
     flat = " ".join(r.output.split())
     assert r.exit_code == 2 and "3751969 windows to predict in 1 image(s)" in flat and "--yes" in flat, r.output
     assert _snapshot(tmp_path) == before
+
+
+class _NotData:
+    """Stands for any Python object a checkpoint must not hold (loading it would run its class's code)."""
+
+
+def test_an_unsafe_checkpoint_is_refused_without_torch_advice(tmp_path: Path):
+    import torch
+
+    torch.save({"format_version": 1, "model": _NotData()}, tmp_path / "evil.pt")
+    r = runner.invoke(app, ["val", str(tmp_path / "evil.pt")], terminal_width=200)
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "safe (weights-only) reader refuses to load" in flat, r.output
+    assert "weights_only" not in flat and "trust" not in flat  # never pass on the advice to switch the check off
