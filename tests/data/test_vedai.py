@@ -71,8 +71,8 @@ def _expected_objects(raw: Path, folder: str, size: int, drop: set[int]) -> int:
     """Objects a correct conversion keeps: from the combined file, minus dropped classes and boxes with no
     area left inside the image."""
     n = 0
-    size = folder[-3:] if folder.endswith("512") else "1024"
-    for line in (raw / folder / f"annotation{size}.txt").read_text().splitlines():
+    suffix = folder[-3:] if folder.endswith("512") else "1024"
+    for line in (raw / folder / f"annotation{suffix}.txt").read_text().splitlines():
         f = line.split()
         xs, ys = [int(v) for v in f[4:8]], [int(v) for v in f[8:12]]
         w = min(max(xs), size) - max(min(xs), 0)
