@@ -88,7 +88,7 @@ def test_prepare_vedai_folds_partition_and_counts(tmp_path: Path, vedai_raw: Pat
     meta = vedai.prepare(vedai_raw, out, res=res, classes="vedai8", val_fraction=0.1, seed=0)
     assert meta["folds"] == list(range(1, 11))
     assert meta["images"] == 40  # the 41st listed id has no image: counted, not fatal
-    assert meta["dropped"]["id listed in a fold file without an image"]["count"] == 1
+    assert meta["dropped"]["image listed in a fold file but missing (skipped)"]["count"] == 1
     all_images = {im["id"] for k in range(1, 11) for s in ("train", "val", "test")
                   for im in _load(out, f"fold{k:02d}_{s}")["images"]}
     assert len(all_images) == 40
@@ -233,3 +233,17 @@ def test_synthetic_extra_test_images_join_every_fold_test_split(tmp_path: Path):
     assert all(len(t["images"]) == 2 + 7 for t in tests)  # 20 scenes / 10 folds + 7 extra
     with pytest.raises(KdcliError, match="--kind vedai"):
         synthetic.generate("voc", tmp_path / "v", images=2, test_images=3)
+
+
+def test_a_missing_image_counts_the_objects_it_takes_with_it(tmp_path: Path, vedai_raw: Path):
+    import shutil
+
+    raw = tmp_path / "raw"
+    shutil.copytree(vedai_raw, raw)
+    ann = sorted((raw / "Annotations512").glob("0*.txt"))[0]
+    lines = [x for x in ann.read_text().splitlines() if x.strip()]
+    (raw / "Vehicules512" / f"{ann.stem}_co.png").unlink()
+    meta = vedai.prepare(raw, tmp_path / "out", res=25, classes="vedai8", val_fraction=0.1, seed=0)
+    lost = meta["dropped"]["objects of a missing image (dropped)"]
+    assert lost["count"] == len(lines) > 0 and lost["example"].startswith(ann.stem)
+    assert meta["dropped"]["image listed in a fold file but missing (skipped)"]["count"] == 2

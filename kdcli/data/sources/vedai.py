@@ -162,7 +162,11 @@ def prepare(src: Path, out: Path, res: int = 25, classes: str = "vedai8", folds:
         for vid in console.track(all_ids, f"VEDAI {res} cm images"):
             image_path = img_dir / f"{vid}_co.png"
             if not image_path.is_file():
-                tally.add("id listed in a fold file without an image", vid)
+                tally.add("image listed in a fold file but missing (skipped)", str(image_path))
+                ann_path = ann_dir / f"{vid}.txt"
+                if ann_path.is_file():  # its annotated objects are lost with it: count them, not just the image
+                    lost = len(list(read_objects(ann_path, Tally())))
+                    tally.add("objects of a missing image (dropped)", f"{vid}: {lost} objects", lost)
                 continue
             try:
                 width, height = probe(image_path)
