@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from kdcli.console import err
 from kdcli.errors import KdcliError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -39,7 +40,8 @@ class Raster:
         if self.dtype != np.uint8 or self.scale:
             lo = np.array([s[0] for s in self.scale], np.float32)
             hi = np.array([s[1] for s in self.scale], np.float32)
-            win = np.clip((win.astype(np.float32) - lo) / np.maximum(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+            scaled = (win.astype(np.float32) - lo) / np.maximum(hi - lo, 1e-6) * 255
+            win = np.clip(np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0), 0, 255).astype(np.uint8)
         if win.shape[-1] == 1:
             win = np.repeat(win, 3, axis=-1)
         return np.ascontiguousarray(win)
@@ -113,6 +115,16 @@ def open_raster(path: str | Path, bands: list[int] | None = None, percentiles: t
     if normalize == "percentile" or (normalize == "auto" and arr.dtype != np.uint8):
         step = max(1, int(np.sqrt(r.width * r.height / SAMPLE_PIXELS)))
         sample = np.asarray(arr[::step, ::step][..., chosen], dtype=np.float32).reshape(-1, len(chosen))
-        lo, hi = np.percentile(sample, percentiles, axis=0)
+        finite = np.isfinite(sample)
+        if not finite.all():  # nodata as NaN/inf: left out of the statistics, read as black
+            empty = [chosen[i] + 1 for i in range(len(chosen)) if not finite[:, i].any()]
+            if empty:
+                raise KdcliError(f"{path}: band(s) {','.join(map(str, empty))} hold no finite value (all NaN or "
+                                 "infinite)", hint="choose other bands with --bands")
+            share = 100 * (1 - finite.mean())
+            err.print(f"[yellow]warning:[/] {path}: {share:.1f} % of the sampled pixels are NaN or infinite "
+                      "(nodata): left out of the scaling and read as black", highlight=False, soft_wrap=True)
+            sample = np.where(finite, sample, np.nan)
+        lo, hi = np.nanpercentile(sample, percentiles, axis=0)
         r.scale = [(float(a), float(b)) for a, b in zip(lo, hi)]
     return r

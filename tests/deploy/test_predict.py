@@ -119,3 +119,26 @@ def test_predict_errors(tmp_path: Path, tiny_checkpoint: Path):
     assert res.exit_code == 2 and "give images to predict" in res.output
     res = CliRunner().invoke(app, ["predict", str(tiny_checkpoint), "x.png", "--merge", "vote"])
     assert res.exit_code == 2 and "--merge vote" in res.output
+
+
+def test_float_tiff_with_nodata_nan_is_scaled_without_numpy_warnings(tmp_path: Path, capsys):
+    import warnings
+
+    from kdcli.data.rasters import open_raster
+    from kdcli.errors import KdcliError
+
+    arr = np.linspace(0, 1000, 64 * 64 * 3, dtype=np.float32).reshape(64, 64, 3)
+    arr[:16] = np.nan  # a nodata stripe, as GDAL writes it
+    tifffile.imwrite(tmp_path / "f.tif", arr, photometric="rgb")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "All-NaN slice" / invalid value warnings would raise here
+        r = open_raster(tmp_path / "f.tif")
+        win = r.read(0, 0, 64, 64)
+    assert all(np.isfinite(v) for pair in r.scale for v in pair)
+    assert win.dtype == np.uint8 and (win[:16] == 0).all() and win[16:].max() > 200
+    err = capsys.readouterr().err
+    assert "25.0 % of the sampled pixels are NaN or infinite" in " ".join(err.split())
+    arr[..., 1] = np.nan
+    tifffile.imwrite(tmp_path / "g.tif", arr, photometric="rgb")
+    with pytest.raises(KdcliError, match=r"band\(s\) 2 hold no finite value"):
+        open_raster(tmp_path / "g.tif")
