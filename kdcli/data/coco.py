@@ -87,6 +87,8 @@ def read_split(dataset_dir: str | Path, split: str, fold: int | None = None) -> 
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise KdcliError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KdcliError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
 
 
 def read_dataset_yaml(dataset_dir: str | Path) -> dict[str, Any]:
@@ -94,7 +96,14 @@ def read_dataset_yaml(dataset_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise KdcliError(f"{path}: not a kdcli dataset dir (no {DATASET_YAML})",
                          hint="prepare one with `kdcli prepare vedai|xview|voc|coco`")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise KdcliError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML: "
+                         f"{getattr(e, 'problem', None) or e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KdcliError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     if not isinstance(data, dict) or "classes" not in data:
         raise KdcliError(f"{path}: malformed dataset.yaml (no 'classes')")
     return data

@@ -168,6 +168,12 @@ CASES = [
     Case("info-model-missing", ["info", "model", "no_such.yaml"], "recipe not found"),
     Case("predict-weights-missing", ["predict", "{tmp}/none.pt", "{tmp}/a.png"], "none.pt: checkpoint not found",
          {"a.png": "PNG"}),
+    Case("data-check-bad-dataset-yaml", ["data", "check", "{tmp}/ds"], "dataset.yaml:2: invalid YAML",
+         {"ds/dataset.yaml": "classes: [car\nname: : x\n", "ds/annotations/train.json": "{}"}),
+    Case("data-stats-binary-dataset-yaml", ["data", "stats", "{tmp}/ds"], "dataset.yaml: cannot read",
+         {"ds/dataset.yaml": "BINARY", "ds/annotations/train.json": "{}"}),
+    Case("data-stats-no-classes", ["data", "stats", "{tmp}/ds"], "malformed dataset.yaml (no 'classes')",
+         {"ds/dataset.yaml": "name: x\n"}),
     # benchmark options
     Case("benchmark-imgsz-negative", ["benchmark", "--imgsz", "-5"], "--imgsz"),
     Case("benchmark-imgsz-zero", ["benchmark", "--imgsz", "0"], "--imgsz"),
@@ -184,6 +190,8 @@ def _write(root: Path, files: dict[str, str]) -> None:
         p.parent.mkdir(parents=True, exist_ok=True)
         if text == "PNG":
             Image.new("RGB", (32, 32), (200, 10, 10)).save(p)
+        elif text == "BINARY":
+            p.write_bytes(b"\xff\xfe\x00\x81 not utf-8")
         else:
             p.write_text(text)
 
