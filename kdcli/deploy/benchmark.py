@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kdcli.config.schema import ModelConfig
-from kdcli.engine.acceleration import compile_forward, to_channels_last
+from kdcli.engine.acceleration import compile_forward
 from kdcli.models.detector import build_detector
 from kdcli.models.losses import DetectionLoss
 
@@ -75,7 +75,7 @@ def train_step(cfg: ModelConfig, imgsz: int, batch: int, device: torch.device, a
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     images, boxes, labels = synthetic_batch(batch, imgsz, num_classes, device)
     if channels_last:
-        to_channels_last(model)
+        model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     if compile:
         compile_forward(model, device)

@@ -15,10 +15,6 @@ from torch import nn
 from kdcli.errors import KdcliError
 
 
-def to_channels_last(module: nn.Module) -> nn.Module:
-    return module.to(memory_format=torch.channels_last)
-
-
 def compile_forward(module: nn.Module, device: torch.device) -> nn.Module:
     """Compile `module`'s forward in place; on a CPU inductor needs a C++ compiler, checked here rather than at
     the first step (where torch would fail with a long traceback)."""

@@ -34,7 +34,7 @@ from kdcli.data import coco
 from kdcli.data.dataset import DetectionDataset, collate
 from kdcli.data.transforms import train_transform
 from kdcli.engine import checkpoint, distributed as dist
-from kdcli.engine.acceleration import compile_forward, to_channels_last
+from kdcli.engine.acceleration import compile_forward
 from kdcli.engine.callbacks import Callbacks, default_callbacks
 from kdcli.engine.ema import ModelEMA
 from kdcli.engine.schedule import lr_at
@@ -190,7 +190,7 @@ class Trainer:
         self.build_extra()
         if t.channels_last:
             for m in self.forward_modules():
-                to_channels_last(m)
+                m.to(memory_format=torch.channels_last)
         self.ema = ModelEMA(self.model, t.ema_decay, t.ema_tau) if t.ema else None
         if t.compile:  # after the EMA copy, which stays a plain module for evaluation
             for m in self.forward_modules():
