@@ -51,6 +51,13 @@ class KdcliGroup(TyperGroup):
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        except OSError as e:
+            if debug_enabled() or not e.filename:
+                raise
+            # the file system said no (permissions, a full disk, a path that is a file): name the path, not a bug
+            err.print(f"[bold red]error:[/] {escape(str(e.filename))}: {escape(e.strerror or type(e).__name__)}",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         except Exception as e:
             if debug_enabled():
                 raise

@@ -122,7 +122,7 @@ def _model(spec: str, imgsz: int | None):
     if spec.endswith(".pt"):
         ckpt = checkpoint.load(spec)
         model = checkpoint.model_from_checkpoint(ckpt, spec)
-        return model, model.cfg, ckpt["model"]["imgsz"], len(ckpt["model"]["classes"])
+        return model, model.cfg, ckpt.model.imgsz, len(ckpt.model.classes)
     r = load.load(schema.Recipe, spec, defaults={"data": {"path": "-"}})
     cfg = r.model.model_copy(update={"pretrained": False})
     return build_detector(cfg, 8, imgsz or 512, r.data.anchor_size), cfg, None, 8

@@ -90,10 +90,10 @@ def predict(
     predictor = Predictor(weights, dev, conf, iou, max_det, slice_size, overlap, merge, batch, keep_cut)
     gt = None
     if split:
-        d = checkpoint.load(weights)["data"]
-        fold = d["fold"] if coco.split_path(d["path"], split, d["fold"]).is_file() else None
-        gt = coco.read_split(d["path"], split, fold)
-        items = [(im["id"], Path(d["path"]) / im["file_name"]) for im in gt["images"]]
+        d = checkpoint.load(weights).data
+        fold = d.fold if coco.split_path(d.path, split, d.fold).is_file() else None
+        gt = coco.read_split(d.path, split, fold)
+        items = [(im["id"], Path(d.path) / im["file_name"]) for im in gt["images"]]
     else:
         items = [(i, p) for i, p in enumerate(expand_sources(sources or []), start=1)]
     band_list = _ints(bands, "--bands")

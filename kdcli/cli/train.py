@@ -192,7 +192,7 @@ def _model_for_info(spec: str, classes: int):
 
     if spec.endswith(".pt"):
         ckpt = checkpoint.load(spec)
-        return checkpoint.model_from_checkpoint(ckpt, spec), ckpt["model"]["imgsz"]
+        return checkpoint.model_from_checkpoint(ckpt, spec), ckpt.model.imgsz
     path = load.find_recipe(spec)
     raw = load.read_yaml(path)
     if "data" not in raw:  # a model recipe alone: no dataset needed to count parameters

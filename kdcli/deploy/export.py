@@ -63,10 +63,10 @@ class WithNMS(nn.Module):
         return torch.cat([image[kept, None].float(), boxes[kept], best[kept, None], label[kept, None].float()], 1)
 
 
-def metadata(ckpt: dict[str, Any], nms: bool, half: bool) -> dict[str, str]:
-    m = ckpt["model"]
-    cfg = m["config"]
-    return {"kdcli_classes": json.dumps(m["classes"]), "kdcli_imgsz": str(m["imgsz"]),
+def metadata(ckpt: checkpoint.Checkpoint, nms: bool, half: bool) -> dict[str, str]:
+    m = ckpt.model
+    cfg = m.config
+    return {"kdcli_classes": json.dumps(m.classes), "kdcli_imgsz": str(m.imgsz),
             "kdcli_input": "RGB, 0-255, letterboxed top-left (pad 114), normalised inside the graph",
             "kdcli_outputs": "detections [N, 7]: image, x0, y0, x1, y1, score, class" if nms else
             "boxes [B, A, 4] xyxy input pixels; scores [B, A, K] sigmoid",
@@ -75,15 +75,15 @@ def metadata(ckpt: dict[str, Any], nms: bool, half: bool) -> dict[str, str]:
             "kdcli_precision": "fp16" if half else "fp32"}
 
 
-def real_inputs(ckpt: dict[str, Any], n: int = 2) -> torch.Tensor:
+def real_inputs(ckpt: checkpoint.Checkpoint, n: int = 2) -> torch.Tensor:
     """A few images of the checkpoint's own dataset (its val, test or train split), letterboxed; random
     pixels when the dataset dir is not on this machine."""
     from kdcli.data.dataset import DetectionDataset, collate
 
-    d, imgsz = ckpt["data"], ckpt["model"]["imgsz"]
-    for split in (d.get("val_split", "val"), d.get("test_split", "test"), d.get("train_split", "train")):
+    d, imgsz = ckpt.data, ckpt.model.imgsz
+    for split in (d.val_split, d.test_split, d.train_split):
         try:
-            ds = DetectionDataset(Path(d["path"]), split, d["fold"], imgsz, d["letterbox"])
+            ds = DetectionDataset(Path(d.path), split, d.fold, imgsz, d.letterbox)
         except KdcliError:
             continue
         if len(ds):
@@ -97,7 +97,7 @@ def export(weights: str | Path, fmt: str, out: Path, nms: bool = False, half: bo
     of the scores; default 1e-3 in fp32, 2e-2 in fp16)."""
     ckpt = checkpoint.load(weights)
     model = checkpoint.model_from_checkpoint(ckpt, str(weights)).eval()
-    imgsz = ckpt["model"]["imgsz"]
+    imgsz = ckpt.model.imgsz
     raw = Raw(model, imgsz).eval()
     cfg = model.cfg
     net: nn.Module = WithNMS(raw, cfg.conf, cfg.nms_iou, cfg.class_agnostic_nms, cfg.max_det) if nms else raw

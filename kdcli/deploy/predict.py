@@ -94,9 +94,9 @@ class Predictor:
             self.session = None
             self.model = checkpoint.model_from_checkpoint(ckpt, str(weights)).to(device).eval()
             self.cfg = self.model.cfg.model_copy(update=over)
-            self.classes = ckpt["model"]["classes"]
-            self.imgsz = ckpt["model"]["imgsz"]
-            self.letterbox = ckpt["data"]["letterbox"]
+            self.classes = ckpt.model.classes
+            self.imgsz = ckpt.model.imgsz
+            self.letterbox = ckpt.data.letterbox
         self.device = device
         self.slice, self.overlap, self.merge_method, self.batch = slice_size, overlap, merge_method, batch
         self.keep_cut = keep_cut

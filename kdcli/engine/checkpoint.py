@@ -2,7 +2,8 @@
 training recipe and versions, in plain tensors and dicts so `torch.load(weights_only=True)` reads them.
 
 `best.pt` holds the deployable model alone; `last.pt` adds `train_state` (raw weights, optimizer, scaler,
-RNG states, epoch, history) for exact resume. Files are written atomically (temp file + rename).
+RNG states, epoch, history) for exact resume. Files are written atomically (temp file + rename). Every reader goes
+through `load`, which returns a typed `Checkpoint` and names the field when a file lacks one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kdcli import __version__
 from kdcli.atomic import atomic_path
@@ -75,7 +77,73 @@ class BackgroundWriter:
             raise KdcliError(f"could not write a checkpoint: {type(e).__name__}: {e}") from e
 
 
-def load(path: str | Path) -> dict[str, Any]:
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class ModelInfo(_Section):
+    """What rebuilds the detector: its recipe section, class names, input size and anchor size."""
+    config: dict[str, Any]
+    classes: list[str]
+    imgsz: int
+    anchor_size: float
+
+
+class DataInfo(_Section):
+    """Where the model was trained: the dataset dir (as it was then), fold, splits and input conventions."""
+    path: str
+    fold: int | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    letterbox: bool = True
+    channels: str = "rgb"
+    source: str | None = None
+
+
+class TrainState(_Section):
+    """last.pt only: everything an exact resume restores. A trainer subclass's extras (distillation: the
+    distiller's state, the teacher's mAP) are extra fields, read with `extra`."""
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any]
+    ema_updates: int = 0
+    step: int
+    epoch: int
+    epoch_complete: bool = True
+    best_fitness: float
+    best_epoch: int
+    history: list[dict[str, Any]]
+    rng: dict[str, Any]
+    reloads: int = 0
+    train_seconds: float | None = None
+
+    def extra(self, key: str, default: Any = None) -> Any:
+        return (self.model_extra or {}).get(key, default)
+
+
+class Checkpoint(_Section):
+    """A checkpoint as read by `load`: typed sections; `weights` is the deployable (EMA) model's state_dict."""
+    path: Path
+    format_version: int
+    kdcli_version: str | None = None
+    task: str = "train"
+    model: ModelInfo
+    data: DataInfo
+    recipe: dict[str, Any]
+    weights: dict[str, Any]
+    epoch: int = 0
+    metrics: dict[str, Any] = {}
+    per_class: list[Any] = []
+    distill: dict[str, Any] | None = None
+    train_state: TrainState | None = None
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(x) for x in loc)
+
+
+def load(path: str | Path) -> Checkpoint:
     path = Path(path)
     if path.is_dir():
         raise KdcliError(f"{path}: a folder, not a checkpoint file",
@@ -96,11 +164,17 @@ def load(path: str | Path) -> dict[str, Any]:
         raise KdcliError(f"{path}: not a readable kdcli checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt or "model" not in ckpt:
         raise KdcliError(f"{path}: not a kdcli checkpoint (no format_version/model)")
-    if ckpt["format_version"] > FORMAT_VERSION:
+    if isinstance(ckpt["format_version"], int) and ckpt["format_version"] > FORMAT_VERSION:
         raise KdcliError(f"{path}: checkpoint format {ckpt['format_version']} is newer than this kdcli understands "
                          f"({FORMAT_VERSION})", hint=f"it was written by kdcli {ckpt.get('kdcli_version')}; upgrade "
                                                      "kdcli")
-    return ckpt
+    try:
+        return Checkpoint.model_validate({**ckpt, "path": path})
+    except ValidationError as e:
+        first = e.errors()[0]
+        what = "missing" if first["type"] == "missing" else f"invalid ({first['msg']})"
+        raise KdcliError(f"{path}: not a valid kdcli checkpoint: field '{_field(first['loc'])}' {what}",
+                         hint="written by another tool, or damaged; retrain or use another file") from None
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -121,12 +195,16 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
     module.load_state_dict(state, strict=True)
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint") -> torch.nn.Module:
+def model_from_checkpoint(ckpt: Checkpoint, where: str | None = None) -> torch.nn.Module:
     """Rebuild the detector from a checkpoint alone (no ImageNet weights needed) and load its weights."""
     from kdcli.models.detector import build_detector
 
-    m = ckpt["model"]
-    cfg = ModelConfig(**{**m["config"], "pretrained": False})
-    model = build_detector(cfg, len(m["classes"]), m["imgsz"], m["anchor_size"])
-    load_state_strict(model, ckpt["weights"], where)
+    m = ckpt.model
+    try:
+        cfg = ModelConfig(**{**m.config, "pretrained": False})
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise KdcliError(f"{where or ckpt.path}: model config field '{_field(first['loc'])}': {first['msg']}") from None
+    model = build_detector(cfg, len(m.classes), m.imgsz, m.anchor_size)
+    load_state_strict(model, ckpt.weights, where or str(ckpt.path))
     return model

@@ -32,14 +32,14 @@ STUDENT_MODEL = "models/student_r18_fpn"
 STUDENT_LR = 0.01  # methods.md: the student's learning rate
 
 
-def student_defaults(teacher_ckpt: dict[str, Any]) -> dict[str, Any]:
+def student_defaults(teacher_ckpt: checkpoint.Checkpoint) -> dict[str, Any]:
     """With no recipe: the teacher's data, fold, image size and training schedule, and the paper's R18+FPN
     student sharing the teacher's channels, levels, max-pool, normalisation and ImageNet-weights setting."""
-    tr = teacher_ckpt["recipe"]
+    tr = teacher_ckpt.recipe
     model = load.read_yaml(load.find_recipe(STUDENT_MODEL))["model"]
     model.update({k: tr["model"][k] for k in ("pretrained", "channels", "levels", "maxpool", "norm", "backbone_norm")
                   if k in tr["model"]})
-    return {"seed": tr["seed"], "data": {**tr["data"], "path": teacher_ckpt["data"]["path"]},
+    return {"seed": tr["seed"], "data": {**tr["data"], "path": teacher_ckpt.data.path},
             "augment": tr["augment"], "model": model, "train": {**tr["train"], "lr": STUDENT_LR}}
 
 
@@ -90,17 +90,17 @@ class DistillTrainer(Trainer):
     def teacher(self) -> nn.Module:
         return self.distiller.teacher
 
-    def _check_compatible(self, ckpt: dict[str, Any], teacher: nn.Module) -> None:
-        t_data, t_model = ckpt["data"], ckpt["model"]
-        if Path(t_data["path"]).resolve() != self.dataset_dir or t_data["fold"] != self.recipe.data.fold:
-            raise KdcliError(f"the teacher was trained on {t_data['path']} fold {t_data['fold']}, this run asks for "
+    def _check_compatible(self, ckpt: checkpoint.Checkpoint, teacher: nn.Module) -> None:
+        t_data, t_model = ckpt.data, ckpt.model
+        if Path(t_data.path).resolve() != self.dataset_dir or t_data.fold != self.recipe.data.fold:
+            raise KdcliError(f"the teacher was trained on {t_data.path} fold {t_data.fold}, this run asks for "
                              f"{self.dataset_dir} fold {self.recipe.data.fold}",
                              hint="a student distils on its teacher's dataset and fold: train a teacher for it")
-        if t_model["classes"] != self.classes:
-            raise KdcliError(f"class names differ: teacher {t_model['classes']}, dataset {self.classes}")
-        if t_model["imgsz"] != self.recipe.data.imgsz:
-            raise KdcliError(f"image size differs: teacher {t_model['imgsz']}, student {self.recipe.data.imgsz}",
-                             hint=f"set data.imgsz={t_model['imgsz']}")
+        if t_model.classes != self.classes:
+            raise KdcliError(f"class names differ: teacher {t_model.classes}, dataset {self.classes}")
+        if t_model.imgsz != self.recipe.data.imgsz:
+            raise KdcliError(f"image size differs: teacher {t_model.imgsz}, student {self.recipe.data.imgsz}",
+                             hint=f"set data.imgsz={t_model.imgsz}")
         if teacher.strides != self.bare_model.strides:
             raise KdcliError(f"pyramid strides differ: teacher {teacher.strides}, student "
                              f"{self.bare_model.strides}",
@@ -186,9 +186,9 @@ class DistillTrainer(Trainer):
     def train_state_extra(self) -> dict[str, Any]:
         return {"teacher_map": self.teacher_map, "distiller": self.distiller.state_dict()}
 
-    def load_train_state_extra(self, state: dict[str, Any]) -> None:
-        self.teacher_map = state.get("teacher_map")
-        if "distiller" not in state:
+    def load_train_state_extra(self, state: checkpoint.TrainState) -> None:
+        self.teacher_map = state.extra("teacher_map")
+        if state.extra("distiller") is None:
             raise KdcliError("last.pt has no distillation state (written by an older kdcli?)",
                              hint="start the distillation again")
-        self.distiller.load_state_dict(state["distiller"], "last.pt")
+        self.distiller.load_state_dict(state.extra("distiller"), "last.pt")

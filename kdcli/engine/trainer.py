@@ -152,16 +152,16 @@ class Trainer:
 
         path = Path(path)
         ckpt = checkpoint.load(path)
-        if "train_state" not in ckpt:
+        if ckpt.train_state is None:
             raise KdcliError(f"{path}: no training state (best.pt cannot resume)", hint="resume from last.pt")
-        task = ckpt.get("task", "train")
+        task = ckpt.task
         if task != cls.task:
             raise KdcliError(f"{path}: a '{task}' run; resume it with `kdcli {task} --resume`")
         for item in overrides or []:
             key = ".".join(load.resolve_key(Recipe, load.parse_override(item)[0]))
             if key not in RESUME_OVERRIDES:
                 raise KdcliError(f"'{item}' cannot change on resume", hint=f"allowed: {', '.join(RESUME_OVERRIDES)}")
-        return cls(load.load(Recipe, None, overrides or [], defaults=ckpt["recipe"]), resume=path, **kwargs)
+        return cls(load.load(Recipe, None, overrides or [], defaults=ckpt.recipe), resume=path, **kwargs)
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -317,6 +317,8 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         self.attempt_start = time.perf_counter()
+        if dist.is_main():
+            atomic.ensure_dir_possible(self.run_dir, "run folder")  # before data, models and the teacher check
         self.setup()
         self.before_train()
         t = self.recipe.train
@@ -533,23 +535,24 @@ class Trainer:
 
     def load_resume(self, path: Path) -> None:
         ckpt = checkpoint.load(path)
-        state = ckpt.get("train_state")
+        state = ckpt.train_state
         if state is None:
             raise KdcliError(f"{path}: no training state (best.pt cannot resume)", hint="resume from last.pt")
-        checkpoint.load_state_strict(self.bare_model, state["model"], str(path))
+        checkpoint.load_state_strict(self.bare_model, state.model, str(path))
         if self.ema is not None:
-            checkpoint.load_state_strict(self.ema.module, ckpt["weights"], str(path))
-            self.ema.updates = state["ema_updates"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.best_fitness, self.best_epoch = state["best_fitness"], state["best_epoch"]
-        self.history, self.reloads = list(state["history"]), state.get("reloads", 0)
-        self.seconds_before = float(state.get("train_seconds", sum(r.get("time_s", 0) for r in self.history)))
-        self.last_metrics = dict(ckpt.get("metrics", {}))
-        set_rng_state(state["rng"])
+            checkpoint.load_state_strict(self.ema.module, ckpt.weights, str(path))
+            self.ema.updates = state.ema_updates
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scaler.load_state_dict(state.scaler)
+        self.step, self.epoch = state.step, state.epoch
+        self.best_fitness, self.best_epoch = state.best_fitness, state.best_epoch
+        self.history, self.reloads = list(state.history), state.reloads
+        self.seconds_before = (float(state.train_seconds) if state.train_seconds is not None
+                               else sum(r.get("time_s", 0) for r in self.history))
+        self.last_metrics = dict(ckpt.metrics)
+        set_rng_state(state.rng)
         self.load_train_state_extra(state)
         err.print(f"resuming {path} at epoch {self.epoch + 1} (step {self.step})")
 
-    def load_train_state_extra(self, state: dict[str, Any]) -> None:
+    def load_train_state_extra(self, state: checkpoint.TrainState) -> None:
         """Hook: restore what `train_state_extra` saved."""

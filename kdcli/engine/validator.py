@@ -184,14 +184,14 @@ def evaluate_checkpoint(weights: str | Path, split: str = "test", dataset: str |
 
     ckpt = checkpoint.load(weights)
     model = checkpoint.model_from_checkpoint(ckpt, str(weights))
-    d, m = ckpt["data"], ckpt["model"]
-    dataset_dir = Path(dataset) if dataset is not None else Path(d["path"])
+    d, m = ckpt.data, ckpt.model
+    dataset_dir = Path(dataset) if dataset is not None else Path(d.path)
     if dataset is None and not dataset_dir.is_dir():
         raise KdcliError(f"{weights}: its dataset dir {dataset_dir} no longer exists",
                          hint="if it moved, pass the new place: kdcli val ... data=NEWDIR")
-    fold = fold if fold is not None else d["fold"]
-    if coco.read_dataset_yaml(dataset_dir)["classes"] != m["classes"]:
-        raise KdcliError(f"{dataset_dir}: classes differ from the checkpoint's {m['classes']}")
+    fold = fold if fold is not None else d.fold
+    if coco.read_dataset_yaml(dataset_dir)["classes"] != m.classes:
+        raise KdcliError(f"{dataset_dir}: classes differ from the checkpoint's {m.classes}")
     model_cfg = model.cfg.model_copy(update={k: v for k, v in (overrides or {}).items() if v is not None})
     dev = distributed.resolve_device(device)
     model.to(dev)

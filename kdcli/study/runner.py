@@ -64,7 +64,7 @@ def _trainer(study: Study, cell: Cell, device: str | None, workers: int | None =
     cls = Trainer if cell.is_teacher else DistillTrainer
     extra = ([f"train.device={device}"] if device else []) + ([f"data.workers={workers}"] if workers else [])
     last = run_dir / "weights" / "last.pt"
-    if last.is_file() and "train_state" in checkpoint.load(last):
+    if last.is_file() and checkpoint.load(last).train_state is not None:
         err.print(f"{cell.id}: resuming from {last}", highlight=False)
         return cls.resume(last, extra)
     if run_dir.exists():

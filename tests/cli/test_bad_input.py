@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -61,6 +62,7 @@ class Case:
     fragment: str
     files: dict[str, str] = field(default_factory=dict)  # relative path -> text ("PNG" writes a 32x32 image)
     code: int = 2
+    readonly: str | None = None  # a folder that os.access reports as not writable (tests run as root)
 
 
 def coco_case(id: str, change: Callable[[dict[str, Any]], Any], fragment: str) -> Case:
@@ -181,6 +183,15 @@ CASES = [
     Case("benchmark-data-missing", ["benchmark", "--models", "models/student_r18_fpn", "--imgsz", "64", "--data",
                                     "{tmp}/nodata", "--no-eval", "--no-inference", "--no-reference"],
          "not a kdcli dataset dir"),
+    # output folders that cannot be written, refused before any work
+    Case("prepare-out-unwritable", ["prepare", "synthetic", "--images", "4", "--out", "{tmp}/ro/new"],
+         "cannot create the output: " , {"ro/keep.txt": "x"}, readonly="ro"),
+    Case("train-runs-unwritable", ["train", "recipes/train/synthetic_student.yaml", "data.path={tmp}/ds"],
+         "cannot create the run folder: ", {"runs/keep.txt": "x"}, readonly="runs"),
+    Case("prepare-vedai-folds-out-of-range", ["prepare", "vedai", "--res", "25", "--folds", "11", "--src",
+                                              "{tmp}/VEDAI"], "--folds"),
+    Case("prepare-vedai-classes-unknown", ["prepare", "vedai", "--res", "25", "--classes", "cars", "--src",
+                                           "{tmp}/VEDAI"], "--classes"),
 ]
 
 
@@ -206,6 +217,10 @@ def test_bad_input(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
     monkeypatch.delenv("KDCLI_DEBUG", raising=False)
     _write(tmp_path, case.files)
+    if case.readonly:
+        locked, real_access = (tmp_path / case.readonly).resolve(), os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if (mode & os.W_OK and Path(p).resolve()
+                                                                              == locked) else real_access(p, mode))
     before = _snapshot(tmp_path)
     r = runner.invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in case.args], terminal_width=200)
     out = r.output

@@ -31,11 +31,11 @@ def test_onnx_parity_dynamic_batch_and_metadata(tmp_path: Path, tiny_checkpoint:
     assert res["max_abs_diff"] <= 1e-3 and res["inputs"] >= 1
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     ckpt = checkpoint.load(tiny_checkpoint)
-    assert json.loads(meta["kdcli_classes"]) == ckpt["model"]["classes"]
-    assert meta["kdcli_imgsz"] == str(ckpt["model"]["imgsz"]) and "normalised inside" in meta["kdcli_input"]
+    assert json.loads(meta["kdcli_classes"]) == ckpt.model.classes
+    assert meta["kdcli_imgsz"] == str(ckpt.model.imgsz) and "normalised inside" in meta["kdcli_input"]
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     model = checkpoint.model_from_checkpoint(ckpt, str(tiny_checkpoint)).eval()
-    raw = Raw(model, ckpt["model"]["imgsz"]).eval()
+    raw = Raw(model, ckpt.model.imgsz).eval()
     x = real_inputs(ckpt, 3).float()
     for n in (1, 3):  # batch sizes other than the export's
         boxes, scores = sess.run(None, {"images": x[:n].numpy()})
@@ -73,8 +73,8 @@ def test_predict_runs_the_onnx_model_like_the_checkpoint(tmp_path: Path, overfit
     onnx_file = tmp_path / "m.onnx"
     _export(tmp_path, weights, "--out", str(onnx_file), *(["--nms"] if nms else []))
     ckpt = checkpoint.load(weights)
-    split = json.loads((Path(ckpt["data"]["path"]) / "annotations" / "fold01_test.json").read_text())
-    image = Path(ckpt["data"]["path"]) / split["images"][0]["file_name"]
+    split = json.loads((Path(ckpt.data.path) / "annotations" / "fold01_test.json").read_text())
+    image = Path(ckpt.data.path) / split["images"][0]["file_name"]
     got = {}
     for name, model in (("pt", weights), ("onnx", onnx_file)):
         res = CliRunner().invoke(app, ["predict", str(model), str(image), "--conf", "0.05", "--out",

@@ -37,12 +37,12 @@ def test_nine_rows_from_the_cli(labels: str, method: str, tiny_checkpoint: Path,
         "none": set(), "mse": {"loss_feat"}, "pdf": {"loss_feat"}, "defeat": {"loss_feat_fg", "loss_feat_bg"}}[method]
     assert {h for h in header if h.startswith("loss_") and h != "loss_total"} == expected
     best = checkpoint.load(run_dir / "weights" / "best.pt")
-    assert best["distill"]["labels"] == labels and best["distill"]["method"] == method
-    assert best["distill"]["teacher_sha256"] and best["data"]["fold"] == 1
-    assert not any(k.startswith("adapters") for k in best["weights"]) and "train_state" not in best
-    assert best["model"]["config"]["backbone"] == "resnet18" and best["model"]["config"]["neck"] == "fpn"
+    assert best.distill["labels"] == labels and best.distill["method"] == method
+    assert best.distill["teacher_sha256"] and best.data.fold == 1
+    assert not any(k.startswith("adapters") for k in best.weights) and best.train_state is None
+    assert best.model.config["backbone"] == "resnet18" and best.model.config["neck"] == "fpn"
     last = checkpoint.load(run_dir / "weights" / "last.pt")
-    state = last["train_state"]["distiller"]
+    state = last.train_state.extra("distiller")
     assert any(k.startswith("adapters.") for k in state) == (method != "none")
     model = checkpoint.model_from_checkpoint(best)  # a plain detector checkpoint
     assert model.num_classes == 8
@@ -62,9 +62,9 @@ def test_newer_methods_from_the_cli(labels: str, method: str, columns: set[str],
     run_dir = Path(json.loads(r.output.strip().splitlines()[-1])["run_dir"])
     header = (run_dir / "results.csv").read_text().splitlines()[0].split(",")
     assert columns <= set(header)
-    state = checkpoint.load(run_dir / "weights" / "last.pt")["train_state"]["distiller"]
+    state = checkpoint.load(run_dir / "weights" / "last.pt").train_state.extra("distiller")
     best = checkpoint.load(run_dir / "weights" / "best.pt")
-    assert best["distill"]["method"] == method and not any("context" in k for k in best["weights"])
+    assert best.distill["method"] == method and not any("context" in k for k in best.weights)
     assert any("student_context" in k for k in state) == (method == "fgd")
     assert any(k.startswith("adapters.") for k in state) == (method != "pkd")  # PKD: same widths, no adapter
 
@@ -131,12 +131,12 @@ def test_distill_resume_restores_adapters(tiny_checkpoint: Path, tmp_path: Path,
             "train.max_batches=1", "distill.teacher_min_map=0", "--json")
     assert r.exit_code == 0, r.output
     last = Path(json.loads(r.output.strip().splitlines()[-1])["run_dir"]) / "weights" / "last.pt"
-    adapters = checkpoint.load(last)["train_state"]["distiller"]
+    adapters = checkpoint.load(last).train_state.extra("distiller")
     r = run("distill", "--resume", str(last), "train.epochs=2")
     assert r.exit_code == 0, r.output
-    state = checkpoint.load(last)["train_state"]
-    assert state["epoch"] == 2 and set(state["distiller"]) == set(adapters)
-    assert any(not torch.equal(v, adapters[k]) for k, v in state["distiller"].items())  # trained on after resume
+    state = checkpoint.load(last).train_state
+    assert state.epoch == 2 and set(state.extra("distiller")) == set(adapters)
+    assert any(not torch.equal(v, adapters[k]) for k, v in state.extra("distiller").items())  # trained on after resume
 
 
 def test_method_names_checked_when_the_recipe_loads(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
@@ -195,10 +195,10 @@ r = CliRunner().invoke(app, ["distill", "--teacher", {str(tiny_checkpoint)!r}, "
 assert r.exit_code == 0, r.output
 run = json.loads(r.output.strip().splitlines()[-1])["run_dir"]
 print(open(run + "/results.csv").read().splitlines()[0])
-last = checkpoint.load(run + "/weights/last.pt")["train_state"]["distiller"]
+last = checkpoint.load(run + "/weights/last.pt").train_state.extra("distiller")
 best = checkpoint.load(run + "/weights/best.pt")
-print(sorted(k for k in last if not k.startswith("adapters")), best["distill"]["config"]["cosine"]["weight"],
-      any("scale" in k for k in best["weights"]))
+print(sorted(k for k in last if not k.startswith("adapters")), best.distill["config"]["cosine"]["weight"],
+      any("scale" in k for k in best.weights))
 """
     env = {**__import__("os").environ, "KDCLI_RUNS": str(tmp_path / "runs")}
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)

@@ -75,15 +75,20 @@ def _pearson_loss_direct(fs, ft, weight):
     return weight * total
 
 
-def test_pkd_equals_the_direct_formula_and_ignores_scale_and_offset():
-    fs, ft = _feats(2, grad=True), _feats(3)
-    pkd = PKD(_section("pkd"), channels=3, levels=2)
+PKD_SHAPES = ((2, 3, 3, 3), (2, 3, 2, 4), (2, 3, 1, 1))  # 18, 16 and 2 values per channel: the last is left out
+
+
+@pytest.mark.parametrize("weight", [1.0, 10.0])
+def test_pkd_equals_the_direct_formula_and_ignores_scale_and_offset(weight: float):
+    fs, ft = _feats(2, PKD_SHAPES, grad=True), _feats(3, PKD_SHAPES)
+    pkd = PKD(_section("pkd", weight=weight), channels=3, levels=3)
     term = pkd.loss(_out(fs), _out(ft), {})["pkd"]
-    assert term.item() == pytest.approx(_pearson_loss_direct(fs, ft, 10.0), rel=1e-5)
+    assert term.item() == pytest.approx(_pearson_loss_direct(fs[:2], ft[:2], weight), rel=1e-5)
     term.backward()
-    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in fs)
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in fs[:2]) and fs[2].grad is None
     affine = [3.0 * t + 7.0 for t in ft]  # per-channel correlation is unchanged by scale and offset
     assert pkd.loss(_out(affine), _out(ft), {})["pkd"].item() == pytest.approx(0.0, abs=1e-5)
+    assert PKD(_section("pkd"), channels=3, levels=3).cfg.weight == 1.0
 
 
 def test_pkd_uses_adapters_only_when_widths_differ():

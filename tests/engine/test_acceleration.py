@@ -30,8 +30,8 @@ def test_channels_last_trains_the_same_model(tmp_path: Path, vedai25: Path):
 
     Watch(nhwc, run_dir=tmp_path / "nhwc").fit()
     assert layouts and all(layouts)
-    a = checkpoint.load(tmp_path / "plain" / "weights" / "last.pt")["weights"]
-    b = checkpoint.load(tmp_path / "nhwc" / "weights" / "last.pt")["weights"]
+    a = checkpoint.load(tmp_path / "plain" / "weights" / "last.pt").weights
+    b = checkpoint.load(tmp_path / "nhwc" / "weights" / "last.pt").weights
     assert a.keys() == b.keys()
     for k in a:  # two SGD steps apart only by the convolutions' summation order
         assert torch.allclose(a[k].float(), b[k].float(), atol=5e-3, rtol=1e-2), k

@@ -29,8 +29,8 @@ def test_tiny_model_overfits_a_handful_of_images(overfit_run: tuple[Path, dict])
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     ckpt = checkpoint.load(path)
-    return {**{f"ema.{k}": v for k, v in ckpt["weights"].items()},
-            **{f"raw.{k}": v for k, v in ckpt["train_state"]["model"].items()}}
+    return {**{f"ema.{k}": v for k, v in ckpt.weights.items()},
+            **{f"raw.{k}": v for k, v in ckpt.train_state.model.items()}}
 
 
 def test_resume_is_exact(tmp_path: Path, vedai25: Path):
@@ -69,13 +69,13 @@ def test_training_time_adds_up_over_resumed_attempts(tmp_path: Path, vedai25: Pa
 
     first = SlowFirstAttempt(recipe, run_dir=tmp_path / "r").fit()
     last = tmp_path / "r" / "weights" / "last.pt"
-    saved = checkpoint.load(last)["train_state"]["train_seconds"]
+    saved = checkpoint.load(last).train_state.train_seconds
     assert first["interrupted"] and saved >= 1.0
     t0 = time.perf_counter()
     second = Trainer(recipe, run_dir=tmp_path / "r", resume=last).fit()
     own = time.perf_counter() - t0
     assert second["epochs"] == 2 and saved + own + 0.1 >= second["train_seconds"] >= saved + 0.5 * own - 0.1
-    assert checkpoint.load(last)["train_state"]["train_seconds"] >= saved
+    assert checkpoint.load(last).train_state.train_seconds >= saved
 
 
 def test_checkpoint_is_self_contained(tiny_checkpoint: Path, tmp_path: Path):
@@ -85,7 +85,7 @@ def test_checkpoint_is_self_contained(tiny_checkpoint: Path, tmp_path: Path):
     assert ckpt["model"]["classes"][0] == "car" and ckpt["model"]["imgsz"] == 96
     assert ckpt["data"]["fold"] == 1 and Path(ckpt["data"]["path"]).is_dir()
     assert {"kdcli_version", "torch_version", "recipe", "metrics"} <= set(ckpt)
-    model = checkpoint.model_from_checkpoint(ckpt).eval()
+    model = checkpoint.model_from_checkpoint(checkpoint.Checkpoint.model_validate({**ckpt, "path": "t.pt"})).eval()
     x = torch.randint(0, 255, (1, 3, 96, 96), dtype=torch.uint8)
     ref = checkpoint.model_from_checkpoint(checkpoint.load(tiny_checkpoint)).eval()
     assert torch.equal(model(x).cls_logits, ref(x).cls_logits)
@@ -98,8 +98,15 @@ def test_checkpoint_is_self_contained(tiny_checkpoint: Path, tmp_path: Path):
     with pytest.raises(KdcliError, match="newer than this kdcli understands"):
         checkpoint.load(tmp_path / "new.pt")
     broken = dict(ckpt, weights={k: v for k, v in ckpt["weights"].items() if "head" not in k})
-    with pytest.raises(KdcliError, match=r"weights do not fit the model: missing \d+"):
-        checkpoint.model_from_checkpoint(broken, "broken.pt")
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(KdcliError, match=r"broken.pt: weights do not fit the model: missing \d+"):
+        checkpoint.model_from_checkpoint(checkpoint.load(tmp_path / "broken.pt"))
+    torch.save(dict(ckpt, model={k: v for k, v in ckpt["model"].items() if k != "imgsz"}), tmp_path / "noimgsz.pt")
+    with pytest.raises(KdcliError, match=r"noimgsz.pt: not a valid kdcli checkpoint: field 'model.imgsz' missing"):
+        checkpoint.load(tmp_path / "noimgsz.pt")
+    torch.save(dict(ckpt, data=dict(ckpt["data"], fold="one")), tmp_path / "badfold.pt")
+    with pytest.raises(KdcliError, match=r"field 'data.fold' invalid"):
+        checkpoint.load(tmp_path / "badfold.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(KdcliError, match="not a readable kdcli checkpoint"):
         checkpoint.load(tmp_path / "junk.pt")
@@ -199,12 +206,12 @@ def test_sigterm_mid_epoch_saves_last_and_resumes(tmp_path: Path, vedai25: Path)
     err = "".join(seen) + rest
     assert proc.returncode == 130, err[-2000:]  # interrupted: `kdcli train ... && kdcli val ...` stops here
     assert "SIGTERM: stopping after this batch" in err
-    state = checkpoint.load(last)["train_state"]
-    assert state["epoch"] == 1 and state["epoch_complete"] is False
+    state = checkpoint.load(last).train_state
+    assert state.epoch == 1 and state.epoch_complete is False
     done = subprocess.run([sys.executable, "-m", "kdcli", "train", "--resume", str(last)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert checkpoint.load(last)["train_state"]["epoch"] == 3
+    assert checkpoint.load(last).train_state.epoch == 3
 
 
 def test_ema_window_and_lag_warning(tmp_path: Path, vedai25: Path, capsys):

@@ -39,7 +39,7 @@ def preset(name: str) -> Preset:
         return Preset(name, ["vehicle"], {i: "vehicle" for i in RAW_NAMES if i != 31}, RAW_NAMES)
     if name == "all":
         return Preset(name, list(RAW_NAMES.values()), dict(RAW_NAMES), RAW_NAMES)
-    raise KdcliError(f"unknown VEDAI class preset '{name}'", hint="use vedai8, vedai9, vehicle or all")
+    raise KdcliError(f"--classes {name}: unknown VEDAI class preset", hint="use vedai8, vedai9, vehicle or all")
 
 
 @dataclass
@@ -110,6 +110,9 @@ def read_ids(path: Path) -> list[str]:
     return ids
 
 
+OFFICIAL_FOLDS = 10
+
+
 def fold_files(ann_dir: Path, folds: list[int] | None) -> dict[int, tuple[Path, Path]]:
     found = {}
     for k in range(1, 100):
@@ -149,8 +152,11 @@ def prepare(src: Path, out: Path, res: int = 25, classes: str = "vedai8", folds:
             images: str = "link", val_fraction: float = 0.1, seed: int = 0, force: bool = False,
             skip_bad_images: bool = False) -> dict[str, Any]:
     """Convert a raw VEDAI folder into a dataset dir at `out`; returns the dataset.yaml content."""
+    pre = preset(classes)  # the options first: a typo is named before the (maybe long) search for the data
+    bad = [k for k in folds or [] if not 1 <= k <= OFFICIAL_FOLDS]
+    if bad:
+        raise KdcliError(f"--folds: VEDAI has folds 1-{OFFICIAL_FOLDS}, got {bad}")
     img_dir, ann_dir = check_source(src, res)
-    pre = preset(classes)
     folds_found = fold_files(ann_dir, folds)
     tally = Tally()
     fold_ids = {k: (read_ids(tr), read_ids(te)) for k, (tr, te) in folds_found.items()}
