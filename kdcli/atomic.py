@@ -41,10 +41,12 @@ def ensure_dir_possible(path: str | Path, what: str = "output") -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`."""
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`. Temporary files
+    left by a killed (kill -9) earlier writer of the same `path` are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_dead_leftovers(path, ".tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)
@@ -85,7 +87,7 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
         raise KdcliError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
     ensure_dir_possible(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_partials(out)
+    _remove_dead_leftovers(out, ".partial")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
@@ -104,12 +106,16 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _remove_dead_partials(out: Path) -> None:
-    """Remove `.<name>.<pid>.*.partial` siblings whose process is gone (a live one is another prepare's)."""
-    for p in out.parent.glob(f".{out.name}.*.partial"):
+def _remove_dead_leftovers(out: Path, suffix: str) -> None:
+    """Remove `.<name>.<pid>.*<suffix>` siblings (temporary files or folders) whose process is gone; a live one
+    belongs to another writer."""
+    for p in out.parent.glob(f".{out.name}.*{suffix}"):
         pid = p.name[len(out.name) + 2:].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

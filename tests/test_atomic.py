@@ -42,6 +42,18 @@ def test_a_killed_runs_partial_folder_is_removed_by_the_next_run(tmp_path: Path)
     assert not stale.exists() and live.exists() and (tmp_path / "data" / "f.txt").read_text() == "ok"
 
 
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path: Path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".last.pt.{dead.stdout.strip()}.x1y2.tmp"  # what kill -9 during a save leaves
+    stale.write_bytes(b"x" * 1000)
+    live = tmp_path / f".last.pt.{os.getpid()}.z3.tmp"
+    live.write_bytes(b"y")
+    other = tmp_path / f".best.pt.{dead.stdout.strip()}.q.tmp"  # another file's: its own next write removes it
+    other.write_bytes(b"z")
+    atomic.write_text(tmp_path / "last.pt", "new")
+    assert not stale.exists() and live.exists() and other.exists() and (tmp_path / "last.pt").read_text() == "new"
+
+
 @pytest.mark.parametrize("mask,dir_mode,file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600),
                                                      (0o002, 0o775, 0o664)])
 def test_permissions_follow_the_umask(tmp_path: Path, monkeypatch, mask: int, dir_mode: int, file_mode: int):

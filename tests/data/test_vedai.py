@@ -213,8 +213,13 @@ def test_missing_source_and_folders(tmp_path: Path, vedai_raw: Path):
         vedai.prepare(raw, tmp_path / "out")
     with pytest.raises(KdcliError, match="--res must be 25 or 12"):
         vedai.prepare(raw, tmp_path / "out", res=50)
-    with pytest.raises(KdcliError, match=r"fold\(s\) \[11\] not found"):
-        vedai.prepare(vedai_raw, tmp_path / "out", folds=[11])
+    with pytest.raises(KdcliError, match=r"--folds: VEDAI has folds 1-10, got \[11\]"):
+        vedai.prepare(tmp_path / "nope", tmp_path / "out", folds=[11])  # named before the missing source
+    raw = _copy_raw(vedai_raw, tmp_path / "b")
+    for f in (raw / "Annotations512").glob("fold03*"):
+        f.unlink()
+    with pytest.raises(KdcliError, match=r"fold\(s\) \[3\] not found"):
+        vedai.prepare(raw, tmp_path / "out", folds=[3])
 
 
 def test_synthetic_extra_test_images_join_every_fold_test_split(tmp_path: Path):
