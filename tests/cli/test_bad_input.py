@@ -269,3 +269,30 @@ def test_an_unsafe_checkpoint_is_refused_without_torch_advice(tmp_path: Path):
     flat = " ".join(r.output.split())
     assert r.exit_code == 2 and "safe (weights-only) reader refuses to load" in flat, r.output
     assert "weights_only" not in flat and "trust" not in flat  # never pass on the advice to switch the check off
+
+
+def test_distilling_on_another_dataset_than_the_teachers_names_both(tiny_checkpoint: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    import shutil
+
+    from kdcli.engine import checkpoint
+
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    other = tmp_path / "other-dataset"
+    shutil.copytree(checkpoint.load(tiny_checkpoint).data.path, other)
+    before = _snapshot(tmp_path)
+    r = runner.invoke(app, ["distill", "--teacher", str(tiny_checkpoint), f"data.path={other}"], terminal_width=200)
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "the teacher was trained on" in flat and str(other) in flat, r.output
+    assert "train a teacher for it" in flat and _snapshot(tmp_path) == before
+
+
+def test_a_checkpoint_lacking_a_field_names_it(tiny_checkpoint: Path, tmp_path: Path):
+    import torch
+
+    ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    del ckpt["model"]["classes"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    r = runner.invoke(app, ["val", str(tmp_path / "old.pt")], terminal_width=200)
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "old.pt: not a valid kdcli checkpoint: field 'model.classes' missing" in flat, r.output
