@@ -195,10 +195,10 @@ def evaluate_checkpoint(weights: str | Path, split: str = "test", dataset: str |
     model_cfg = model.cfg.model_copy(update={k: v for k, v in (overrides or {}).items() if v is not None})
     dev = distributed.resolve_device(device)
     model.to(dev)
-    ds = DetectionDataset(dataset_dir, split, fold, m["imgsz"], d["letterbox"], channels=d["channels"])
+    ds = DetectionDataset(dataset_dir, split, fold, m.imgsz, d.letterbox, channels=d.channels)
     loader = DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate)
     amp = torch.bfloat16 if dev.type == "cuda" else None
-    result, samples = evaluate(model, loader, ds.coco, m["classes"], model_cfg, dev,
+    result, samples = evaluate(model, loader, ds.coco, m.classes, model_cfg, dev,
                                [0.1, 0.25, 0.5, 0.75] if iou_thresholds is None else iou_thresholds, backend, amp,
                                ci_resamples)
     result.update({"weights": str(weights), "dataset": str(dataset_dir), "fold": fold, "split": split})
