@@ -60,8 +60,8 @@ class DataConfig(Strict):
 class ModelConfig(Strict):
     """The detector (methods.md). Defaults are the paper's student: ResNet18 + FPN, max-pool removed, CEM."""
 
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = Field(
-        "resnet18", description="torchvision ResNet trunk")
+    backbone: str = Field("resnet18", description="trunk: a name in the BACKBONES table of kdcli/models/backbones.py"
+                                                 " (resnet18, resnet50, ...)")
     pretrained: bool | str = Field(False, description="ImageNet weights: false, true (torch hub cache) or a "
                                                       "path to a torchvision .pth file")
     maxpool: bool = Field(False, description="keep the stem max-pool (strides 16/32, faster) instead of "
@@ -92,6 +92,17 @@ class ModelConfig(Strict):
     class_agnostic_nms: bool = Field(True, description="inference: NMS across classes (True) or per class")
     max_det: int = Field(1000, ge=1, description="inference: detections kept per image (dense aerial scenes)")
     pre_nms: int = Field(5000, ge=1, description="inference: top-scoring anchors considered before NMS")
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        from kdcli.models.backbones import BACKBONES  # the table is the one place a trunk is declared
+
+        if v not in BACKBONES:
+            close = difflib.get_close_matches(v, list(BACKBONES), n=1)
+            raise ValueError(f"unknown backbone '{v}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                             + f"; known: {', '.join(BACKBONES)}")
+        return v
 
 
 class TrainConfig(Strict):

@@ -1,42 +1,84 @@
-"""torchvision ResNets as feature trunks returning C4 (layer3) and C5 (layer4).
+"""Feature trunks from torchvision's ResNet family, returning C4 (layer3) and C5 (layer4).
 
-With the stem max-pool removed (ScratchDet; the default), C4 and C5 sit at strides 8 and 16, which keeps small
-vehicles visible; `maxpool=True` restores torchvision's strides 16 and 32.
+A trunk is one entry of `BACKBONES` (torchvision constructor, ImageNet weights, C4/C5 widths): `model.backbone`
+accepts exactly its names. With the stem max-pool removed (ScratchDet; the default), C4 and C5 sit at strides 8
+and 16, which keeps small vehicles visible; `maxpool=True` restores torchvision's strides 16 and 32.
 
-ImageNet weights are never downloaded: `pretrained` is a path to a torchvision `.pth` file, or `True` to take
-the file torchvision would have cached in the torch hub cache.
+ImageNet weights: `pretrained` is a path to a torchvision `.pth` file, or `True` for torchvision's file in the
+torch hub cache, downloaded there (with a progress bar and torchvision's hash check) when it is missing, as
+torchvision and Ultralytics do; offline, the error says where to put the file.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
+from kdcli.console import err
 from kdcli.errors import KdcliError
 from kdcli.models.blocks import norm_layer
 
-OUT_CHANNELS = {"resnet18": (256, 512), "resnet34": (256, 512), "resnet50": (1024, 2048),
-                "resnet101": (1024, 2048)}
-WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights",
-           "resnet101": "ResNet101_Weights"}
+
+@dataclass(frozen=True)
+class Trunk:
+    constructor: str  # torchvision.models.<constructor>
+    weights: str  # torchvision.models.<weights>.IMAGENET1K_V1
+    channels: tuple[int, int]  # C4, C5
+
+
+BACKBONES = {
+    "resnet18": Trunk("resnet18", "ResNet18_Weights", (256, 512)),
+    "resnet34": Trunk("resnet34", "ResNet34_Weights", (256, 512)),
+    "resnet50": Trunk("resnet50", "ResNet50_Weights", (1024, 2048)),
+    "resnet101": Trunk("resnet101", "ResNet101_Weights", (1024, 2048)),
+    "resnext50_32x4d": Trunk("resnext50_32x4d", "ResNeXt50_32X4D_Weights", (1024, 2048)),
+}
+
+
+def weights_url(name: str) -> str:
+    return getattr(torchvision.models, BACKBONES[name].weights).IMAGENET1K_V1.url
 
 
 def weights_file(name: str) -> Path:
     """Where torchvision caches the ImageNet weights of `name` (the torch hub cache)."""
-    url = getattr(torchvision.models, WEIGHTS[name]).IMAGENET1K_V1.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    return Path(torch.hub.get_dir()) / "checkpoints" / weights_url(name).rsplit("/", 1)[-1]
+
+
+def fetch_weights(name: str) -> Path:
+    """The cached ImageNet weights of `name`, downloaded first when missing. torch.hub writes to a temporary
+    file and moves it into place only after the SHA-256 prefix in the file name matched."""
+    url, path = weights_url(name), weights_file(name)
+    if path.is_file():
+        return path
+    where = (f"download {url} and put it at {path} (the torch hub cache), or set model.pretrained=/path/to/file.pth,"
+             " or model.pretrained=false to train from scratch")
+    match = re.search(r"-([a-f0-9]+)\.", path.name)
+    err.print(f"downloading ImageNet weights for {name}: {url} -> {path}", highlight=False, soft_wrap=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=match.group(1) if match else None, progress=True)
+    except RuntimeError as e:
+        if "hash" not in str(e).lower():
+            raise
+        raise KdcliError(f"ImageNet weights for {name}: the download from {url} failed its hash check (nothing "
+                         f"was kept)", hint=f"retry; if it persists, {where}") from None
+    except OSError as e:  # URLError, timeouts, no route: offline
+        raise KdcliError(f"ImageNet weights for {name} not found at {path}, and the download failed "
+                         f"({getattr(e, 'reason', e)})", hint=where) from None
+    return path
 
 
 def load_pretrained(net: nn.Module, name: str, pretrained: bool | str) -> None:
-    path = weights_file(name) if pretrained is True else Path(str(pretrained)).expanduser()
+    path = fetch_weights(name) if pretrained is True else Path(str(pretrained)).expanduser()
     if not path.is_file():
-        url = getattr(torchvision.models, WEIGHTS[name]).IMAGENET1K_V1.url
         raise KdcliError(f"ImageNet weights for {name} not found at {path}",
-                         hint=f"download {url} and put it at {weights_file(name)} (the torch hub cache), or set "
-                              f"model.pretrained=/path/to/file.pth, or model.pretrained=false to train from scratch")
+                         hint="set model.pretrained=true to use (and download) torchvision's file, or "
+                              "model.pretrained=false to train from scratch")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
@@ -60,12 +102,13 @@ class ResNetTrunk(nn.Module):
             raise KdcliError("model.backbone_norm=gn trains the backbone from scratch: ImageNet weights are "
                              "BatchNorm weights", hint="set model.pretrained=false, or model.backbone_norm=bn")
         layer = (lambda c: norm_layer("gn", c)) if norm == "gn" else None
-        net = getattr(torchvision.models, name)(weights=None, **({"norm_layer": layer} if layer else {}))
+        trunk = BACKBONES[name]
+        net = getattr(torchvision.models, trunk.constructor)(weights=None, **({"norm_layer": layer} if layer else {}))
         if pretrained:
             load_pretrained(net, name, pretrained)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool if maxpool else nn.Identity())
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.out_channels = OUT_CHANNELS[name]
+        self.out_channels = trunk.channels
         self.strides = (16, 32) if maxpool else (8, 16)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

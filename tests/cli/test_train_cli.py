@@ -40,16 +40,105 @@ def test_train_then_resume_refusals(tmp_path: Path, vedai25: Path, monkeypatch: 
     assert r.exit_code == 2 and "model.backbone" in r.output
 
 
-def test_train_missing_pretrained_weights_is_a_clear_error(tmp_path: Path, vedai25: Path, monkeypatch):
+def _offline(*args, **kwargs):
+    import urllib.error
+
+    raise urllib.error.URLError("no route to host (simulated)")
+
+
+def test_train_pretrained_offline_is_a_clear_error(tmp_path: Path, vedai25: Path, monkeypatch):
+    import torch.hub
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(torch.hub, "urlopen", _offline)  # tests never touch the network
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(vedai25, model={"pretrained": True}).model_dump(mode="json")))
     r = run("train", str(recipe))
     assert r.exit_code == 2
-    text = r.output.replace("\n", "")
-    assert "ImageNet weights for resnet18 not found" in text and "resnet18-f37072fd.pth" in text
-    assert "model.pretrained=false" in text
+    text = " ".join(r.output.split())
+    assert "ImageNet weights for resnet18 not found at" in text and "the download failed" in text, text
+    assert "resnet18-f37072fd.pth" in text and "model.pretrained=false" in text
+    assert not list((tmp_path / "torch").rglob("*.pth"))
+
+
+class _Response:
+    """Stands for urlopen's answer: a body and its length."""
+
+    def __init__(self, body: bytes):
+        import io
+
+        self.body, self.stream = body, io.BytesIO(body)
+
+    def info(self):
+        from email.message import Message
+
+        headers = Message()
+        headers["Content-Length"] = str(len(self.body))
+        return headers
+
+    def read(self, n: int = -1) -> bytes:
+        return self.stream.read(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_pretrained_true_downloads_into_the_hub_cache_with_its_hash_checked(tmp_path: Path, monkeypatch):
+    import hashlib
+    import io
+
+    import torch
+    import torch.hub
+    import torchvision
+
+    from kdcli.config.schema import ModelConfig
+    from kdcli.errors import KdcliError
+    from kdcli.models import backbones
+    from kdcli.models.detector import Detector
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    net = torchvision.models.resnet18(weights=None)
+    torch.nn.init.constant_(net.conv1.weight, 0.25)
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    body = buf.getvalue()
+    digest = hashlib.sha256(body).hexdigest()[:8]
+    requested = []
+    monkeypatch.setattr(torch.hub, "urlopen", lambda req, *a, **k: requested.append(req.full_url) or _Response(body))
+    # a download whose bytes do not match the hash in torchvision's file name is refused and not kept
+    with pytest.raises(KdcliError, match="failed its hash check"):
+        Detector(ModelConfig(channels=8, pretrained=True), 2, 64, 16)
+    assert not list((tmp_path / "torch").rglob("*.pth"))
+    # the same bytes under a name carrying their own hash: downloaded once, cached, loaded
+    monkeypatch.setattr(backbones, "weights_url", lambda name: f"https://example.invalid/{name}-{digest}.pth")
+    model = Detector(ModelConfig(channels=8, pretrained=True), 2, 64, 16)
+    assert torch.all(model.backbone.stem[0].weight == 0.25)
+    assert backbones.weights_file("resnet18").is_file() and len(requested) == 2
+    Detector(ModelConfig(channels=8, pretrained=True), 2, 64, 16)
+    assert len(requested) == 2  # the cached file is used, no new download
+
+
+def test_a_backbone_is_one_entry_of_the_table(monkeypatch):
+    from kdcli.config.schema import ModelConfig
+    from kdcli.models import backbones
+    from kdcli.models.detector import Detector
+
+    with pytest.raises(ValueError, match="unknown backbone 'resnet19' \\(did you mean 'resnet18'"):
+        ModelConfig(backbone="resnet19")
+    monkeypatch.setitem(backbones.BACKBONES, "wide_resnet50_2",
+                        backbones.Trunk("wide_resnet50_2", "Wide_ResNet50_2_Weights", (1024, 2048)))
+    model = Detector(ModelConfig(backbone="wide_resnet50_2", channels=8), 2, 64, 16)
+    assert model.backbone.out_channels == (1024, 2048) and model.eval()(torch_images()).cls_logits.shape[-1] == 2
+
+
+def torch_images():
+    import torch
+
+    return torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
 
 
 def test_pretrained_from_local_file(tmp_path: Path):
