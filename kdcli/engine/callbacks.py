@@ -29,6 +29,11 @@ class Callbacks:
             raise ValueError(f"unknown callback event {event!r}; events: {', '.join(EVENTS)}")
         self.handlers[event].append(fn)
 
+    def extend(self, other: Callbacks) -> None:
+        for event, fns in other.handlers.items():
+            for fn in fns:
+                self.add(event, fn)
+
     def run(self, event: str, trainer: Trainer) -> None:
         for fn in self.handlers.get(event, []):
             fn(trainer)
@@ -74,24 +79,52 @@ def plot_predictions(trainer: Trainer) -> None:
         prediction_grid(trainer.val_samples, trainer.classes, trainer.run_dir / "val_predictions.png")
 
 
-def tensorboard_logger() -> Callable[[Trainer], None] | None:
-    """An on_epoch_end callback writing scalars to runs/<name>/tensorboard, when tensorboard is installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # noqa: BLE001 - missing or broken tensorboard install: no logging, training goes on
-        return None
+def _tensorboard_tag(key: str) -> str:
+    """Group the scalars in TensorBoard's sidebar: loss/<term>, metrics/<name>, time/<name>, lr."""
+    if key.startswith("loss_"):
+        return f"loss/{key[5:]}"
+    if key.endswith("_s"):
+        return f"time/{key}"
+    return key if key == "lr" else f"metrics/{key}"
+
+
+def tensorboard_logger(writer_factory: Callable[[str], Any] | None = None) -> Callbacks | None:
+    """TensorBoard logging into <run dir>/tensorboard when tensorboard is installed (`kdcli[tensorboard]`): every
+    loss term, lr, the validation metrics and times per epoch, and the val prediction image at each validation.
+    A study's cells each have a run dir, so `tensorboard --logdir runs/study/<name>` compares the cells."""
+    if writer_factory is None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # noqa: BLE001 - missing or broken tensorboard install: no logging, training goes on
+            return None
+        writer_factory = SummaryWriter
     writers: dict[str, Any] = {}
 
     def log(trainer: Trainer) -> None:
-        if "w" not in writers:
-            writers["w"] = SummaryWriter(str(trainer.run_dir / "tensorboard"))
-        row = trainer.history[-1]
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and k != "epoch":
-                writers["w"].add_scalar(k, v, row["epoch"])
-        writers["w"].flush()
+        import numpy as np
 
-    return log
+        from kdcli.engine.plots import prediction_image
+
+        if "w" not in writers:
+            writers["w"] = writer_factory(str(trainer.run_dir / "tensorboard"))
+        w, row = writers["w"], trainer.history[-1]
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch":
+                w.add_scalar(_tensorboard_tag(k), v, row["epoch"])
+        if "mAP50" in row and trainer.val_samples and trainer.recipe.train.plots:
+            image = prediction_image(trainer.val_samples, trainer.classes)
+            if image is not None:
+                w.add_image("val/predictions", np.asarray(image), row["epoch"], dataformats="HWC")
+        w.flush()
+
+    def close(trainer: Trainer) -> None:
+        if "w" in writers:
+            writers.pop("w").close()
+
+    cb = Callbacks()
+    cb.add("on_epoch_end", log)
+    cb.add("on_train_end", close)
+    return cb
 
 
 def default_callbacks() -> Callbacks:
@@ -103,5 +136,5 @@ def default_callbacks() -> Callbacks:
     cb.add("on_train_end", plot_predictions)
     tb = tensorboard_logger()
     if tb is not None:
-        cb.add("on_epoch_end", tb)
+        cb.extend(tb)
     return cb

@@ -61,9 +61,15 @@ def draw(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, classes: list
 
 
 def prediction_grid(samples: list[dict[str, Any]], classes: list[str], out_path: Path, conf: float = 0.3) -> None:
-    """Up to 8 images: predictions above `conf` (colour) over ground truth (white)."""
+    """Up to 8 images: predictions above `conf` (colour) over ground truth (white), saved to `out_path`."""
+    grid = prediction_image(samples, classes, conf)
+    if grid is not None:
+        grid.save(out_path)
+
+
+def prediction_image(samples: list[dict[str, Any]], classes: list[str], conf: float = 0.3) -> Image.Image | None:
     if not samples:
-        return
+        return None
     tiles = []
     for s in samples[:8]:
         keep = s["scores"] >= conf
@@ -74,4 +80,4 @@ def prediction_grid(samples: list[dict[str, Any]], classes: list[str], out_path:
     grid = Image.new("RGB", (cols * w, rows * h))
     for i, t in enumerate(tiles):
         grid.paste(t, ((i % cols) * w, (i // cols) * h))
-    grid.save(out_path)
+    return grid
