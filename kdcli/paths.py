@@ -5,20 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-RAW_DIRS = {"vedai": "VEDAI", "xview": "xView", "voc": "VOCdevkit"}
-
-
 def datasets_root() -> Path:
     return Path(os.environ.get("KDCLI_DATASETS", "datasets"))
 
 
 def runs_root() -> Path:
     return Path(os.environ.get("KDCLI_RUNS", "runs"))
-
-
-def raw_dir(source: str) -> Path:
-    """Default folder of a raw download, e.g. `datasets/raw/VEDAI`."""
-    return datasets_root() / "raw" / RAW_DIRS.get(source, source)
 
 
 def resolve_dataset(path: str | Path) -> Path:

@@ -1,17 +1,28 @@
-"""Image files: decode checks, and placing raw images into a dataset dir (symlink or copy)."""
+"""Image files: decode checks, and placing raw images into a dataset dir (symlink or copy).
+
+numpy and PIL are imported on first use: the data sources import this module, and `kdcli` discovers every source
+when it starts.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 from kdcli.errors import KdcliError
 
-Image.MAX_IMAGE_PIXELS = None  # whole satellite scenes are legitimately huge
+if TYPE_CHECKING:
+    import numpy as np
+
+
+def pil_image() -> Any:
+    """PIL's Image module, with the decompression-bomb limit off: whole satellite scenes are legitimately huge."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+    return Image
 
 
 class ImageDecodeError(KdcliError):
@@ -21,7 +32,7 @@ class ImageDecodeError(KdcliError):
 def probe(path: str | Path, decode: bool = True) -> tuple[int, int]:
     """(width, height) of an image; with `decode` the pixels are decoded too, so a corrupt file fails here."""
     try:
-        with Image.open(path) as im:
+        with pil_image().open(path) as im:
             size = im.size
             if decode:
                 im.load()
@@ -35,8 +46,10 @@ def probe(path: str | Path, decode: bool = True) -> tuple[int, int]:
 
 def load_rgb(path: str | Path) -> np.ndarray:
     """An HxWx3 uint8 array; 1-channel (IR) images are repeated to 3 channels."""
+    import numpy as np
+
     try:
-        with Image.open(path) as im:
+        with pil_image().open(path) as im:
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise KdcliError(f"{path}: image not found") from None

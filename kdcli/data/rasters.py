@@ -17,6 +17,8 @@ from PIL import Image
 from kdcli.console import err
 from kdcli.errors import KdcliError
 
+Image.MAX_IMAGE_PIXELS = None  # whole satellite scenes are legitimately huge
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SAMPLE_PIXELS = 1_000_000  # pixels sampled for the percentile statistics
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from kdcli.data.sources import xview
 from kdcli.data.synthetic.xview import TYPE_OF
-from kdcli.data.tiling import tile_origins
+from kdcli.data.tiling import tile_boxes, tile_origins
 from kdcli.errors import KdcliError
 
 sizes = st.integers(min_value=1, max_value=3000)
@@ -41,7 +41,7 @@ boxes_st = st.lists(st.tuples(st.floats(0, 900), st.floats(0, 900), st.floats(1,
        min_visible=st.floats(0.05, 1.0))
 def test_tile_boxes_inside_and_full_boxes_unchanged(raw, x0: int, y0: int, tile: int, min_visible: float):
     boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in raw], dtype=np.float64).reshape(-1, 4)
-    kept = xview.tile_boxes(boxes, x0, y0, tile, tile, min_visible)
+    kept = tile_boxes(boxes, x0, y0, tile, tile, min_visible)
     kept_idx = {i for i, _ in kept}
     for i, (bx0, by0, bx1, by1) in kept:
         assert 0 <= bx0 < bx1 <= tile and 0 <= by0 < by1 <= tile

@@ -15,6 +15,7 @@ from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.images import ImageDecodeError, place, probe
+from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, images_mode, register
 from kdcli.data.sources.common import clip_box, is_sliver, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
@@ -174,3 +175,19 @@ def prepare(src: Path, images_dir: Path, out: Path, val: Path | None = None, val
                 "dropped": tally.as_dict()}
         coco.write_dataset_yaml(tmp, meta)
     return meta
+
+
+register(Source(
+    name="coco",
+    title="Bring any COCO detection dataset: validated, categories renumbered 1..K, a val split carved if needed.",
+    example="kdcli prepare coco --src ann/train.json --images imgs/ --out datasets/mydata",
+    src_help="COCO detection JSON of the training images", out_help="<json name>",
+    options=(
+        Option("images", Path, None, "Folder the JSON's file_name entries are relative to.", required=True),
+        Option("val", Path | None, None, "COCO JSON of validation images (else carved from train)."),
+        Option("val_fraction", float, 0.1, "Share of images for val when no --val."), SEED, LINK, FORCE, SKIP_BAD),
+    run=lambda src, out, o: prepare(src, o["images"], out, val=o["val"], val_fraction=o["val_fraction"],
+                                    seed=o["seed"], images=images_mode(o), force=o["force"],
+                                    skip_bad_images=o["skip_bad_images"]),
+    out_name=lambda src, o: src.stem,
+))

@@ -16,7 +16,8 @@ from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.images import ImageDecodeError, place, probe
-from kdcli.data.sources.common import SYNTHETIC_MARKER, Preset, clip_box, is_sliver, val_split
+from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, images_mode, register
+from kdcli.data.sources.common import SYNTHETIC_MARKER, parse_int_list, Preset, clip_box, is_sliver, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -241,3 +242,23 @@ def _add_object(full: coco.CocoBuilder, image_id: int, obj: VedaiObject, w: int,
     full.add_box(image_id, label, box, raw_class=obj.cls, orientation=round(obj.orientation, 6),
                  occluded=obj.occluded, contained=obj.contained,
                  corners=[list(obj.xs), list(obj.ys)])
+
+
+register(Source(
+    name="vedai", raw_dir="VEDAI",
+    title="Prepare VEDAI (25 cm or 12.5 cm) with its 10 official cross-validation folds.",
+    example="kdcli prepare vedai --res 25  (reads $KDCLI_DATASETS/raw/VEDAI, writes $KDCLI_DATASETS/vedai25)",
+    src_help="Raw VEDAI folder", out_help="vedai25 or vedai12",
+    options=(
+        Option("res", int, 25, "Ground resolution in cm: 25 (512 px) or 12 (12.5 cm, 1024 px)."),
+        Option("classes", str, "vedai8", "Class preset: vedai8, vedai9, vehicle or all."),
+        Option("folds", str | None, None, "Folds to write, e.g. 1-5 [default: all 10]."), LINK,
+        Option("val_fraction", float, 0.1, "Share of each fold's official training ids held out for validation "
+                                           "(0: none, as the paper)."), SEED, FORCE, SKIP_BAD),
+    run=lambda src, out, o: prepare(src, out, res=o["res"], classes=o["classes"],
+                                    folds=parse_int_list(o["folds"], "--folds") if o["folds"] else None,
+                                    images=images_mode(o), val_fraction=o["val_fraction"], seed=o["seed"],
+                                    force=o["force"], skip_bad_images=o["skip_bad_images"]),
+    out_name=lambda src, o: f"vedai{o['res']}",
+    synthetic=Synthetic("kdcli.data.synthetic.vedai", images=200, size=512, extra=("test_images",)),
+))

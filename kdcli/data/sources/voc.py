@@ -15,6 +15,7 @@ from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.images import ImageDecodeError, place, probe
+from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, images_mode, register
 from kdcli.data.sources.common import SYNTHETIC_MARKER, clip_box, is_sliver, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
@@ -143,3 +144,23 @@ def prepare(src: Path, out: Path, train_sets: list[str] = ("2007/trainval", "201
                 "notes": "difficult objects are kept for training and ignored by the VOC-style evaluator"}
         coco.write_dataset_yaml(tmp, meta)
     return meta
+
+
+def _sets(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+register(Source(
+    name="voc", raw_dir="VOCdevkit",
+    title="Prepare Pascal VOC (07+12 trainval -> train/val, 07 test -> test); difficult objects are marked.",
+    example="kdcli prepare voc --src ~/data/VOCdevkit", src_help="VOCdevkit folder", out_help="voc",
+    options=(
+        Option("train", str, "2007/trainval,2012/trainval", "Image sets for training, YEAR/SET, comma-separated."),
+        Option("test", str, "2007/test", "Image sets for testing."),
+        Option("val_fraction", float, 0.1, "Share of training images for val."), SEED, LINK, FORCE, SKIP_BAD),
+    run=lambda src, out, o: prepare(src, out, train_sets=_sets(o["train"]), test_sets=_sets(o["test"]),
+                                    val_fraction=o["val_fraction"], seed=o["seed"], images=images_mode(o),
+                                    force=o["force"], skip_bad_images=o["skip_bad_images"]),
+    out_name=lambda src, o: "voc",
+    synthetic=Synthetic("kdcli.data.synthetic.voc", images=60, size=320),
+))

@@ -7,24 +7,17 @@ holds a few scenes' pixels at a time.
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import ijson
-import numpy as np
-from PIL import Image
 
 from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.images import ImageDecodeError, place, probe
+from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, images_mode, register
 from kdcli.data.sources.common import SYNTHETIC_MARKER, Preset, clip_box, is_sliver, val_split
 from kdcli.data.tally import Tally
-from kdcli.data.tiling import tile_origins
 from kdcli.errors import KdcliError
 
 GEOJSON = "xView_train.geojson"
@@ -66,6 +59,8 @@ def preset(name: str, labels: dict[int, str]) -> Preset:
 
 def read_geojson(path: Path, tally: Tally) -> dict[str, list[tuple[int, float, float, float, float]]]:
     """Stream the FeatureCollection once: scene file name -> [(type_id, x0, y0, x1, y1), ...]."""
+    import ijson
+
     boxes: dict[str, list[tuple[int, float, float, float, float]]] = defaultdict(list)
     with open(path, "rb") as f:
         try:
@@ -88,62 +83,6 @@ def read_geojson(path: Path, tally: Tally) -> dict[str, list[tuple[int, float, f
     return boxes
 
 
-def tile_boxes(boxes: np.ndarray, x0: int, y0: int, tw: int, th: int, min_visible: float) -> list[tuple[int, tuple]]:
-    """Boxes of one tile: (index into `boxes`, box in tile coordinates) for boxes clipped to the tile that keep
-    at least `min_visible` of their area and are not slivers."""
-    if len(boxes) == 0:
-        return []
-    cx0 = np.clip(boxes[:, 0] - x0, 0, tw)
-    cy0 = np.clip(boxes[:, 1] - y0, 0, th)
-    cx1 = np.clip(boxes[:, 2] - x0, 0, tw)
-    cy1 = np.clip(boxes[:, 3] - y0, 0, th)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    visible = (cx1 - cx0) * (cy1 - cy0)
-    keep = (visible >= min_visible * area) & (visible > 0)
-    out = []
-    for i in np.flatnonzero(keep):
-        box = (float(cx0[i]), float(cy0[i]), float(cx1[i]), float(cy1[i]))
-        if not is_sliver(box):
-            out.append((int(i), box))
-    return out
-
-
-@dataclass
-class SceneJob:
-    scene: str
-    path: Path
-    boxes: np.ndarray  # [N, 4] scene pixels, already clipped to the scene
-    labels: list[int]
-    raw: list[int]
-    tile: int
-    overlap: float
-    min_visible: float
-    keep_empty: float
-    seed: int
-    out_dir: Path
-
-
-def tile_scene(job: SceneJob) -> list[dict[str, Any]]:
-    """Cut one scene into tiles written as PNG; returns one record per kept tile."""
-    with Image.open(job.path) as im:
-        pixels = np.asarray(im.convert("RGB"))
-    h, w = pixels.shape[:2]
-    rng = random.Random(f"{job.seed}:{job.scene}")
-    stem = Path(job.scene).stem
-    records = []
-    for y0 in tile_origins(h, job.tile, job.overlap):
-        for x0 in tile_origins(w, job.tile, job.overlap):
-            tw, th = min(job.tile, w - x0), min(job.tile, h - y0)
-            kept = tile_boxes(job.boxes, x0, y0, tw, th, job.min_visible)
-            if not kept and rng.random() >= job.keep_empty:
-                continue
-            name = f"{stem}_{x0}_{y0}.png"
-            Image.fromarray(pixels[y0:y0 + th, x0:x0 + tw]).save(job.out_dir / name, compress_level=1)
-            records.append({"file": name, "width": tw, "height": th, "x0": x0, "y0": y0, "scene": job.scene,
-                            "boxes": [(job.labels[i], job.raw[i], b) for i, b in kept]})
-    return records
-
-
 def check_source(src: Path) -> None:
     if not src.is_dir():
         raise KdcliError(
@@ -161,6 +100,10 @@ def prepare(src: Path, out: Path, tile: int = 512, overlap: float = 0.2, min_vis
             workers: int = 0, images: str = "link", force: bool = False,
             skip_bad_images: bool = False) -> dict[str, Any]:
     """Convert raw xView into a tiled dataset dir at `out`; returns the dataset.yaml content."""
+    import numpy as np
+
+    from kdcli.data.tiling import SceneJob, run_jobs, tile_scene
+
     check_source(src)
     if not 0 <= overlap < 1 or not 0 < min_visible <= 1 or not 0 <= keep_empty <= 1 or tile < 32:
         raise KdcliError("need 0 <= --overlap < 1, 0 < --min-visible <= 1, 0 <= --keep-empty <= 1, --tile >= 32")
@@ -218,14 +161,14 @@ def prepare(src: Path, out: Path, tile: int = 512, overlap: float = 0.2, min_vis
             jobs[s].keep_empty = 1.0
         builders = {s: coco.CocoBuilder(pre.classes, f"xView tiles {s}") for s in ("train", "val")}
         ordered = sorted(jobs.values(), key=lambda j: j.scene)
-        results = _run(tile_scene, ordered, workers)
+        results = run_jobs(tile_scene, ordered, workers)
         for records in console.track(results, "tiling scenes", total=len(ordered)):
             for r in records:
                 b = builders[split_of[r["scene"]]]
                 image_id = len(b.images) + 1
                 b.add_image(image_id, f"{coco.IMAGES}/{r['file']}", r["width"], r["height"],
                             origin={"scene": r["scene"], "x0": r["x0"], "y0": r["y0"]})
-                for label, raw, box in r["boxes"]:
+                for label, raw, box, _ in r["boxes"]:
                     b.add_box(image_id, label, box, raw_class=raw)
         for b in builders.values():
             b.images.sort(key=lambda im: im["file_name"])
@@ -255,10 +198,23 @@ def prepare(src: Path, out: Path, tile: int = 512, overlap: float = 0.2, min_vis
     return meta
 
 
-def _run(fn, jobs: list[SceneJob], workers: int):
-    """Results of `fn` over `jobs` in order: in this process, or in `workers` processes."""
-    if workers <= 1:
-        yield from map(fn, jobs)
-        return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(fn, jobs)
+register(Source(
+    name="xview", raw_dir="xView",
+    title="Prepare xView: split scenes into train/val, tile them, keep the chosen vehicle classes.",
+    example="kdcli prepare xview --tile 512 --overlap 0.2 --workers 8",
+    src_help="Raw xView folder with train_images/ and xView_train.geojson", out_help="xview",
+    options=(
+        Option("tile", int, 512, "Tile side in pixels."),
+        Option("overlap", float, 0.2, "Overlap between neighbouring tiles (fraction)."),
+        Option("min_visible", float, 0.5, "Keep a box cut by a tile edge when at least this share of it is inside."),
+        Option("classes", str, "vehicle", "Preset: vehicle (one class), vehicles (per type), all."),
+        Option("val_fraction", float, 0.2, "Share of scenes (not tiles) for val."), SEED,
+        Option("keep_empty", float, 0.1, "Share of empty training tiles kept."),
+        Option("workers", int, 0, "Processes tiling scenes in parallel."), LINK, FORCE, SKIP_BAD),
+    run=lambda src, out, o: prepare(src, out, tile=o["tile"], overlap=o["overlap"], min_visible=o["min_visible"],
+                                    classes=o["classes"], val_fraction=o["val_fraction"], seed=o["seed"],
+                                    keep_empty=o["keep_empty"], workers=o["workers"], images=images_mode(o),
+                                    force=o["force"], skip_bad_images=o["skip_bad_images"]),
+    out_name=lambda src, o: "xview",
+    synthetic=Synthetic("kdcli.data.synthetic.xview", images=5, size=2000),
+))

@@ -28,9 +28,9 @@ def _line14(v: Placed, f: float, image_size: int) -> str:
             + " ".join(map(str, xs + ys)))
 
 
-def generate(out: Path, n_images: int = 200, size: int = 512, seed: int = 0, empty_share: float = 0.1,
+def generate(out: Path, images: int = 200, size: int = 512, seed: int = 0, empty_share: float = 0.1,
              missing_ids: int = 1, test_images: int = 0) -> dict[str, int]:
-    """Write `n_images` scenes at `size` px (25 cm) and 2*`size` px (12.5 cm). The fold test sets partition the
+    """Write `images` scenes at `size` px (25 cm) and 2*`size` px (12.5 cm). The fold test sets partition the
     ids; `missing_ids` ids are listed in fold files without an image (a case the real data has).
     `test_images` more scenes (ids after those) join the test list of every fold: a larger evaluation set at no
     training cost, still in VEDAI's raw format."""
@@ -39,8 +39,8 @@ def generate(out: Path, n_images: int = 200, size: int = 512, seed: int = 0, emp
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     combined: dict[str, list[str]] = {"512": [], "1024": []}
-    ids = [f"{i:08d}" for i in range(n_images)]
-    extra = [f"{n_images + missing_ids + j:08d}" for j in range(test_images)]
+    ids = [f"{i:08d}" for i in range(images)]
+    extra = [f"{images + missing_ids + j:08d}" for j in range(test_images)]
     mean_objects = 2 + 6 * (size / 512) ** 2
     n_objects = 0
     for vid in console.track(ids + extra, "synthetic VEDAI scenes"):
@@ -67,7 +67,7 @@ def generate(out: Path, n_images: int = 200, size: int = 512, seed: int = 0, emp
         (dirs[f"Annotations{res}"] / f"annotation{res}.txt").write_text("".join(x + "\n" for x in combined[res]))
     order = list(ids)
     np.random.default_rng(seed).shuffle(order)
-    listed = order + [f"{n_images + k:08d}" for k in range(missing_ids)]  # ids without any file
+    listed = order + [f"{images + k:08d}" for k in range(missing_ids)]  # ids without any file
     groups = [sorted(listed[k::10]) for k in range(10)]
     for k in range(10):
         test = sorted(groups[k] + extra)
@@ -75,9 +75,9 @@ def generate(out: Path, n_images: int = 200, size: int = 512, seed: int = 0, emp
         for res in ("512", "1024"):
             (dirs[f"Annotations{res}"] / f"fold{k + 1:02d}.txt").write_text("".join(i + "\n" for i in train))
             (dirs[f"Annotations{res}"] / f"fold{k + 1:02d}test.txt").write_text("".join(i + "\n" for i in test))
-    (out / SYNTHETIC_MARKER).write_text(f"kdcli synthetic vedai: images={n_images} test_images={test_images} "
+    (out / SYNTHETIC_MARKER).write_text(f"kdcli synthetic vedai: images={images} test_images={test_images} "
                                         f"size={size} seed={seed}\n")
-    return {"images": n_images + test_images, "objects": n_objects, "folds": 10}
+    return {"images": images + test_images, "objects": n_objects, "folds": 10}
 
 
 def _to_combined(vid: str, line14: str) -> str:

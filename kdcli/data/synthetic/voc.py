@@ -31,13 +31,13 @@ def _object_xml(name: str, box: tuple, difficult: int | None, parts: list[tuple]
             f"</bndbox>{part_xml}</object>")
 
 
-def generate(out: Path, n_images: int = 60, size: int = 320, seed: int = 0) -> dict[str, int]:
-    """`n_images` split between VOC2007 (trainval + test) and VOC2012 (trainval)."""
+def generate(out: Path, images: int = 60, size: int = 320, seed: int = 0) -> dict[str, int]:
+    """`images` split between VOC2007 (trainval + test) and VOC2012 (trainval)."""
     root = out  # the folder plays VOCdevkit
     plan = {"VOC2007": {"trainval": [], "test": []}, "VOC2012": {"trainval": []}}
     slots = [("VOC2007", "trainval"), ("VOC2007", "test"), ("VOC2012", "trainval")]
     n_objects = 0
-    for i in console.track(range(n_images), "synthetic VOC images"):
+    for i in console.track(range(images), "synthetic VOC images"):
         year, image_set = slots[i % 3]
         vid = f"{2007 if year == 'VOC2007' else 2012}_{i:06d}"
         ydir = root / year
@@ -72,5 +72,5 @@ def generate(out: Path, n_images: int = 60, size: int = 320, seed: int = 0) -> d
     for year, sets in plan.items():
         for image_set, ids in sets.items():
             (root / year / "ImageSets" / "Main" / f"{image_set}.txt").write_text("".join(i + "\n" for i in ids))
-    (root / SYNTHETIC_MARKER).write_text(f"kdcli synthetic voc: images={n_images} size={size} seed={seed}\n")
-    return {"images": n_images, "objects": n_objects}
+    (root / SYNTHETIC_MARKER).write_text(f"kdcli synthetic voc: images={images} size={size} seed={seed}\n")
+    return {"images": images, "objects": n_objects}

@@ -43,12 +43,12 @@ def _feature(scene: str, type_id: int, box: tuple[float, ...], fid: int) -> dict
                            "image_id": scene, "cat_id": fid % 7, "feature_id": fid, "edited_by": "synthetic"}}
 
 
-def generate(out: Path, n_scenes: int = 5, size: int = 2000, seed: int = 0) -> dict[str, int]:
-    """Write `n_scenes` square scenes of about `size` px (sizes vary +-25 %) and their GeoJSON."""
+def generate(out: Path, images: int = 5, size: int = 2000, seed: int = 0) -> dict[str, int]:
+    """Write `images` square scenes of about `size` px (sizes vary +-25 %) and their GeoJSON."""
     (out / "train_images").mkdir(parents=True, exist_ok=True)
     features = []
     n_objects = 0
-    for i in console.track(range(n_scenes), "synthetic xView scenes"):
+    for i in console.track(range(images), "synthetic xView scenes"):
         rng = np.random.default_rng([seed, i])
         w, h = (int(size * rng.uniform(0.75, 1.25)) for _ in range(2))
         scene = f"{100 + i * 7}.tif"
@@ -69,5 +69,5 @@ def generate(out: Path, n_scenes: int = 5, size: int = 2000, seed: int = 0) -> d
     with open(out / "xView_train.geojson", "w", encoding="utf-8") as f:
         json.dump({"type": "FeatureCollection", "features": features}, f)
     (out / "xview_class_labels.txt").write_text("".join(f"{k}:{v}\n" for k, v in LABELS.items()))
-    (out / SYNTHETIC_MARKER).write_text(f"kdcli synthetic xview: scenes={n_scenes} size={size} seed={seed}\n")
-    return {"scenes": n_scenes, "objects": n_objects, "features": len(features)}
+    (out / SYNTHETIC_MARKER).write_text(f"kdcli synthetic xview: scenes={images} size={size} seed={seed}\n")
+    return {"scenes": images, "objects": n_objects, "features": len(features)}
