@@ -24,7 +24,7 @@ Seed = Annotated[int, typer.Option("--seed", help=SEED.help)]
 
 def _default_out(src: Path, name: str) -> Path:
     """`<datasets>/<name>`, or `<datasets>/synthetic-<name>` when `src` was written by `prepare synthetic`."""
-    synthetic = (src / SYNTHETIC_MARKER).is_file()
+    synthetic = (src / SYNTHETIC_MARKER).is_file() and not name.startswith("synthetic-")
     return paths.datasets_root() / (f"synthetic-{name}" if synthetic else name)
 
 

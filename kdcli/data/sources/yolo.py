@@ -1,0 +1,240 @@
+"""Ultralytics YOLO datasets, the layout most aerial vehicle datasets are shared in today (Roboflow exports, VEDAI,
+DOTA and xView conversions).
+
+Two layouts:
+- a dataset folder with `data.yaml` (`path`, `train`, `val`, `test`: each a folder of images, a .txt list of
+  images or a list of either; `names` a list or an {id: name} mapping). The label of `.../images/.../a.jpg` is
+  `.../labels/.../a.txt`, as Ultralytics finds it.
+- a plain folder of images with a sibling `.txt` label each, and `--names` (a file with one class name per line).
+
+Label lines: `class cx cy w h` normalised to [0, 1]; `class x1 y1 ... xn yn` (oriented boxes: 4 points, or
+segmentation polygons) become their enclosing box. Bad lines (wrong field count, non-numbers, values outside
+[0, 1], unknown class) are dropped and counted with file:line, an image without a label file is an image without
+objects, and a label file without an image is counted. A val split is carved from train when there is none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdcli import console
+from kdcli.atomic import atomic_dir
+from kdcli.data import coco
+from kdcli.data.images import ImageDecodeError, place, probe
+from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, images_mode, register
+from kdcli.data.sources.common import SYNTHETIC_MARKER, clip_box, is_sliver, val_split
+from kdcli.data.tally import Tally
+from kdcli.errors import KdcliError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+SPLITS = ("train", "val", "test")
+
+
+def read_names(value: Any, where: str) -> list[str]:
+    """`names` as a list, or a mapping {0: a, 1: b} with ids 0..K-1."""
+    if isinstance(value, list) and value and all(isinstance(n, (str, int)) for n in value):
+        return [str(n) for n in value]
+    if isinstance(value, dict) and value:
+        try:
+            ids = sorted(int(k) for k in value)
+        except (TypeError, ValueError):
+            raise KdcliError(f"{where}: 'names' keys must be class ids 0..K-1") from None
+        if ids != list(range(len(ids))):
+            raise KdcliError(f"{where}: 'names' ids must be 0..{len(ids) - 1}, found {ids[:10]}")
+        return [str(value[k] if k in value else value[str(k)]) for k in ids]
+    raise KdcliError(f"{where}: 'names' must be a non-empty list or an {{id: name}} mapping")
+
+
+def names_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise KdcliError(f"{path}: names file not found", hint="one class name per line, in class-id order")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise KdcliError(f"{path}: no class names")
+    return names
+
+
+def label_path(image: Path) -> Path:
+    """Ultralytics' rule: the last `images` folder of the path becomes `labels`, the suffix `.txt`."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            return Path(*parts).with_suffix(".txt")
+    return image.with_suffix(".txt")
+
+
+def _images_of(entry: Any, root: Path, where: str) -> list[Path]:
+    entries = entry if isinstance(entry, list) else [entry]
+    found: list[Path] = []
+    for e in entries:
+        if not isinstance(e, str):
+            raise KdcliError(f"{where}: expected a folder, a .txt list or a list of them, found {e!r}")
+        p = Path(e) if Path(e).is_absolute() else root / e
+        if p.is_dir():
+            found += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file() and p.suffix == ".txt":
+            for line in p.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line:
+                    q = Path(line)
+                    found.append(q if q.is_absolute() else (p.parent / q if line.startswith(".") else root / q))
+        else:
+            raise KdcliError(f"{where}: {p} not found")
+    return found
+
+
+def read_layout(src: Path, names: Path | None) -> tuple[list[str], dict[str, list[Path]], Path]:
+    """(class names, images per split, the file that declared them) for a data.yaml or a plain folder."""
+    if src.is_file() and src.suffix in (".yaml", ".yml"):
+        yaml_path = src
+    elif (src / "data.yaml").is_file():
+        yaml_path = src / "data.yaml"
+    elif src.is_dir():
+        if names is None:
+            raise KdcliError(f"{src}: no data.yaml", hint="give --names FILE (one class name per line) for a plain "
+                                                         "folder of images with .txt labels")
+        images = sorted(q for q in src.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+        return names_file(names), {"train": images}, names
+    else:
+        raise KdcliError(f"YOLO dataset not found at {src}",
+                         hint="give --src DIR (with data.yaml, or images + .txt labels and --names) or the "
+                              "data.yaml file; for offline data run `kdcli prepare synthetic --kind yolo`")
+    try:
+        data = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise KdcliError(f"{yaml_path}: cannot read ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(data, dict):
+        raise KdcliError(f"{yaml_path}: expected a mapping with train/val/names")
+    classes = names_file(names) if names is not None else read_names(data.get("names"), str(yaml_path))
+    root = Path(str(data.get("path") or "."))
+    root = root if root.is_absolute() else (yaml_path.parent / root)
+    if "train" not in data:
+        raise KdcliError(f"{yaml_path}: no 'train' entry")
+    splits = {s: _images_of(data[s], root, f"{yaml_path}: {s}") for s in SPLITS if data.get(s)}
+    return classes, splits, yaml_path
+
+
+def parse_label(line: str, where: str, n_classes: int, tally: Tally) -> tuple[int, tuple[float, ...]] | None:
+    """(class, normalised x0 y0 x1 y1) of one label line, or None (counted) for a bad one."""
+    fields = line.split()
+    if len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
+        tally.add(f"label line with {len(fields)} fields (want 5, or a class and 3+ points) (dropped)", where)
+        return None
+    try:
+        cls_f = float(fields[0])
+        values = [float(v) for v in fields[1:]]
+    except ValueError:
+        tally.add("label line with a non-number (dropped)", where)
+        return None
+    if cls_f != int(cls_f) or not 0 <= cls_f < n_classes:
+        tally.add(f"label of an unknown class (not 0..{n_classes - 1}) (dropped)", where)
+        return None
+    if any(not 0 <= v <= 1 for v in values):
+        tally.add("label value outside [0, 1] (dropped)", where)
+        return None
+    if len(values) == 4:
+        cx, cy, w, h = values
+        return int(cls_f), (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+    xs, ys = values[0::2], values[1::2]
+    return int(cls_f), (min(xs), min(ys), max(xs), max(ys))
+
+
+def prepare(src: Path, out: Path, names: Path | None = None, classes: str = "all", val_fraction: float = 0.1,
+            seed: int = 0, images: str = "link", force: bool = False,
+            skip_bad_images: bool = False) -> dict[str, Any]:
+    """Convert a YOLO dataset into a dataset dir; returns the dataset.yaml content."""
+    names, split_images, declared = read_layout(src, names)
+    keep = list(names) if classes == "all" else [c.strip() for c in classes.split(",") if c.strip()]
+    unknown = [c for c in keep if c not in names]
+    if unknown:
+        raise KdcliError(f"--classes: {unknown} not among the dataset's names {names}")
+    tally = Tally()
+    used_labels: set[Path] = set()
+    with atomic_dir(out, force) as tmp:
+        builders = {s: coco.CocoBuilder(keep, f"YOLO {s}") for s in split_images}
+        next_id = 1
+        for split, paths_ in split_images.items():
+            for img in console.track(paths_, f"YOLO {split}"):
+                lab = label_path(img)
+                if not img.is_file():
+                    tally.add("image listed but not found (skipped)", str(img))
+                    continue
+                try:
+                    width, height = probe(img)
+                except ImageDecodeError as e:
+                    if not skip_bad_images:
+                        raise
+                    tally.add("image failed to decode (skipped)", e.message)
+                    continue
+                dst = f"{coco.IMAGES}/{split}/{next_id:07d}_{img.name}"
+                place(img, tmp / dst, images)
+                image_id = next_id
+                next_id += 1
+                builders[split].add_image(image_id, dst, width, height, yolo_file=str(img))
+                if not lab.is_file():
+                    tally.add("image without a label file (no objects)", str(img))
+                    continue
+                used_labels.add(lab.resolve())
+                for n, line in enumerate(lab.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    parsed = parse_label(line, f"{lab}:{n}", len(names), tally)
+                    if parsed is None:
+                        continue
+                    label, (x0, y0, x1, y1) = parsed
+                    if names[label] not in keep:
+                        tally.add("box of a class outside --classes (dropped)")
+                        continue
+                    box, clipped = clip_box(x0 * width, y0 * height, x1 * width, y1 * height, width, height)
+                    if is_sliver(box):
+                        tally.add("box thinner than a pixel (dropped)", f"{lab}:{n}")
+                        continue
+                    if clipped:
+                        tally.add("box clipped to the image", f"{lab}:{n}")
+                    builders[split].add_box(image_id, keep.index(names[label]), box, raw_class=label)
+        label_dirs = {label_path(p).parent for ps in split_images.values() for p in ps}
+        orphans = sorted(str(p) for d in label_dirs if d.is_dir() for p in d.glob("*.txt")
+                         if p.resolve() not in used_labels and p.name != "classes.txt")
+        if orphans:
+            tally.add("label file without an image (not used)", orphans[0], n=len(orphans))
+        if not any(b.images for b in builders.values()):
+            raise KdcliError(f"{src}: no usable image")
+        parts = dict(builders)
+        if "val" not in parts:
+            train_ids, val_ids = val_split([im["id"] for im in builders["train"].images], val_fraction, seed)
+            parts["train"] = coco.subset(builders["train"], set(train_ids), "YOLO train")
+            parts["val"] = coco.subset(builders["train"], set(val_ids), "YOLO val (carved from train)")
+        splits, counts = {}, {}
+        for name, b in parts.items():
+            b.write(tmp, name)
+            splits[name] = {"images": len(b.images), "objects": len(b.annotations)}
+            counts[name] = b.class_counts()
+        meta = {"name": out.name, "source": "yolo", "src": str(src.resolve()), "declared_by": str(declared),
+                "synthetic": (src / SYNTHETIC_MARKER).is_file(), "classes": keep, "preset": classes,
+                "val_fraction": 0 if "val" in split_images else val_fraction, "seed": seed,
+                "images": next_id - 1, "splits": splits, "class_counts": counts, "dropped": tally.as_dict()}
+        coco.write_dataset_yaml(tmp, meta)
+    return meta
+
+
+register(Source(
+    name="yolo", raw_dir="yolo",
+    title="Prepare an Ultralytics YOLO dataset (data.yaml, or images with .txt labels and --names); oriented "
+          "boxes and polygons become their enclosing boxes.",
+    example="kdcli prepare yolo --src ~/data/vehicles-yolo  (the folder holding data.yaml)",
+    src_help="YOLO dataset folder (with data.yaml) or the data.yaml file", out_help="<folder name>",
+    options=(
+        Option("names", Path | None, None, "Class names, one per line (a plain folder of images + labels)."),
+        Option("classes", str, "all", "Classes to keep: all, or names separated by commas."),
+        Option("val_fraction", float, 0.1, "Share of train images for val when the dataset has no val split."),
+        SEED, LINK, FORCE, SKIP_BAD),
+    run=lambda src, out, o: prepare(src, out, names=o["names"], classes=o["classes"], val_fraction=o["val_fraction"],
+                                    seed=o["seed"], images=images_mode(o), force=o["force"],
+                                    skip_bad_images=o["skip_bad_images"]),
+    out_name=lambda src, o: (src.parent if src.suffix in (".yaml", ".yml") else src).name or "yolo",
+    synthetic=Synthetic("kdcli.data.synthetic.yolo", images=60, size=256),
+))
