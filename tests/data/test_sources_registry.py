@@ -16,11 +16,11 @@ from kdcli.data.sources import FORCE, LINK, Option, Source, discover
 
 def test_the_registry_holds_every_source_with_its_raw_folder():
     sources = discover()
-    assert {"vedai", "xview", "voc", "coco"} <= set(sources)
+    assert {"vedai", "xview", "voc", "coco", "yolo", "dota"} <= set(sources)
     assert {n: sources[n].raw_dir for n in ("vedai", "xview", "voc")} == {"vedai": "VEDAI", "xview": "xView",
                                                                         "voc": "VOCdevkit"}
     assert sources["coco"].raw_dir is None  # --src is required
-    assert {"vedai", "xview", "voc"} <= set(synthetic.kinds()) and "coco" not in synthetic.kinds()
+    assert {"vedai", "xview", "voc", "yolo", "dota"} <= set(synthetic.kinds()) and "coco" not in synthetic.kinds()
 
 
 def test_a_new_source_is_one_registry_entry(tmp_path: Path, monkeypatch):
