@@ -79,3 +79,9 @@ def test_synthetic_dota_end_to_end(tmp_path: Path, monkeypatch):
     assert len(meta["scenes"]["val"]) == 1 and meta["splits"]["val_scenes"]["images"] == 1
     assert meta["splits"]["train"]["objects"] > 0 and meta["splits"]["train"]["difficult"] >= 0
     assert runner.invoke(app, ["data", "check", str(out)]).exit_code == 0
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    r = runner.invoke(app, ["train", "recipes/train/synthetic_student.yaml", f"data.path={out}", "data.fold=null",
+                            "imgsz=64", "model.channels=16", "train.epochs=1", "train.max_batches=2",
+                            "data.workers=0", "train.batch=2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["epochs"] == 1

@@ -60,6 +60,12 @@ def test_synthetic_yolo_end_to_end_counts_the_known_dirt(tmp_path: Path, monkeyp
     assert meta["dropped"]["label value outside [0, 1] (dropped)"]["example"].endswith("scene_00002.txt:5")
     assert meta["classes"] == ["car", "truck", "bus"] and meta["splits"]["val"]["images"] == 2  # its own val
     assert runner.invoke(app, ["data", "check", str(out)]).exit_code == 0
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    r = runner.invoke(app, ["train", "recipes/train/synthetic_student.yaml", f"data.path={out}", "data.fold=null",
+                            "imgsz=64", "model.channels=16", "train.epochs=1", "train.max_batches=2",
+                            "data.workers=0", "train.batch=2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["epochs"] == 1
 
 
 def test_data_yaml_names_list_txt_lists_and_class_subset(tmp_path: Path):
