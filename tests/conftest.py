@@ -10,6 +10,12 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
+def train_steps_args(dataset: Path) -> list[str]:
+    """`kdcli train` arguments for two small training steps on a prepared dataset dir of any source (no fold)."""
+    return ["train", "recipes/train/synthetic_student.yaml", f"data.path={dataset}", "data.fold=null", "imgsz=64",
+            "model.channels=16", "train.epochs=1", "train.max_batches=2", "data.workers=0", "train.batch=2", "--json"]
+
+
 def _synthetic_raw(factory: pytest.TempPathFactory, kind: str, images: int, size: int) -> Path:
     from kdcli.data.synthetic import generate
 

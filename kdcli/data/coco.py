@@ -68,6 +68,20 @@ class CocoBuilder:
         atomic.write_json(dataset_dir / ANNOTATIONS / f"{name}.json", self.to_dict())
 
 
+def write_splits(dataset_dir: Path, parts: dict[str, CocoBuilder], difficult: bool = False
+                 ) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """Write every split's JSON; returns dataset.yaml's `splits` (images, objects, and with `difficult` the
+    difficult objects) and `class_counts`."""
+    splits, counts = {}, {}
+    for name, b in parts.items():
+        b.write(dataset_dir, name)
+        splits[name] = {"images": len(b.images), "objects": len(b.annotations)}
+        if difficult:
+            splits[name]["difficult"] = sum(1 for a in b.annotations if a.get("difficult"))
+        counts[name] = b.class_counts()
+    return splits, counts
+
+
 def subset(full: CocoBuilder, image_ids: set[int], description: str) -> CocoBuilder:
     """The images `image_ids` of `full` with their boxes (annotation ids renumbered from 1)."""
     part = CocoBuilder(full.classes, description)

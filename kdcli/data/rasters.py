@@ -12,12 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from kdcli.console import err
+from kdcli.data.images import pil_image
 from kdcli.errors import KdcliError
-
-Image.MAX_IMAGE_PIXELS = None  # whole satellite scenes are legitimately huge
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SAMPLE_PIXELS = 1_000_000  # pixels sampled for the percentile statistics
@@ -103,7 +101,7 @@ def open_raster(path: str | Path, bands: list[int] | None = None, percentiles: t
         arr, transform, epsg = _tiff(path)
     else:
         try:
-            with Image.open(path) as im:
+            with pil_image().open(path) as im:
                 arr = np.asarray(im.convert("RGB") if im.mode not in ("L", "I;16", "I") else im)
         except (OSError, ValueError) as e:
             raise KdcliError(f"{path}: cannot decode image ({e})") from None

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from kdcli.data.images import load_rgb, pil_image
+from kdcli.data import coco
+from kdcli.data.images import load_rgb, pil_image, place
 from kdcli.data.sources.common import is_sliver
 
 
@@ -102,3 +103,36 @@ def run_jobs(fn: Callable[[SceneJob], Any], jobs: Iterable[SceneJob], workers: i
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
         yield from pool.map(fn, jobs)
+
+
+def add_tiles(builders: dict[str, coco.CocoBuilder], split_of: dict[str, str],
+              results: Iterable[list[dict[str, Any]]]) -> None:
+    """Tile records (`tile_scene`'s) into the builder of their scene's split, each tile with its origin in the
+    scene; then each split ordered by file name (worker counts do not change the dataset)."""
+    for records in results:
+        for r in records:
+            b = builders[split_of[r["scene"]]]
+            image_id = len(b.images) + 1
+            b.add_image(image_id, f"{coco.IMAGES}/{r['file']}", r["width"], r["height"],
+                        origin={"scene": r["scene"], "x0": r["x0"], "y0": r["y0"]})
+            for label, raw, box, extra in r["boxes"]:
+                b.add_box(image_id, label, box, raw_class=raw, **extra)
+    for b in builders.values():
+        b.images.sort(key=lambda im: im["file_name"])
+
+
+def untiled_scenes(jobs: list[SceneJob], sizes: dict[str, tuple[int, int]], dataset_dir: Path, images: str,
+                   classes: list[str], description: str,
+                   image_extra: dict[str, dict[str, Any]] | None = None) -> coco.CocoBuilder:
+    """The `val_scenes` split: whole scenes placed under images/scenes/ with all their boxes, for whole-image
+    evaluation (`kdcli predict --split val_scenes`)."""
+    scenes = coco.CocoBuilder(classes, description)
+    for job in jobs:
+        image_id = len(scenes.images) + 1
+        place(job.path, dataset_dir / coco.IMAGES / "scenes" / job.scene, images)
+        scenes.add_image(image_id, f"{coco.IMAGES}/scenes/{job.scene}", *sizes[job.scene], scene=job.scene,
+                         **(image_extra or {}).get(job.scene, {}))
+        extras = job.extra or [{}] * len(job.labels)
+        for box, label, raw, extra in zip(job.boxes.tolist(), job.labels, job.raw, extras):
+            scenes.add_box(image_id, label, tuple(box), raw_class=raw, **extra)
+    return scenes

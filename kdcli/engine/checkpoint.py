@@ -139,8 +139,11 @@ class Checkpoint(_Section):
     train_state: TrainState | None = None
 
 
-def _field(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(x) for x in loc)
+def _problem(e: ValidationError) -> str:
+    """The first thing pydantic found wrong, as `field 'a.b' missing` or `field 'a.b' invalid (why)`."""
+    first = e.errors()[0]
+    field = ".".join(str(x) for x in first["loc"])
+    return f"field '{field}' " + ("missing" if first["type"] == "missing" else f"invalid ({first['msg']})")
 
 
 def load(path: str | Path) -> Checkpoint:
@@ -171,9 +174,7 @@ def load(path: str | Path) -> Checkpoint:
     try:
         return Checkpoint.model_validate({**ckpt, "path": path})
     except ValidationError as e:
-        first = e.errors()[0]
-        what = "missing" if first["type"] == "missing" else f"invalid ({first['msg']})"
-        raise KdcliError(f"{path}: not a valid kdcli checkpoint: field '{_field(first['loc'])}' {what}",
+        raise KdcliError(f"{path}: not a valid kdcli checkpoint: {_problem(e)}",
                          hint="written by another tool, or damaged; retrain or use another file") from None
 
 
@@ -203,8 +204,7 @@ def model_from_checkpoint(ckpt: Checkpoint, where: str | None = None) -> torch.n
     try:
         cfg = ModelConfig(**{**m.config, "pretrained": False})
     except ValidationError as e:
-        first = e.errors()[0]
-        raise KdcliError(f"{where or ckpt.path}: model config field '{_field(first['loc'])}': {first['msg']}") from None
+        raise KdcliError(f"{where or ckpt.path}: model config {_problem(e)}") from None
     model = build_detector(cfg, len(m.classes), m.imgsz, m.anchor_size)
     load_state_strict(model, ckpt.weights, where or str(ckpt.path))
     return model

@@ -119,10 +119,14 @@ def make_optimizer(groups: list[dict[str, Any]], t: Any) -> torch.optim.Optimize
 class Trainer:
     task = "train"
 
-    def __init__(self, recipe: Recipe, run_dir: Path | None = None, resume: str | Path | None = None,
-                 callbacks: Callbacks | None = None, recipe_path: str | None = None):
+    def __init__(self, recipe: Recipe, run_dir: Path | None = None,
+                 resume: str | Path | checkpoint.Checkpoint | None = None, callbacks: Callbacks | None = None,
+                 recipe_path: str | None = None):
         self.recipe = recipe
-        self.resume_path = Path(resume) if resume else None
+        # a checkpoint already read (by `resume`) is kept until setup restores it, so last.pt is read once
+        self._resume_checkpoint = resume if isinstance(resume, checkpoint.Checkpoint) else None
+        self.resume_path = (self._resume_checkpoint.path if self._resume_checkpoint else
+                            Path(resume) if resume else None)
         self.callbacks = callbacks or default_callbacks()
         name = recipe.name or (Path(recipe_path).stem if recipe_path else self.task)
         self.run_dir = run_dir or (self.resume_path.parent.parent if self.resume_path else
@@ -161,7 +165,7 @@ class Trainer:
             key = ".".join(load.resolve_key(Recipe, load.parse_override(item)[0]))
             if key not in RESUME_OVERRIDES:
                 raise KdcliError(f"'{item}' cannot change on resume", hint=f"allowed: {', '.join(RESUME_OVERRIDES)}")
-        return cls(load.load(Recipe, None, overrides or [], defaults=ckpt.recipe), resume=path, **kwargs)
+        return cls(load.load(Recipe, None, overrides or [], defaults=ckpt.recipe), resume=ckpt, **kwargs)
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -211,7 +215,8 @@ class Trainer:
                 err.print("[dim]hint: lower train.ema_decay (e.g. 0.99 for a few hundred steps) or raise "
                           "train.ema_tau[/]", highlight=False)
         if self.resume_path:
-            self.load_resume(self.resume_path)
+            self.load_resume(self._resume_checkpoint or checkpoint.load(self.resume_path))
+            self._resume_checkpoint = None
         if dist.world_size() > 1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -533,8 +538,8 @@ class Trainer:
         items = [(self.weights_dir / "best.pt", payload)] if best else []
         self.writer.submit([*items, (self.weights_dir / "last.pt", {**payload, "train_state": state})])
 
-    def load_resume(self, path: Path) -> None:
-        ckpt = checkpoint.load(path)
+    def load_resume(self, ckpt: checkpoint.Checkpoint) -> None:
+        path = ckpt.path
         state = ckpt.train_state
         if state is None:
             raise KdcliError(f"{path}: no training state (best.pt cannot resume)", hint="resume from last.pt")

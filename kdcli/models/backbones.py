@@ -11,7 +11,6 @@ torchvision and Ultralytics do; offline, the error says where to put the file.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def fetch_weights(name: str) -> Path:
         return path
     where = (f"download {url} and put it at {path} (the torch hub cache), or set model.pretrained=/path/to/file.pth,"
              " or model.pretrained=false to train from scratch")
-    match = re.search(r"-([a-f0-9]+)\.", path.name)
+    match = torch.hub.HASH_REGEX.search(path.name)  # torchvision's names carry a SHA-256 prefix
     err.print(f"downloading ImageNet weights for {name}: {url} -> {path}", highlight=False, soft_wrap=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -14,6 +14,7 @@ from kdcli.cli.app import app
 from kdcli.data.sources import dota
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
+from tests.conftest import train_steps_args
 
 
 def test_label_lines_by_hand(tmp_path: Path):
@@ -80,8 +81,6 @@ def test_synthetic_dota_end_to_end(tmp_path: Path, monkeypatch):
     assert meta["splits"]["train"]["objects"] > 0 and meta["splits"]["train"]["difficult"] >= 0
     assert runner.invoke(app, ["data", "check", str(out)]).exit_code == 0
     monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
-    r = runner.invoke(app, ["train", "recipes/train/synthetic_student.yaml", f"data.path={out}", "data.fold=null",
-                            "imgsz=64", "model.channels=16", "train.epochs=1", "train.max_batches=2",
-                            "data.workers=0", "train.batch=2", "--json"])
+    r = runner.invoke(app, train_steps_args(out))
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.strip().splitlines()[-1])["epochs"] == 1

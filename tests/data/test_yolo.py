@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from kdcli.cli.app import app
 from kdcli.data.sources import yolo
 from kdcli.errors import KdcliError
+from tests.conftest import train_steps_args
 
 
 def _image(path: Path, w: int = 200, h: int = 100) -> None:
@@ -61,9 +62,7 @@ def test_synthetic_yolo_end_to_end_counts_the_known_dirt(tmp_path: Path, monkeyp
     assert meta["classes"] == ["car", "truck", "bus"] and meta["splits"]["val"]["images"] == 2  # its own val
     assert runner.invoke(app, ["data", "check", str(out)]).exit_code == 0
     monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
-    r = runner.invoke(app, ["train", "recipes/train/synthetic_student.yaml", f"data.path={out}", "data.fold=null",
-                            "imgsz=64", "model.channels=16", "train.epochs=1", "train.max_batches=2",
-                            "data.workers=0", "train.batch=2", "--json"])
+    r = runner.invoke(app, train_steps_args(out))
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.strip().splitlines()[-1])["epochs"] == 1
 

@@ -66,8 +66,16 @@ SKIP_BAD = Option("skip_bad_images", bool, False, "Leave out images that fail to
                                                    "stopping.")
 
 
-def images_mode(options: dict[str, Any]) -> str:
-    return "link" if options.get("link", True) else "copy"
+def calling(prepare: Callable[..., dict[str, Any]], **convert: Callable[[Any], Any]) -> Callable[..., dict[str, Any]]:
+    """A `Source.run` for a converter whose parameters carry the options' names: `prepare(src, out=out, ...)`,
+    `--link/--copy` given as its `images` mode, and `convert[name]` applied to an option's given value (text the
+    command line cannot type, e.g. `--folds 1-5`)."""
+
+    def run(src: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
+        kwargs = {k: convert[k](v) if k in convert and v is not None else v for k, v in options.items() if k != "link"}
+        return prepare(src, out=out, images="link" if options.get("link", True) else "copy", **kwargs)
+
+    return run
 
 
 REGISTRY: dict[str, Source] = {}

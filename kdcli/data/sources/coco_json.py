@@ -15,7 +15,7 @@ from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.images import ImageDecodeError, place, probe
-from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, images_mode, register
+from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, calling, register
 from kdcli.data.sources.common import clip_box, is_sliver, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
@@ -164,11 +164,7 @@ def prepare(src: Path, images_dir: Path, out: Path, val: Path | None = None, val
             train_ids, val_ids = val_split([im["id"] for im in full.images], val_fraction, seed)
             parts = {"train": coco.subset(full, set(train_ids), "train"),
                      "val": coco.subset(full, set(val_ids), "val")}
-        splits, counts = {}, {}
-        for name, b in parts.items():
-            b.write(tmp, name)
-            splits[name] = {"images": len(b.images), "objects": len(b.annotations)}
-            counts[name] = b.class_counts()
+        splits, counts = coco.write_splits(tmp, parts)
         meta = {"name": out.name, "source": "coco", "src": str(src.resolve()), "classes": classes,
                 "val_fraction": 0 if val else val_fraction, "seed": seed,
                 "images": sum(s["images"] for s in splits.values()), "splits": splits, "class_counts": counts,
@@ -183,11 +179,10 @@ register(Source(
     example="kdcli prepare coco --src ann/train.json --images imgs/ --out datasets/mydata",
     src_help="COCO detection JSON of the training images", out_help="<json name>",
     options=(
-        Option("images", Path, None, "Folder the JSON's file_name entries are relative to.", required=True),
+        Option("images_dir", Path, None, "Folder the JSON's file_name entries are relative to.", ("--images",),
+               required=True),
         Option("val", Path | None, None, "COCO JSON of validation images (else carved from train)."),
         Option("val_fraction", float, 0.1, "Share of images for val when no --val."), SEED, LINK, FORCE, SKIP_BAD),
-    run=lambda src, out, o: prepare(src, o["images"], out, val=o["val"], val_fraction=o["val_fraction"],
-                                    seed=o["seed"], images=images_mode(o), force=o["force"],
-                                    skip_bad_images=o["skip_bad_images"]),
+    run=calling(prepare),
     out_name=lambda src, o: src.stem,
 ))

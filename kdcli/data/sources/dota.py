@@ -19,8 +19,8 @@ from typing import Any
 from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
-from kdcli.data.images import ImageDecodeError, place, probe
-from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, images_mode, register
+from kdcli.data.images import ImageDecodeError, probe
+from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
 from kdcli.data.sources.common import SYNTHETIC_MARKER, clip_box, is_sliver, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
@@ -97,7 +97,7 @@ def prepare(src: Path, out: Path, tile: int = 1024, overlap: float = 200 / 1024,
     """Convert raw DOTA into a tiled dataset dir at `out`; returns the dataset.yaml content."""
     import numpy as np
 
-    from kdcli.data.tiling import SceneJob, run_jobs, tile_scene
+    from kdcli.data.tiling import SceneJob, add_tiles, run_jobs, tile_scene, untiled_scenes
 
     folders = check_source(src)
     if not 0 <= overlap < 1 or not 0 < min_visible <= 1 or not 0 <= keep_empty <= 1 or tile < 32:
@@ -162,31 +162,12 @@ def prepare(src: Path, out: Path, tile: int = 1024, overlap: float = 200 / 1024,
                                  overlap, min_visible, 1.0 if split_of[scene] == "val" else keep_empty, seed,
                                  tmp / coco.IMAGES, extra))
         builders = {s: coco.CocoBuilder(keep, f"DOTA tiles {s}") for s in ("train", "val")}
-        for records in console.track(run_jobs(tile_scene, jobs, workers), "tiling DOTA images", total=len(jobs)):
-            for r in records:
-                b = builders[split_of[r["scene"]]]
-                image_id = len(b.images) + 1
-                b.add_image(image_id, f"{coco.IMAGES}/{r['file']}", r["width"], r["height"],
-                            origin={"scene": r["scene"], "x0": r["x0"], "y0": r["y0"]})
-                for label, name, box, extra in r["boxes"]:
-                    b.add_box(image_id, label, box, raw_class=name, **extra)
-        for b in builders.values():
-            b.images.sort(key=lambda im: im["file_name"])
-        scenes = coco.CocoBuilder(keep, "DOTA val images (untiled)")
-        by_scene = {j.scene: j for j in jobs}
-        for s in val_scenes:
-            job, (w, h), gsd = by_scene[s], read[s][3], read[s][4]
-            image_id = len(scenes.images) + 1
-            place(job.path, tmp / coco.IMAGES / "scenes" / s, images)
-            scenes.add_image(image_id, f"{coco.IMAGES}/scenes/{s}", w, h, scene=s, **({"gsd": gsd} if gsd else {}))
-            for box, label, name, extra in zip(job.boxes.tolist(), job.labels, job.raw, job.extra or []):
-                scenes.add_box(image_id, label, tuple(box), raw_class=name, **extra)
-        splits, counts = {}, {}
-        for name, b in (*builders.items(), ("val_scenes", scenes)):
-            b.write(tmp, name)
-            splits[name] = {"images": len(b.images), "objects": len(b.annotations),
-                            "difficult": sum(1 for a in b.annotations if a.get("difficult"))}
-            counts[name] = b.class_counts()
+        add_tiles(builders, split_of, console.track(run_jobs(tile_scene, jobs, workers), "tiling DOTA images",
+                                                    total=len(jobs)))
+        scenes = untiled_scenes([j for j in jobs if split_of[j.scene] == "val"], {s: r[3] for s, r in read.items()},
+                                tmp, images, keep, "DOTA val images (untiled)",
+                                {s: {"gsd": r[4]} for s, r in read.items() if r[4]})
+        splits, counts = coco.write_splits(tmp, {**builders, "val_scenes": scenes}, difficult=True)
         meta = {
             "name": out.name, "source": "dota", "src": str(src.resolve()),
             "synthetic": (src / SYNTHETIC_MARKER).is_file(), "classes": keep, "preset": classes,
@@ -216,10 +197,7 @@ register(Source(
         Option("val_fraction", float, 0.1, "Share of images (not tiles) for val, when there is no val/ folder."),
         SEED, Option("keep_empty", float, 0.1, "Share of empty training tiles kept."),
         Option("workers", int, 0, "Processes tiling images in parallel."), LINK, FORCE, SKIP_BAD),
-    run=lambda src, out, o: prepare(src, out, tile=o["tile"], overlap=o["overlap"], min_visible=o["min_visible"],
-                                    classes=o["classes"], val_fraction=o["val_fraction"], seed=o["seed"],
-                                    keep_empty=o["keep_empty"], workers=o["workers"], images=images_mode(o),
-                                    force=o["force"], skip_bad_images=o["skip_bad_images"]),
+    run=calling(prepare),
     out_name=lambda src, o: "dota",
     synthetic=Synthetic("kdcli.data.synthetic.dota", images=6, size=1400),
 ))

@@ -16,7 +16,7 @@ from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.images import ImageDecodeError, place, probe
-from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, images_mode, register
+from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
 from kdcli.data.sources.common import SYNTHETIC_MARKER, parse_int_list, Preset, clip_box, is_sliver, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
@@ -198,18 +198,15 @@ def prepare(src: Path, out: Path, res: int = 25, classes: str = "vedai8", folds:
             for where, obj in read_objects(ann_path, tally):
                 _add_object(full, image_id, obj, width, height, pre, tally, where)
 
-        splits: dict[str, dict[str, int]] = {}
-        counts: dict[str, dict[str, int]] = {}
+        parts = {}
         for k, (train_ids, test_ids) in fold_ids.items():
             train_ok = [present[i] for i in train_ids if i in present]
             test_ok = {present[i] for i in test_ids if i in present}
             train, val = val_split(train_ok, val_fraction, seed, salt=k)
             for split, ids in (("train", set(train)), ("val", set(val)), ("test", test_ok)):
                 name = coco.split_name(split, k)
-                part = coco.subset(full, ids, f"VEDAI {res} cm {name}")
-                part.write(tmp, name)
-                splits[name] = {"images": len(part.images), "objects": len(part.annotations)}
-                counts[name] = part.class_counts()
+                parts[name] = coco.subset(full, ids, f"VEDAI {res} cm {name}")
+        splits, counts = coco.write_splits(tmp, parts)
         meta = {
             "name": out.name, "source": "vedai", "resolution_cm": 12.5 if res == 12 else 25,
             "image_size": max((max(im["width"], im["height"]) for im in full.images), default=0),
@@ -255,10 +252,7 @@ register(Source(
         Option("folds", str | None, None, "Folds to write, e.g. 1-5 [default: all 10]."), LINK,
         Option("val_fraction", float, 0.1, "Share of each fold's official training ids held out for validation "
                                            "(0: none, as the paper)."), SEED, FORCE, SKIP_BAD),
-    run=lambda src, out, o: prepare(src, out, res=o["res"], classes=o["classes"],
-                                    folds=parse_int_list(o["folds"], "--folds") if o["folds"] else None,
-                                    images=images_mode(o), val_fraction=o["val_fraction"], seed=o["seed"],
-                                    force=o["force"], skip_bad_images=o["skip_bad_images"]),
+    run=calling(prepare, folds=lambda text: parse_int_list(text, "--folds") or None),
     out_name=lambda src, o: f"vedai{o['res']}",
     synthetic=Synthetic("kdcli.data.synthetic.vedai", images=200, size=512, extra=("test_images",)),
 ))

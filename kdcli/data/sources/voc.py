@@ -15,7 +15,7 @@ from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.images import ImageDecodeError, place, probe
-from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, images_mode, register
+from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
 from kdcli.data.sources.common import SYNTHETIC_MARKER, clip_box, is_sliver, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
@@ -130,12 +130,7 @@ def prepare(src: Path, out: Path, train_sets: list[str] = ("2007/trainval", "201
         parts = {"train": coco.subset(builders["train"], set(train_ids), "Pascal VOC train"),
                  "val": coco.subset(builders["train"], set(val_ids), "Pascal VOC val"),
                  "test": builders["test"]}
-        splits, counts = {}, {}
-        for name, b in parts.items():
-            b.write(tmp, name)
-            splits[name] = {"images": len(b.images), "objects": len(b.annotations),
-                            "difficult": sum(1 for a in b.annotations if a.get("difficult"))}
-            counts[name] = b.class_counts()
+        splits, counts = coco.write_splits(tmp, parts, difficult=True)
         meta = {"name": out.name, "source": "voc", "src": str(src.resolve()),
                 "synthetic": (src / SYNTHETIC_MARKER).is_file(), "classes": CLASSES,
                 "train_sets": list(train_sets), "test_sets": list(test_sets), "val_fraction": val_fraction,
@@ -155,12 +150,11 @@ register(Source(
     title="Prepare Pascal VOC (07+12 trainval -> train/val, 07 test -> test); difficult objects are marked.",
     example="kdcli prepare voc --src ~/data/VOCdevkit", src_help="VOCdevkit folder", out_help="voc",
     options=(
-        Option("train", str, "2007/trainval,2012/trainval", "Image sets for training, YEAR/SET, comma-separated."),
-        Option("test", str, "2007/test", "Image sets for testing."),
+        Option("train_sets", str, "2007/trainval,2012/trainval", "Image sets for training, YEAR/SET, "
+                                                                 "comma-separated.", ("--train",)),
+        Option("test_sets", str, "2007/test", "Image sets for testing.", ("--test",)),
         Option("val_fraction", float, 0.1, "Share of training images for val."), SEED, LINK, FORCE, SKIP_BAD),
-    run=lambda src, out, o: prepare(src, out, train_sets=_sets(o["train"]), test_sets=_sets(o["test"]),
-                                    val_fraction=o["val_fraction"], seed=o["seed"], images=images_mode(o),
-                                    force=o["force"], skip_bad_images=o["skip_bad_images"]),
+    run=calling(prepare, train_sets=_sets, test_sets=_sets),
     out_name=lambda src, o: "voc",
     synthetic=Synthetic("kdcli.data.synthetic.voc", images=60, size=320),
 ))

@@ -14,8 +14,8 @@ from typing import Any
 from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
-from kdcli.data.images import ImageDecodeError, place, probe
-from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, images_mode, register
+from kdcli.data.images import ImageDecodeError, probe
+from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
 from kdcli.data.sources.common import SYNTHETIC_MARKER, Preset, clip_box, is_sliver, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
@@ -102,7 +102,7 @@ def prepare(src: Path, out: Path, tile: int = 512, overlap: float = 0.2, min_vis
     """Convert raw xView into a tiled dataset dir at `out`; returns the dataset.yaml content."""
     import numpy as np
 
-    from kdcli.data.tiling import SceneJob, run_jobs, tile_scene
+    from kdcli.data.tiling import SceneJob, add_tiles, run_jobs, tile_scene, untiled_scenes
 
     check_source(src)
     if not 0 <= overlap < 1 or not 0 < min_visible <= 1 or not 0 <= keep_empty <= 1 or tile < 32:
@@ -162,29 +162,10 @@ def prepare(src: Path, out: Path, tile: int = 512, overlap: float = 0.2, min_vis
         builders = {s: coco.CocoBuilder(pre.classes, f"xView tiles {s}") for s in ("train", "val")}
         ordered = sorted(jobs.values(), key=lambda j: j.scene)
         results = run_jobs(tile_scene, ordered, workers)
-        for records in console.track(results, "tiling scenes", total=len(ordered)):
-            for r in records:
-                b = builders[split_of[r["scene"]]]
-                image_id = len(b.images) + 1
-                b.add_image(image_id, f"{coco.IMAGES}/{r['file']}", r["width"], r["height"],
-                            origin={"scene": r["scene"], "x0": r["x0"], "y0": r["y0"]})
-                for label, raw, box, _ in r["boxes"]:
-                    b.add_box(image_id, label, box, raw_class=raw)
-        for b in builders.values():
-            b.images.sort(key=lambda im: im["file_name"])
-        scenes = coco.CocoBuilder(pre.classes, "xView val scenes (untiled)")
-        for s in val_scenes:
-            job = jobs[s]
-            image_id = len(scenes.images) + 1
-            place(job.path, tmp / coco.IMAGES / "scenes" / s, images)
-            scenes.add_image(image_id, f"{coco.IMAGES}/scenes/{s}", *scene_sizes[s], scene=s)
-            for box, label, raw in zip(job.boxes.tolist(), job.labels, job.raw):
-                scenes.add_box(image_id, label, tuple(box), raw_class=raw)
-        splits, counts = {}, {}
-        for name, b in (*builders.items(), ("val_scenes", scenes)):
-            b.write(tmp, name)
-            splits[name] = {"images": len(b.images), "objects": len(b.annotations)}
-            counts[name] = b.class_counts()
+        add_tiles(builders, split_of, console.track(results, "tiling scenes", total=len(ordered)))
+        scenes = untiled_scenes([jobs[s] for s in val_scenes], scene_sizes, tmp, images, pre.classes,
+                                "xView val scenes (untiled)")
+        splits, counts = coco.write_splits(tmp, {**builders, "val_scenes": scenes})
         meta = {
             "name": out.name, "source": "xview", "src": str(src.resolve()),
             "synthetic": (src / SYNTHETIC_MARKER).is_file(),
@@ -211,10 +192,7 @@ register(Source(
         Option("val_fraction", float, 0.2, "Share of scenes (not tiles) for val."), SEED,
         Option("keep_empty", float, 0.1, "Share of empty training tiles kept."),
         Option("workers", int, 0, "Processes tiling scenes in parallel."), LINK, FORCE, SKIP_BAD),
-    run=lambda src, out, o: prepare(src, out, tile=o["tile"], overlap=o["overlap"], min_visible=o["min_visible"],
-                                    classes=o["classes"], val_fraction=o["val_fraction"], seed=o["seed"],
-                                    keep_empty=o["keep_empty"], workers=o["workers"], images=images_mode(o),
-                                    force=o["force"], skip_bad_images=o["skip_bad_images"]),
+    run=calling(prepare),
     out_name=lambda src, o: "xview",
     synthetic=Synthetic("kdcli.data.synthetic.xview", images=5, size=2000),
 ))

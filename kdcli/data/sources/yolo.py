@@ -24,7 +24,7 @@ from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.images import ImageDecodeError, place, probe
-from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, images_mode, register
+from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
 from kdcli.data.sources.common import SYNTHETIC_MARKER, clip_box, is_sliver, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
@@ -208,11 +208,7 @@ def prepare(src: Path, out: Path, names: Path | None = None, classes: str = "all
             train_ids, val_ids = val_split([im["id"] for im in builders["train"].images], val_fraction, seed)
             parts["train"] = coco.subset(builders["train"], set(train_ids), "YOLO train")
             parts["val"] = coco.subset(builders["train"], set(val_ids), "YOLO val (carved from train)")
-        splits, counts = {}, {}
-        for name, b in parts.items():
-            b.write(tmp, name)
-            splits[name] = {"images": len(b.images), "objects": len(b.annotations)}
-            counts[name] = b.class_counts()
+        splits, counts = coco.write_splits(tmp, parts)
         meta = {"name": out.name, "source": "yolo", "src": str(src.resolve()), "declared_by": str(declared),
                 "synthetic": (src / SYNTHETIC_MARKER).is_file(), "classes": keep, "preset": classes,
                 "val_fraction": 0 if "val" in split_images else val_fraction, "seed": seed,
@@ -232,9 +228,7 @@ register(Source(
         Option("classes", str, "all", "Classes to keep: all, or names separated by commas."),
         Option("val_fraction", float, 0.1, "Share of train images for val when the dataset has no val split."),
         SEED, LINK, FORCE, SKIP_BAD),
-    run=lambda src, out, o: prepare(src, out, names=o["names"], classes=o["classes"], val_fraction=o["val_fraction"],
-                                    seed=o["seed"], images=images_mode(o), force=o["force"],
-                                    skip_bad_images=o["skip_bad_images"]),
+    run=calling(prepare),
     out_name=lambda src, o: (src.parent if src.suffix in (".yaml", ".yml") else src).name or "yolo",
     synthetic=Synthetic("kdcli.data.synthetic.yolo", images=60, size=256),
 ))
