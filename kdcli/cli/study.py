@@ -173,7 +173,8 @@ def quickstart(
     if "teacher" in table and "hard" in table:
         t, h = 100 * table["teacher"]["median"], 100 * table["hard"]["median"]
         verdict = (f"above it by {t - h:.1f} points" if t > h else
-                   "NOT above it (train it longer: --teacher-epochs)")
+                   "NOT above it (from scratch, ResNet50 + PAFPN and ResNet18 + FPN learn at the same rate: "
+                   "see the README's quickstart)")
         out.print(f"teacher {metric} {t:.1f} vs hard student {h:.1f}: the teacher is {verdict}", highlight=False)
         for c in (x for x in table if x not in ("teacher", "hard")):
             g = 100 * table[c]["median"] - h
