@@ -14,9 +14,9 @@ from typing import Any
 from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
-from kdcli.data.images import ImageDecodeError, place, probe
+from kdcli.data.images import place
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, calling, register
-from kdcli.data.sources.common import clip_box, is_sliver, val_split
+from kdcli.data.sources.common import fitted_box, probed_size, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -106,13 +106,10 @@ def _convert(data: dict[str, Any], path: Path, images_dir: Path, tmp: Path, clas
                       f"annotations[{anns[0][0]}].image_id {json.dumps(image_id)}", len(anns))
     for im in console.track(data["images"], f"{path.name}"):
         src_img = images_dir / im["file_name"]
-        try:
-            width, height = probe(src_img)
-        except ImageDecodeError as e:
-            if not skip_bad:
-                raise
-            tally.add("image failed to decode (skipped)", e.message)
+        size = probed_size(src_img, tally, skip_bad)
+        if size is None:
             continue
+        width, height = size
         if (im.get("width"), im.get("height")) not in ((width, height), (None, None)):
             tally.add("declared image size differs from the file (file wins)", im["file_name"])
         dst = f"{coco.IMAGES}/{im['file_name']}"
@@ -130,12 +127,9 @@ def _convert(data: dict[str, Any], path: Path, images_dir: Path, tmp: Path, clas
                 tally.add("crowd box (dropped)", im["file_name"])
                 continue
             x, y, w, h = bbox
-            box, clipped = clip_box(x, y, x + w, y + h, width, height)
-            if is_sliver(box):
-                tally.add("zero-area box (dropped)", im["file_name"])
+            box = fitted_box(x, y, x + w, y + h, width, height, tally, im["file_name"], "zero-area box (dropped)")
+            if box is None:
                 continue
-            if clipped:
-                tally.add("box clipped to the image", im["file_name"])
             b.add_box(next_id, cat_index[a["category_id"]], box)
         next_id += 1
     return next_id

@@ -5,8 +5,11 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from kdcli.data.images import ImageDecodeError, probe
+from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
 SLIVER = 1.0  # pixels: a clipped box thinner than this is dropped as a sliver
@@ -52,6 +55,32 @@ def clip_box(x0: float, y0: float, x1: float, y1: float, w: float, h: float) -> 
 
 def is_sliver(box: tuple[float, ...]) -> bool:
     return box[2] - box[0] < SLIVER or box[3] - box[1] < SLIVER
+
+
+def fitted_box(x0: float, y0: float, x1: float, y1: float, w: float, h: float, tally: Tally, where: str,
+               dropped: str, clipped: str = "box clipped to the image") -> tuple[float, ...] | None:
+    """A raw box clipped to the image; None when nothing of it is left. Either outcome is counted in `tally`
+    under the source's own wording, so nothing is dropped or changed silently."""
+    box, was_clipped = clip_box(x0, y0, x1, y1, w, h)
+    if is_sliver(box):
+        tally.add(dropped, where)
+        return None
+    if was_clipped:
+        tally.add(clipped, where)
+    return box
+
+
+def probed_size(path: Path, tally: Tally, skip_bad: bool, decode: bool = True, what: str = "image"
+                ) -> tuple[int, int] | None:
+    """(width, height) of an image; None (counted) when it cannot be read and `skip_bad` allows skipping it,
+    else the one-line decode error propagates."""
+    try:
+        return probe(path, decode=decode)
+    except ImageDecodeError as e:
+        if not skip_bad:
+            raise
+        tally.add(f"{what} failed to {'decode' if decode else 'open'} (skipped)", e.message)
+        return None
 
 
 def val_split(ids: list[Any], fraction: float, seed: int, salt: int = 0) -> tuple[list[Any], list[Any]]:

@@ -19,9 +19,8 @@ from typing import Any
 from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
-from kdcli.data.images import ImageDecodeError, probe
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
-from kdcli.data.sources.common import SYNTHETIC_MARKER, clip_box, is_sliver, val_split
+from kdcli.data.sources.common import SYNTHETIC_MARKER, fitted_box, probed_size, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -116,12 +115,8 @@ def prepare(src: Path, out: Path, tile: int = 1024, overlap: float = 200 / 1024,
             else:
                 used.add(lab.name)
                 objects, gsd = parse_labels(lab, tally)
-            try:
-                size = probe(img, decode=False)
-            except ImageDecodeError as e:
-                if not skip_bad_images:
-                    raise
-                tally.add("image failed to open (skipped)", e.message)
+            size = probed_size(img, tally, skip_bad_images, decode=False)
+            if size is None:
                 continue
             read[img.name] = (part, img, objects, size, gsd)
         orphans = sorted(p.name for p in (folder / "labelTxt").glob("*.txt") if p.name not in used)
@@ -148,12 +143,10 @@ def prepare(src: Path, out: Path, tile: int = 1024, overlap: float = 200 / 1024,
                 if name not in keep:
                     tally.add("object of a class outside the preset (dropped)")
                     continue
-                box, clipped = clip_box(min(poly[0::2]), min(poly[1::2]), max(poly[0::2]), max(poly[1::2]), w, h)
-                if is_sliver(box):
-                    tally.add("object with no area inside the image (dropped)", f"{scene}: {poly}")
+                box = fitted_box(min(poly[0::2]), min(poly[1::2]), max(poly[0::2]), max(poly[1::2]), w, h, tally,
+                                 f"{scene}: {poly}", "object with no area inside the image (dropped)")
+                if box is None:
                     continue
-                if clipped:
-                    tally.add("box clipped to the image", f"{scene}: {poly}")
                 boxes.append(box)
                 labels.append(keep.index(name))
                 raw.append(name)

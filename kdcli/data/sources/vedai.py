@@ -15,9 +15,9 @@ from typing import Any
 from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
-from kdcli.data.images import ImageDecodeError, place, probe
+from kdcli.data.images import place
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
-from kdcli.data.sources.common import SYNTHETIC_MARKER, parse_int_list, Preset, clip_box, is_sliver, val_split
+from kdcli.data.sources.common import SYNTHETIC_MARKER, parse_int_list, Preset, fitted_box, probed_size, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -175,13 +175,10 @@ def prepare(src: Path, out: Path, res: int = 25, classes: str = "vedai8", folds:
                     lost = len(list(read_objects(ann_path, Tally())))
                     tally.add("objects of a missing image (dropped)", f"{vid}: {lost} objects", lost)
                 continue
-            try:
-                width, height = probe(image_path)
-            except ImageDecodeError as e:
-                if not skip_bad_images:
-                    raise
-                tally.add("image failed to decode (skipped)", e.message)
+            size = probed_size(image_path, tally, skip_bad_images)
+            if size is None:
                 continue
+            width, height = size
             image_id = len(present) + 1
             present[vid] = image_id
             extra: dict[str, Any] = {"vedai_id": vid}
@@ -230,12 +227,10 @@ def _add_object(full: coco.CocoBuilder, image_id: int, obj: VedaiObject, w: int,
         if obj.cls in pre.raw_names:
             tally.add(f"class '{pre.raw_names[obj.cls]}' not in preset {pre.name}")
         return
-    box, clipped = clip_box(min(obj.xs), min(obj.ys), max(obj.xs), max(obj.ys), w, h)
-    if is_sliver(box):
-        tally.add("zero-area box after clipping (dropped)", where)
+    box = fitted_box(min(obj.xs), min(obj.ys), max(obj.xs), max(obj.ys), w, h, tally, where,
+                     "zero-area box after clipping (dropped)")
+    if box is None:
         return
-    if clipped:
-        tally.add("box clipped to the image", where)
     full.add_box(image_id, label, box, raw_class=obj.cls, orientation=round(obj.orientation, 6),
                  occluded=obj.occluded, contained=obj.contained,
                  corners=[list(obj.xs), list(obj.ys)])

@@ -14,9 +14,9 @@ from typing import Any
 from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
-from kdcli.data.images import ImageDecodeError, place, probe
+from kdcli.data.images import place
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
-from kdcli.data.sources.common import SYNTHETIC_MARKER, clip_box, is_sliver, val_split
+from kdcli.data.sources.common import SYNTHETIC_MARKER, fitted_box, probed_size, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -96,16 +96,13 @@ def prepare(src: Path, out: Path, train_sets: list[str] = ("2007/trainval", "201
                 if not xml_path.is_file():
                     raise KdcliError(f"{xml_path}: missing (listed in {year_dir.name} ImageSets)")
                 width, height, objects = parse_xml(xml_path)
-                try:
-                    if verify_images:
-                        width, height = probe(img_path)
-                    elif not img_path.is_file():
-                        raise KdcliError(f"{img_path}: image not found")
-                except ImageDecodeError as e:
-                    if not skip_bad_images:
-                        raise
-                    tally.add("image failed to decode (skipped)", e.message)
-                    continue
+                if verify_images:
+                    size = probed_size(img_path, tally, skip_bad_images)
+                    if size is None:
+                        continue
+                    width, height = size
+                elif not img_path.is_file():
+                    raise KdcliError(f"{img_path}: image not found")
                 dst = f"{coco.IMAGES}/{year_dir.name}_{vid}.jpg"
                 place(img_path, tmp / dst, images)
                 image_id = next_id
@@ -117,12 +114,10 @@ def prepare(src: Path, out: Path, train_sets: list[str] = ("2007/trainval", "201
                         tally.add(f"unknown class '{obj['name']}' (dropped)", str(xml_path))
                         continue
                     xmin, ymin, xmax, ymax = obj["box"]
-                    box, clipped = clip_box(xmin - 1, ymin - 1, xmax, ymax, width, height)
-                    if is_sliver(box):
-                        tally.add("zero-area box (dropped)", str(xml_path))
+                    box = fitted_box(xmin - 1, ymin - 1, xmax, ymax, width, height, tally, str(xml_path),
+                                     "zero-area box (dropped)")
+                    if box is None:
                         continue
-                    if clipped:
-                        tally.add("box clipped to the image", str(xml_path))
                     extra = {"difficult": 1} if obj["difficult"] else {}
                     builders[split].add_box(image_id, CLASSES.index(obj["name"]), box,
                                             truncated=obj["truncated"], **extra)

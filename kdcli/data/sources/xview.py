@@ -14,9 +14,8 @@ from typing import Any
 from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
-from kdcli.data.images import ImageDecodeError, probe
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
-from kdcli.data.sources.common import SYNTHETIC_MARKER, Preset, clip_box, is_sliver, val_split
+from kdcli.data.sources.common import SYNTHETIC_MARKER, Preset, fitted_box, probed_size, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -123,13 +122,10 @@ def prepare(src: Path, out: Path, tile: int = 512, overlap: float = 0.2, min_vis
                 tally.add("scene referenced in the GeoJSON but absent (skipped)", scene)
                 tally.add("boxes of absent scenes (skipped)", scene, n=len(raw_boxes[scene]))
                 continue
-            try:
-                w, h = probe(path, decode=False)
-            except ImageDecodeError as e:
-                if not skip_bad_images:
-                    raise
-                tally.add("scene failed to open (skipped)", e.message)
+            size = probed_size(path, tally, skip_bad_images, decode=False, what="scene")
+            if size is None:
                 continue
+            w, h = size
             scene_sizes[scene] = (w, h)
             boxes, labs, raws = [], [], []
             for type_id, *xyxy in raw_boxes[scene]:
@@ -137,12 +133,10 @@ def prepare(src: Path, out: Path, tile: int = 512, overlap: float = 0.2, min_vis
                 if label is None:
                     tally.add("box of a class outside the preset (dropped)")
                     continue
-                box, clipped = clip_box(*xyxy, w, h)
-                if is_sliver(box):
-                    tally.add("box with no area inside the scene (dropped)", f"{scene}: {xyxy}")
+                box = fitted_box(*xyxy, w, h, tally, f"{scene}: {xyxy}", "box with no area inside the scene (dropped)",
+                                 "box clipped to the scene")
+                if box is None:
                     continue
-                if clipped:
-                    tally.add("box clipped to the scene", f"{scene}: {xyxy}")
                 boxes.append(box)
                 labs.append(label)
                 raws.append(type_id)

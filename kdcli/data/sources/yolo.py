@@ -23,9 +23,9 @@ import yaml
 from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
-from kdcli.data.images import ImageDecodeError, place, probe
+from kdcli.data.images import place
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
-from kdcli.data.sources.common import SYNTHETIC_MARKER, clip_box, is_sliver, val_split
+from kdcli.data.sources.common import SYNTHETIC_MARKER, fitted_box, probed_size, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -163,13 +163,10 @@ def prepare(src: Path, out: Path, names: Path | None = None, classes: str = "all
                 if not img.is_file():
                     tally.add("image listed but not found (skipped)", str(img))
                     continue
-                try:
-                    width, height = probe(img)
-                except ImageDecodeError as e:
-                    if not skip_bad_images:
-                        raise
-                    tally.add("image failed to decode (skipped)", e.message)
+                size = probed_size(img, tally, skip_bad_images)
+                if size is None:
                     continue
+                width, height = size
                 dst = f"{coco.IMAGES}/{split}/{next_id:07d}_{img.name}"
                 place(img, tmp / dst, images)
                 image_id = next_id
@@ -189,12 +186,10 @@ def prepare(src: Path, out: Path, names: Path | None = None, classes: str = "all
                     if names[label] not in keep:
                         tally.add("box of a class outside --classes (dropped)")
                         continue
-                    box, clipped = clip_box(x0 * width, y0 * height, x1 * width, y1 * height, width, height)
-                    if is_sliver(box):
-                        tally.add("box thinner than a pixel (dropped)", f"{lab}:{n}")
+                    box = fitted_box(x0 * width, y0 * height, x1 * width, y1 * height, width, height, tally,
+                                     f"{lab}:{n}", "box thinner than a pixel (dropped)")
+                    if box is None:
                         continue
-                    if clipped:
-                        tally.add("box clipped to the image", f"{lab}:{n}")
                     builders[split].add_box(image_id, keep.index(names[label]), box, raw_class=label)
         label_dirs = {label_path(p).parent for ps in split_images.values() for p in ps}
         orphans = sorted(str(p) for d in label_dirs if d.is_dir() for p in d.glob("*.txt")
