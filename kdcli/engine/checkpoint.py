@@ -111,6 +111,7 @@ class TrainState(_Section):
     step: int
     epoch: int
     epoch_complete: bool = True
+    partial_epoch: dict[str, Any] | None = None  # interrupted mid-epoch: batches done, their loss sums and count
     best_fitness: float
     best_epoch: int
     history: list[dict[str, Any]]

@@ -3,8 +3,10 @@
 and `checkpoint_extra`.
 
 Reproducibility: data order is drawn from (seed, epoch), each sample's augmentation from (seed, epoch, index),
-multi-scale sizes from (seed, step), so resuming at an epoch boundary replays exactly what a straight run
-does. `last.pt` is written every epoch and on SIGTERM/SIGINT; `best.pt` when validation mAP50 improves.
+multi-scale sizes from (seed, step), so a resumed run replays exactly what a straight run does. `last.pt` is
+written every epoch and on SIGTERM/SIGINT; an interrupt stops at the next optimizer step and saves the batches done
+so far, so the resumed epoch continues with the next batch of the same order. `best.pt` is written when
+validation mAP50 improves.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 import kdcli
 from kdcli import atomic, paths
@@ -138,6 +140,7 @@ class Trainer:
         self.epoch = 0
         self.step = 0  # optimizer steps taken
         self.stop_requested = False
+        self.partial_epoch: dict[str, Any] | None = None  # batches done, loss sums and count of an interrupted epoch
         self.bad_steps = 0
         self.reloads = 0
         self.last_metrics: dict[str, Any] = {}
@@ -273,17 +276,33 @@ class Trainer:
     def bare_model(self) -> Detector:
         return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
 
-    def train_loader(self, epoch: int) -> DataLoader:
-        t, d = self.recipe.train, self.recipe.data
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This process's batches of one epoch, as indices into `loader_dataset()`: a permutation drawn from
+        (seed, epoch), shared out between DDP processes, cut into batches (a ragged last one dropped when
+        `_drop_last`), at most `train.max_batches`. Written out in full so a resumed epoch can skip what was done."""
+        g = torch.Generator().manual_seed(self.recipe.seed * 100_003 + epoch)
+        n, world, b = len(self.train_set), dist.world_size(), self.recipe.train.batch
+        order = torch.randperm(n, generator=g).tolist()
+        if world > 1:
+            order = (order + order[:(-n) % world])[dist.rank()::world]
+        return [order[i:i + b] for i in range(0, len(order), b)][:self._batches_per_epoch()]
+
+    def loader_dataset(self) -> Dataset:
+        """Hook: what `epoch_batches` indexes (distillation with an unlabelled pool: labelled + pool images)."""
+        return self.train_set
+
+    def set_epoch(self, epoch: int) -> None:
+        """Hook: tell the training datasets the epoch (each sample's augmentation is drawn from it)."""
         self.train_set.epoch = epoch
-        if dist.world_size() > 1:
-            sampler = DistributedSampler(self.train_set, seed=self.recipe.seed)
-            sampler.set_epoch(epoch)
-        else:
-            g = torch.Generator().manual_seed(self.recipe.seed * 100_003 + epoch)
-            sampler = RandomSampler(self.train_set, generator=g)
-        return DataLoader(self.train_set, batch_size=t.batch, sampler=sampler, num_workers=d.workers,
-                          collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=self._drop_last())
+
+    def train_loader(self, epoch: int, start: int = 0) -> DataLoader:
+        """The epoch's batches from batch `start` on (a resumed, interrupted epoch skips those already done)."""
+        self.set_epoch(epoch)
+        # its own generator: creating the loader draws no number from the global RNG, which the resume restores
+        g = torch.Generator().manual_seed(self.recipe.seed * 100_003 + epoch)
+        return DataLoader(self.loader_dataset(), batch_sampler=self.epoch_batches(epoch)[start:],
+                          num_workers=self.recipe.data.workers, collate_fn=collate, generator=g,
+                          pin_memory=self.device.type == "cuda")
 
     def val_loader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.recipe.train.batch * 2, shuffle=False,
@@ -343,8 +362,9 @@ class Trainer:
                 self.run_callbacks("on_epoch_start")
                 t0 = time.perf_counter()
                 losses, complete = self.train_one_epoch(self.epoch)
-                if not complete:  # interrupted mid-epoch: save and restart this epoch on resume
-                    self.save(epoch_complete=False)
+                if not complete:  # interrupted mid-epoch: save; the resume continues with the next batch
+                    if dist.is_main():
+                        self.save(epoch_complete=False)
                     break
                 row = {"epoch": self.epoch + 1, **{f"loss_{k}": round(v, 6) for k, v in losses.items()},
                        "lr": self.optimizer.param_groups[0]["lr"], "train_s": round(time.perf_counter() - t0, 2)}
@@ -377,21 +397,21 @@ class Trainer:
                 "first_step_s": self.first_step_s}
 
     def train_one_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
+        """One pass over the epoch's batches (from where an interrupted attempt stopped); returns the mean of each
+        loss term and whether the epoch is complete (False: interrupted, `partial_epoch` says how far it got)."""
         t = self.recipe.train
         self.set_train_mode()
-        loader = self.train_loader(epoch)
+        part, self.partial_epoch = self.partial_epoch or {"batch": 0, "sums": {}, "count": 0}, None
+        start, sums, count = int(part["batch"]), dict(part["sums"]), int(part["count"])
+        loader = self.train_loader(epoch, start)
         n_batches = self._batches_per_epoch()
-        sums: dict[str, float] = {}
-        count = 0
         show = dist.is_main()
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[losses]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                       console=err, disable=not show, transient=True) as bar:
-            task = bar.add_task(f"{self.task} {epoch + 1}/{t.epochs}", total=n_batches, losses="")
+            task = bar.add_task(f"{self.task} {epoch + 1}/{t.epochs}", total=n_batches, completed=start, losses="")
             self.optimizer.zero_grad(set_to_none=True)
-            for i, batch in enumerate(loader):
-                if i >= n_batches:
-                    break
+            for i, batch in enumerate(loader, start):
                 batch = self.preprocess(batch, epoch)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     terms = self.compute_loss(batch)
@@ -400,7 +420,8 @@ class Trainer:
                     self._on_nonfinite(terms)
                     continue
                 self.scaler.scale(terms["total"] / self.accumulate).backward()
-                if (i + 1) % self.accumulate == 0 or i + 1 == n_batches:
+                stepped = (i + 1) % self.accumulate == 0 or i + 1 == n_batches
+                if stepped:
                     self._optimizer_step()
                     if self.first_step_s is None:
                         self.first_step_s = round(time.perf_counter() - kdcli.STARTED, 2)
@@ -409,8 +430,9 @@ class Trainer:
                 count += 1
                 bar.update(task, advance=1, losses="  ".join(f"{k} {v / count:.4f}" for k, v in sums.items()))
                 self.run_callbacks("on_batch_end")
-                if self.stop_requested:
-                    return {k: v / max(count, 1) for k, v in sums.items()}, i + 1 >= n_batches
+                if self.stop_requested and stepped and i + 1 < n_batches:  # never inside an accumulation
+                    self.partial_epoch = {"batch": i + 1, "sums": sums, "count": count}
+                    return {k: v / max(count, 1) for k, v in sums.items()}, False
         means = torch.tensor([sums.get(k, 0.0) / max(count, 1) for k in sorted(sums)], device=self.device)
         means = dist.all_reduce_mean(means).tolist()
         return dict(zip(sorted(sums), means)), True
@@ -531,6 +553,7 @@ class Trainer:
         state = {"model": self.bare_model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "ema_updates": self.ema.updates if self.ema else 0,
                  "step": self.step, "epoch": self.epoch, "epoch_complete": epoch_complete,
+                 "partial_epoch": None if epoch_complete else self.partial_epoch,
                  "best_fitness": self.best_fitness, "best_epoch": self.best_epoch, "history": self.history,
                  "rng": rng_state(), "reloads": self.reloads, "train_seconds": self.train_seconds,
                  **self.train_state_extra()}
@@ -552,12 +575,14 @@ class Trainer:
         self.step, self.epoch = state.step, state.epoch
         self.best_fitness, self.best_epoch = state.best_fitness, state.best_epoch
         self.history, self.reloads = list(state.history), state.reloads
+        self.partial_epoch = None if state.epoch_complete else state.partial_epoch
         self.seconds_before = (float(state.train_seconds) if state.train_seconds is not None
                                else sum(r.get("time_s", 0) for r in self.history))
         self.last_metrics = dict(ckpt.metrics)
         set_rng_state(state.rng)
         self.load_train_state_extra(state)
-        err.print(f"resuming {path} at epoch {self.epoch + 1} (step {self.step})")
+        within = f", batch {self.partial_epoch['batch'] + 1}" if self.partial_epoch else ""
+        err.print(f"resuming {path} at epoch {self.epoch + 1}{within} (step {self.step})")
 
     def load_train_state_extra(self, state: checkpoint.TrainState) -> None:
         """Hook: restore what `train_state_extra` saved."""
