@@ -76,34 +76,102 @@ def write_yaml(path: str | Path, obj: Any) -> None:
 def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Build a directory in a temporary sibling and rename it onto `out` only when the block succeeds.
 
-    An existing `out` is replaced only with `force`, and only after the new one is complete. SIGTERM (a
-    cluster's preemption) is turned into an interrupt while the block runs, so the temporary folder is removed
-    as after Ctrl-C; folders left by a killed (kill -9) earlier run for the same `out` are removed first.
+    An existing `out` is replaced only with `force`, and only after the new one is complete. One run builds a
+    given `out` at a time: a second one is refused at its start (even with `force`), and `out` is checked again
+    at the swap, so a run never silently replaces an `out` that appeared while it worked. SIGTERM (a cluster's
+    preemption) is turned into an interrupt while the block runs, so the temporary folder is removed as after
+    Ctrl-C; folders left by a killed (kill -9) earlier run for the same `out` are removed first.
     """
-    from kdcli.errors import KdcliError
-
     out = Path(out)
-    if out.exists() and not force:
-        raise KdcliError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
+    _refuse_existing(out, force)
     ensure_dir_possible(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_leftovers(out, ".partial")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_UMASK)
+    with _writer_lock(out):
+        _refuse_existing(out, force)  # the run that held the lock may have finished it since the check above
+        _remove_dead_leftovers(out, ".partial")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        try:
+            with _sigterm_as_interrupt():
+                yield tmp
+                _swap(tmp, out, force)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _refuse_existing(out: Path, force: bool, appeared: bool = False) -> None:
+    from kdcli.errors import KdcliError
+
+    if out.exists() and not force:
+        what = "appeared while this run was writing it (left as it is)" if appeared else "already exists"
+        raise KdcliError(f"{out} {what}", hint="pass --force to replace it, or choose another --out")
+
+
+def _swap(tmp: Path, out: Path, force: bool) -> None:
+    """Put the finished `tmp` at `out`. Without `force` an `out` that exists now (made by something else than a
+    kdcli run, which the lock keeps out), even an empty folder that a rename would silently replace, is refused."""
+    if force and out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    _refuse_existing(out, force, appeared=True)
     try:
-        with _sigterm_as_interrupt():
-            yield tmp
-            if out.exists():
-                old = out.with_name(f".{out.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
+        os.rename(tmp, out)  # fails if a non-empty folder or a file took the place since the check above
+    except OSError:
+        _refuse_existing(out, force=False, appeared=True)
+        raise
+
+
+@contextlib.contextmanager
+def _writer_lock(out: Path) -> Iterator[None]:
+    """Hold `.<name>.lock` beside `out` while it is built, so that a second run writing the same `out` fails at
+    once, naming the first, instead of both "succeeding" with the later one's result. The kernel releases the
+    lock when its process dies (even by kill -9), so a stale lock file never blocks the next run."""
+    path = out.with_name(f".{out.name}.lock")
+    fd = _lock(path, out)
+    try:
+        yield
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if fd is not None:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
+
+def _lock(path: Path, out: Path) -> int | None:
+    """A descriptor holding an exclusive lock on `path`, with our pid written in it; None where there are no locks
+    (Windows, a file system mounted without them): the check at the swap remains."""
+    from kdcli.errors import KdcliError
+
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 20).decode(errors="replace").strip()
+            os.close(fd)
+            raise KdcliError(f"{out}: another kdcli run{f' (pid {holder})' if holder.isdigit() else ''} is "
+                             "writing it", hint="wait for it to finish, or choose another --out") from None
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            return None
+        try:  # the previous holder removes the file on release: lock the file that is at `path` now
+            locked = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            locked = False
+        if locked:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            return fd
+        os.close(fd)
 
 
 def _remove_dead_leftovers(out: Path, suffix: str) -> None:

@@ -73,3 +73,73 @@ def test_impossible_output_places_are_named(tmp_path: Path):
     with pytest.raises(KdcliError, match=r"afile is a file"), atomic.atomic_dir(tmp_path / "afile" / "sub"):
         pass
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_a_second_writer_of_the_same_out_is_refused_even_with_force(tmp_path: Path):
+    out = tmp_path / "data"
+    with atomic.atomic_dir(out) as tmp:
+        (tmp / "f.txt").write_text("first")
+        for force in (False, True):
+            with pytest.raises(KdcliError, match=rf"data: another kdcli run \(pid {os.getpid()}\) is writing it"), \
+                    atomic.atomic_dir(out, force=force):
+                pass
+    assert (out / "f.txt").read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_a_killed_writers_lock_does_not_block_the_next_run(tmp_path: Path):
+    code = ("import sys, time\nfrom kdcli import atomic\nwith atomic.atomic_dir(sys.argv[1]):\n"
+            "    print('writing', flush=True)\n    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "data")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        with pytest.raises(KdcliError, match=rf"another kdcli run \(pid {proc.pid}\)"), \
+                atomic.atomic_dir(tmp_path / "data"):
+            pass
+    finally:
+        proc.kill()  # SIGKILL: no cleanup runs, the lock file stays behind
+        proc.wait()
+    assert (tmp_path / ".data.lock").exists()
+    with atomic.atomic_dir(tmp_path / "data") as tmp:
+        (tmp / "f.txt").write_text("ok")
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+@pytest.mark.parametrize("theirs", [{}, {"x.txt": "theirs"}], ids=["empty", "filled"])
+def test_an_out_that_appears_during_the_build_is_left_alone(tmp_path: Path, theirs: dict[str, str]):
+    out = tmp_path / "data"
+    with pytest.raises(KdcliError, match="data appeared while this run was writing it"), \
+            atomic.atomic_dir(out) as tmp:
+        (tmp / "f.txt").write_text("ours")
+        out.mkdir()  # an empty folder too: a plain rename would replace it silently
+        for name, text in theirs.items():
+            (out / name).write_text(text)
+    assert {p.name: p.read_text() for p in out.iterdir()} == theirs
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_an_out_made_between_the_last_check_and_the_rename_is_not_replaced(tmp_path: Path, monkeypatch):
+    out, check = tmp_path / "data", atomic._refuse_existing
+
+    def racing(o: Path, force: bool, appeared: bool = False) -> None:
+        check(o, force, appeared)
+        if appeared and not o.exists():  # another program fills `out` just after the swap's check
+            o.mkdir()
+            (o / "x.txt").write_text("theirs")
+
+    monkeypatch.setattr(atomic, "_refuse_existing", racing)
+    with pytest.raises(KdcliError, match="data appeared while"), atomic.atomic_dir(out) as tmp:
+        (tmp / "f.txt").write_text("ours")
+    assert [p.name for p in out.iterdir()] == ["x.txt"] and [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_a_file_system_without_locks_still_builds_and_leaves_no_lock_file(tmp_path: Path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")  # NFS mounted with nolock
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with atomic.atomic_dir(tmp_path / "data") as tmp:
+        (tmp / "f.txt").write_text("ok")
+    assert [p.name for p in tmp_path.iterdir()] == ["data"] and (tmp_path / "data" / "f.txt").read_text() == "ok"

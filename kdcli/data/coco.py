@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -94,15 +95,27 @@ def subset(full: CocoBuilder, image_ids: set[int], description: str) -> CocoBuil
 def read_split(dataset_dir: str | Path, split: str, fold: int | None = None) -> dict[str, Any]:
     path = split_path(dataset_dir, split, fold)
     if not path.is_file():
-        available = sorted(p.stem for p in (Path(dataset_dir) / ANNOTATIONS).glob("*.json"))
-        hint = f"available splits: {', '.join(available)}" if available else "run `kdcli prepare` first"
-        raise KdcliError(f"{path}: split '{split_name(split, fold)}' not found", hint=hint)
+        raise KdcliError(f"{path}: split '{split_name(split, fold)}' not found",
+                         hint=_missing_split_hint(Path(dataset_dir), split, fold))
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise KdcliError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise KdcliError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _missing_split_hint(dataset_dir: Path, split: str, fold: int | None) -> str:
+    """What to change when a split is not there: most often the fold setting does not fit the dataset."""
+    available = sorted(p.stem for p in (dataset_dir / ANNOTATIONS).glob("*.json"))
+    if not available:
+        return "run `kdcli prepare` first"
+    if fold is not None and split in available:
+        return "this dataset has no folds: set data.fold=null"
+    folds = sorted(int(m[1]) for a in available if (m := re.fullmatch(rf"fold(\d+)_{re.escape(split)}", a)))
+    if folds:
+        return f"this dataset has folds {', '.join(map(str, folds))}: set data.fold to one of them"
+    return f"available splits: {', '.join(available)}"
 
 
 def read_dataset_yaml(dataset_dir: str | Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from kdcli.data.sources import coco_json
+from kdcli.data.sources.common import NON_FINITE
 from kdcli.errors import KdcliError
 
 
@@ -68,10 +69,18 @@ def test_nothing_is_lost_without_being_counted(tmp_path: Path):
     ann.write_text(json.dumps(data))  # json writes NaN, as Python's and many tools' JSON writers do
     meta = coco_json.prepare(ann, images, tmp_path / "out", val_fraction=0.25, seed=0)
     dropped = meta["dropped"]
-    assert dropped["bbox with NaN or infinite numbers (dropped)"]["count"] == 1
+    assert dropped[NON_FINITE] == {"count": 1, "example": "train.json: annotations[6]"}  # the check all sources share
     plain = "annotation of an image id not in images (dropped)"
     typed = plain + " (an id of another type matches: ids must have the same JSON type)"
     assert dropped[plain]["count"] == 1 and "555" in dropped[plain]["example"]
     assert dropped[typed]["count"] == 1 and '"101"' in dropped[typed]["example"]
     kept = sum(s["objects"] for s in meta["splits"].values())
     assert kept == 4 + 2 - 1  # the 4 boxes, the extra one on image 100 and the crowd box dropped as before
+
+
+def test_a_skipped_bad_image_counts_its_boxes(tmp_path: Path):
+    ann, images = _user_dataset(tmp_path, n=4)
+    (images / "im0.jpg").write_bytes(b"not a jpeg")  # image 100: its own box and the extra one
+    meta = coco_json.prepare(ann, images, tmp_path / "out", val_fraction=0, skip_bad_images=True)
+    assert meta["dropped"]["boxes of skipped images (dropped)"] == {"count": 2, "example": f"{images / 'im0.jpg'}: 2"}
+    assert meta["splits"]["train"] == {"images": 3, "objects": 3}  # one each; the crowd box on 101 dropped

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from kdcli.cli.app import app
 from kdcli.data.sources import dota
+from kdcli.data.sources.common import NON_FINITE
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 from tests.conftest import train_steps_args
@@ -84,3 +85,24 @@ def test_synthetic_dota_end_to_end(tmp_path: Path, monkeypatch):
     r = runner.invoke(app, train_steps_args(out))
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.strip().splitlines()[-1])["epochs"] == 1
+
+
+def test_nan_and_inf_polygons_are_dropped_counted_never_written(tmp_path: Path):
+    src = tmp_path / "DOTA"
+    _scene(src / "train", "P1", "10 20 50 10 inf 40 20 50 large-vehicle 0\n10 20 50 10 60 40 20 50 large-vehicle 0\n")
+    _scene(src / "val", "P2", "nan 10 40 10 40 20 nan 20 small-vehicle 0\n5 5 25 5 25 15 5 15 small-vehicle 0\n")
+    meta = dota.prepare(src, tmp_path / "out", tile=128, overlap=0.25, keep_empty=0.0)
+    assert meta["dropped"][NON_FINITE] == {"count": 2, "example": f"{src / 'train' / 'labelTxt' / 'P1.txt'}:1"}
+    assert "box clipped to the image" not in meta["dropped"]  # inf is not clipped to the border
+    scenes = (tmp_path / "out" / "annotations" / "val_scenes.json").read_text()
+    assert "NaN" not in scenes and [a["bbox"] for a in json.loads(scenes)["annotations"]] == [[5.0, 5.0, 20.0, 10.0]]
+    assert meta["splits"]["train"]["objects"] >= 1 and meta["splits"]["val_scenes"]["objects"] == 1
+
+
+def test_a_skipped_bad_image_counts_its_objects(tmp_path: Path):
+    src = tmp_path / "DOTA"
+    _scene(src, "P1", "10 20 50 10 60 40 20 50 large-vehicle 0\n")
+    _scene(src, "P2", "10 20 50 10 60 40 20 50 large-vehicle 0\n5 5 25 5 25 15 5 15 plane 0\n")
+    (src / "images" / "P2.png").write_bytes(b"not a png")
+    meta = dota.prepare(src, tmp_path / "out", tile=128, val_fraction=0, skip_bad_images=True)
+    assert meta["dropped"]["boxes of skipped images (dropped)"]["count"] == 2

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from kdcli.data.sources import vedai
+from kdcli.data.sources.common import NON_FINITE
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -49,6 +50,18 @@ def test_read_objects_counts_five_field_lines(tmp_path: Path):
     objs = vedai.read_objects(f, tally)
     assert len(objs) == 1 and objs[0][0] == f"{f}:1"
     assert tally["5-field line without corners (skipped)"] == 1
+
+
+def test_read_objects_drops_and_counts_nan_and_inf(tmp_path: Path):
+    f = tmp_path / "00000001.txt"
+    f.write_text("10.0 10.0 0.0 1 1 0 5 nan 15 5 8 8 12 12\n"  # a corner: was an error, now dropped and counted
+                 "inf 10.0 0.0 1 1 0 5 15 15 5 8 8 12 12\n"  # the centre
+                 "10.0 10.0 0.0 1 1 0 5 15 15 5 8 8 12 1e999\n"  # a corner that overflows to inf: was a crash
+                 "10.0 10.0 0.0 1 1 0 5 15 15 5 8 8 12 12\n")
+    tally = Tally()
+    objs = vedai.read_objects(f, tally)
+    assert [where for where, _ in objs] == [f"{f}:4"]
+    assert tally.as_dict()[NON_FINITE] == {"count": 3, "example": f"{f}:1"}
 
 
 def test_presets():
@@ -190,6 +203,8 @@ def test_undecodable_image_error_or_skip(tmp_path: Path, vedai_raw: Path):
     assert not (tmp_path / "out").exists()
     meta = vedai.prepare(raw, tmp_path / "out", skip_bad_images=True)
     assert meta["images"] == 39 and meta["dropped"]["image failed to decode (skipped)"]["count"] == 1
+    lines = [x for x in (raw / "Annotations512" / "00000004.txt").read_text().splitlines() if x.strip()]
+    assert meta["dropped"]["boxes of skipped images (dropped)"] == {"count": len(lines), "example": f"{bad}: 1"}
 
 
 def test_existing_out_refused_unless_force(tmp_path: Path, vedai_raw: Path):

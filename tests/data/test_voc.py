@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kdcli.data.sources import voc
+from kdcli.data.sources.common import NON_FINITE
 from kdcli.errors import KdcliError
 
 
@@ -78,3 +79,27 @@ def test_prepare_voc_selected_sets_and_errors(tmp_path: Path, voc_raw: Path):
     with pytest.raises(KdcliError, match="Pascal VOC not found"):
         voc.prepare(tmp_path / "nothing", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_nan_and_inf_coordinates_are_dropped_and_counted(tmp_path: Path, voc_raw: Path):
+    import shutil
+
+    raw = tmp_path / "VOCdevkit"
+    shutil.copytree(voc_raw, raw)
+    ids = (raw / "VOC2007" / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    xmls = [raw / "VOC2007" / "Annotations" / f"{i}.xml" for i in ids]
+    xml = next(x for x in xmls if len(ET.parse(x).getroot().findall("object")) >= 2)
+    tree = ET.parse(xml)
+    first, second = tree.getroot().findall("object")[:2]
+    first.find("bndbox").find("xmin").text = "nan"
+    second.find("bndbox").find("ymax").text = "inf"
+    tree.write(xml)
+    meta = voc.prepare(raw, tmp_path / "out", train_sets=["2007/trainval"], val_fraction=0)
+    assert meta["dropped"][NON_FINITE] == {"count": 2, "example": str(xml)}
+    text = (tmp_path / "out" / "annotations" / "train.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    size = tree.getroot().find("size")
+    size.find("width").text = "nan"
+    tree.write(xml)
+    with pytest.raises(KdcliError, match="size: <width> and <height> must be finite numbers, got nan x"):
+        voc.parse_xml(xml)

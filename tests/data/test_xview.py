@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kdcli.data.sources import xview
+from kdcli.data.sources.common import NON_FINITE
 from kdcli.data.synthetic.xview import TYPE_OF
 from kdcli.data.tiling import tile_boxes, tile_origins
 from kdcli.errors import KdcliError
@@ -121,3 +122,23 @@ def test_xview_errors(tmp_path: Path, xview_raw: Path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(KdcliError, match="unknown xView class preset"):
         xview.prepare(xview_raw, tmp_path / "out", classes="boats")
+
+
+def test_nan_and_inf_bounds_are_dropped_counted_and_not_in_the_class_table(tmp_path: Path, xview_raw: Path):
+    import shutil
+
+    raw = tmp_path / "xView"
+    shutil.copytree(xview_raw, raw)
+    geo = json.loads((raw / xview.GEOJSON).read_text())
+    present = {p.name for p in (raw / xview.IMAGES_DIR).iterdir()}
+    cars = [f for f in geo["features"] if f["properties"]["type_id"] == 18 and f["properties"]["image_id"] in present]
+    cars[0]["properties"]["bounds_imcoords"] = "nan,10,20,30"
+    cars[1]["properties"]["bounds_imcoords"] = "5,10,inf,30"
+    (raw / xview.GEOJSON).write_text(json.dumps(geo))
+    meta = xview.prepare(raw, tmp_path / "out", tile=420, classes="vehicles", keep_empty=0.0)
+    assert meta["dropped"][NON_FINITE]["count"] == 2
+    (row,) = [r for r in meta["class_mapping"] if r["raw_id"] == 18]
+    assert row["fate"] == "kept" and row["objects"] == len(cars) - 2  # the class table counts only finite boxes
+    for split in ("train", "val", "val_scenes"):
+        text = (tmp_path / "out" / "annotations" / f"{split}.json").read_text()
+        assert "NaN" not in text and "Infinity" not in text

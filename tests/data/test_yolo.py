@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from kdcli.cli.app import app
 from kdcli.data.sources import yolo
+from kdcli.data.sources.common import NON_FINITE
 from kdcli.errors import KdcliError
 from tests.conftest import train_steps_args
 
@@ -104,3 +105,78 @@ def test_plain_folder_without_names_says_what_to_give(tmp_path: Path):
     with pytest.raises(KdcliError, match="no data.yaml") as e:
         yolo.prepare(tmp_path, tmp_path / "out")
     assert "--names" in e.value.hint
+
+
+def _yolo_root(root: Path, yaml_text: str, labels: dict[str, str]) -> Path:
+    """A data.yaml folder; `labels` maps an image path (relative) to its label text (None: no label file)."""
+    for rel, text in labels.items():
+        _image(root / rel, 40, 20)
+        if text is not None:
+            lab = yolo.label_path(root / rel)
+            lab.parent.mkdir(parents=True, exist_ok=True)
+            lab.write_text(text)
+    (root / "data.yaml").write_text(yaml_text)
+    return root
+
+
+def test_nan_and_inf_go_through_the_shared_finite_check(tmp_path: Path):
+    root = _yolo_root(tmp_path / "ds", "train: images\nnames: [car, van]\n", {
+        "images/a.png": "0 nan 0.5 0.2 0.2\n1 0.5 inf 0.2 0.2\nnan 0.5 0.5 0.2 0.2\n0 0.5 0.5 0.5 0.5\n"})
+    meta = yolo.prepare(root, tmp_path / "out", val_fraction=0)
+    assert meta["dropped"][NON_FINITE] == {"count": 2, "example": f"{root / 'labels' / 'a.txt'}:1"}
+    assert meta["dropped"]["label of an unknown class (not 0..1) (dropped)"]["count"] == 1  # class nan: no crash
+    assert _boxes(tmp_path / "out", "train") == {"a.png": [[1, 10.0, 5.0, 20.0, 10.0]]}
+    assert "NaN" not in (tmp_path / "out" / "annotations" / "train.json").read_text()
+
+
+def test_symlinked_image_folders_are_followed_and_a_link_loop_ends(tmp_path: Path):
+    root = _yolo_root(tmp_path / "ds", "train: images/train\nnames: [car]\n",
+                      {"images/train/a.png": "0 0.5 0.5 0.5 0.5\n"})
+    _yolo_root(tmp_path / "elsewhere", "", {f"images/{i}.png": "0 0.5 0.5 0.5 0.5\n" for i in range(3)})
+    (root / "images" / "train" / "linked").symlink_to(tmp_path / "elsewhere" / "images")
+    (root / "labels" / "train" / "linked").symlink_to(tmp_path / "elsewhere" / "labels")
+    (root / "images" / "train" / "loop").symlink_to(".")  # a link to its own folder: visited once
+    meta = yolo.prepare(root, tmp_path / "out", val_fraction=0)
+    assert meta["splits"]["train"] == {"images": 4, "objects": 4} and meta["dropped"] == {}
+
+
+def test_image_lists_among_labels_are_lists_not_orphan_labels(tmp_path: Path):
+    src = tmp_path / "flat"
+    for name in ("a", "b"):
+        _image(src / f"{name}.png")
+        (src / f"{name}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    for name in ("train", "val", "full1"):
+        (src / f"{name}.txt").write_text("./a.png\n./b.png\n")
+    (tmp_path / "names.txt").write_text("\ufeffcar\n")  # a BOM is not part of the first name
+    meta = yolo.prepare(src, tmp_path / "out", names=tmp_path / "names.txt", val_fraction=0)
+    lists = "image list among the label files (a .txt of image paths, not labels; not used)"
+    assert meta["dropped"] == {lists: {"count": 3, "example": str(src / "full1.txt")}}
+    assert meta["classes"] == ["car"] and meta["splits"]["train"] == {"images": 2, "objects": 2}
+
+
+def test_lists_named_by_data_yaml_any_case_are_used_not_counted(tmp_path: Path):
+    labels = {f"data/{n}.jpg": "\ufeff0 0.5 0.5 0.2 0.2\n0 0.2 0.2 0.1 0.1\n" for n in "abc"}  # BOM: both lines
+    root = _yolo_root(tmp_path / "ds", "path: data\ntrain: train.TXT\nval: val.txt\nnames: [car]\n", labels)
+    (root / "data" / "train.TXT").write_text("./a.jpg\n./b.jpg\n")
+    (root / "data" / "val.txt").write_text("./c.jpg\n")
+    meta = yolo.prepare(root, tmp_path / "out")
+    assert meta["splits"]["train"] == {"images": 2, "objects": 4} and meta["splits"]["val"]["objects"] == 2
+    assert meta["dropped"] == {}
+
+
+def test_roboflow_parent_paths_resolve_as_ultralytics_does(tmp_path: Path):
+    root = _yolo_root(tmp_path / "export", "train: ../train/images\nval: ../valid/images\nnc: 1\nnames: ['car']\n",
+                      {"train/images/a.jpg": "0 0.5 0.5 0.2 0.2\n", "valid/images/b.jpg": "0 0.5 0.5 0.2 0.2\n"})
+    meta = yolo.prepare(root, tmp_path / "out")
+    assert meta["splits"]["train"]["objects"] == 1 and meta["splits"]["val"]["objects"] == 1
+
+
+def test_a_skipped_bad_image_counts_its_boxes(tmp_path: Path):
+    root = _yolo_root(tmp_path / "ds", "train: images\nnames: [car]\n",
+                      {"images/a.png": "0 0.5 0.5 0.2 0.2\n", "images/b.png": "0 0.5 0.5 0.2 0.2\n0 0.1 0.1 0.1 0.1\n"})
+    (root / "images" / "b.png").write_bytes((root / "images" / "b.png").read_bytes()[:60])
+    meta = yolo.prepare(root, tmp_path / "out", val_fraction=0, skip_bad_images=True)
+    lost = meta["dropped"]["boxes of skipped images (dropped)"]
+    assert lost == {"count": 2, "example": f"{root / 'images' / 'b.png'}: 2"}
+    assert "label file without an image (not used)" not in meta["dropped"]  # its label is accounted for
+    assert meta["splits"]["train"] == {"images": 1, "objects": 1}

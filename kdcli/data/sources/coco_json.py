@@ -7,7 +7,6 @@ split is carved from train when no val JSON is given.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.images import place
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, calling, register
-from kdcli.data.sources.common import fitted_box, probed_size, val_split
+from kdcli.data.sources.common import finite_box, fitted_box, probed_size, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -50,13 +49,13 @@ def _id(value: Any, where: str) -> Any:
     return value
 
 
-def _bbox(value: Any, where: str) -> tuple[float, float, float, float] | None:
-    """[x, y, w, h] as 4 numbers; None when a number is NaN or infinite (the caller drops and counts it)."""
+def _bbox(value: Any, where: str) -> tuple[float, float, float, float]:
+    """[x, y, w, h] as 4 numbers (NaN and infinity included: the caller drops and counts those)."""
     if (not isinstance(value, list) or len(value) != 4
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
         raise KdcliError(f"{where}: expected [x, y, width, height] as 4 numbers, got {json.dumps(value)[:60]}")
     x, y, w, h = (float(v) for v in value)
-    return (x, y, w, h) if all(math.isfinite(v) for v in (x, y, w, h)) else None
+    return x, y, w, h
 
 
 def categories(data: dict[str, Any], path: Path) -> tuple[list[str], dict[Any, int]]:
@@ -106,7 +105,7 @@ def _convert(data: dict[str, Any], path: Path, images_dir: Path, tmp: Path, clas
                       f"annotations[{anns[0][0]}].image_id {json.dumps(image_id)}", len(anns))
     for im in console.track(data["images"], f"{path.name}"):
         src_img = images_dir / im["file_name"]
-        size = probed_size(src_img, tally, skip_bad)
+        size = probed_size(src_img, tally, skip_bad, boxes=len(by_image.get(im["id"], [])))
         if size is None:
             continue
         width, height = size
@@ -117,8 +116,7 @@ def _convert(data: dict[str, Any], path: Path, images_dir: Path, tmp: Path, clas
         b.add_image(next_id, dst, width, height, source_id=im["id"])
         for n, a in by_image.get(im["id"], []):
             bbox = _bbox(a["bbox"], f"{path}: annotations[{n}].bbox")
-            if bbox is None:
-                tally.add("bbox with NaN or infinite numbers (dropped)", f"annotations[{n}]")
+            if not finite_box(bbox, tally, f"{path.name}: annotations[{n}]"):
                 continue
             if a["category_id"] not in cat_index:
                 tally.add(f"unknown category id {a['category_id']} (dropped)", im["file_name"])

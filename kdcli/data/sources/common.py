@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
 SLIVER = 1.0  # pixels: a clipped box thinner than this is dropped as a sliver
+NON_FINITE = "box with non-finite coordinates (NaN or inf) (dropped)"
 
 
 @dataclass
@@ -57,10 +60,24 @@ def is_sliver(box: tuple[float, ...]) -> bool:
     return box[2] - box[0] < SLIVER or box[3] - box[1] < SLIVER
 
 
+def finite_box(values: Iterable[float], tally: Tally, where: str) -> bool:
+    """Whether every raw number of a box is finite; a box with a NaN or an inf is counted (one reason for every
+    source) and must be dropped. NaN passes every comparison unnoticed (it is neither clipped nor a sliver, and
+    `min` of a polygon may or may not return it) and inf is clipped to the border, so a source checks its raw
+    numbers here before anything else (a class table, the corners' min/max) sees them."""
+    if all(math.isfinite(v) for v in values):
+        return True
+    tally.add(NON_FINITE, where)
+    return False
+
+
 def fitted_box(x0: float, y0: float, x1: float, y1: float, w: float, h: float, tally: Tally, where: str,
                dropped: str, clipped: str = "box clipped to the image") -> tuple[float, ...] | None:
-    """A raw box clipped to the image; None when nothing of it is left. Either outcome is counted in `tally`
-    under the source's own wording, so nothing is dropped or changed silently."""
+    """A raw box clipped to the image; None when nothing of it is left or a number is not finite. Every outcome
+    is counted in `tally` (clipping and slivers under the source's own wording), so nothing is dropped or
+    changed silently."""
+    if not finite_box((x0, y0, x1, y1), tally, where):
+        return None
     box, was_clipped = clip_box(x0, y0, x1, y1, w, h)
     if is_sliver(box):
         tally.add(dropped, where)
@@ -70,16 +87,18 @@ def fitted_box(x0: float, y0: float, x1: float, y1: float, w: float, h: float, t
     return box
 
 
-def probed_size(path: Path, tally: Tally, skip_bad: bool, decode: bool = True, what: str = "image"
-                ) -> tuple[int, int] | None:
-    """(width, height) of an image; None (counted) when it cannot be read and `skip_bad` allows skipping it,
-    else the one-line decode error propagates."""
+def probed_size(path: Path, tally: Tally, skip_bad: bool, decode: bool = True, what: str = "image",
+                boxes: int = 0) -> tuple[int, int] | None:
+    """(width, height) of an image; None when it cannot be read and `skip_bad` allows skipping it, counted with
+    the `boxes` its annotations held (lost with it), else the one-line decode error propagates."""
     try:
         return probe(path, decode=decode)
     except ImageDecodeError as e:
         if not skip_bad:
             raise
         tally.add(f"{what} failed to {'decode' if decode else 'open'} (skipped)", e.message)
+        if boxes:
+            tally.add(f"boxes of skipped {what}s (dropped)", f"{path}: {boxes}", n=boxes)
         return None
 
 

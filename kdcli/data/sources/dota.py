@@ -20,7 +20,7 @@ from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
-from kdcli.data.sources.common import SYNTHETIC_MARKER, fitted_box, probed_size, val_split
+from kdcli.data.sources.common import SYNTHETIC_MARKER, finite_box, fitted_box, probed_size, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -55,6 +55,8 @@ def parse_labels(path: Path, tally: Tally) -> tuple[list[tuple[str, list[float],
             poly = [float(v) for v in fields[:8]]
         except ValueError:
             tally.add("label line without 8 coordinates before its class (dropped)", where)
+            continue
+        if not finite_box(poly, tally, where):
             continue
         try:
             difficult = int(fields[9]) if len(fields) == 10 else 0
@@ -115,7 +117,7 @@ def prepare(src: Path, out: Path, tile: int = 1024, overlap: float = 200 / 1024,
             else:
                 used.add(lab.name)
                 objects, gsd = parse_labels(lab, tally)
-            size = probed_size(img, tally, skip_bad_images, decode=False)
+            size = probed_size(img, tally, skip_bad_images, decode=False, boxes=len(objects))
             if size is None:
                 continue
             read[img.name] = (part, img, objects, size, gsd)

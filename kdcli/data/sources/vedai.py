@@ -7,7 +7,6 @@ the image. Each fold gets `foldNN_train` (official training ids minus a seeded v
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.images import place
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
-from kdcli.data.sources.common import SYNTHETIC_MARKER, parse_int_list, Preset, fitted_box, probed_size, val_split
+from kdcli.data.sources.common import (SYNTHETIC_MARKER, Preset, finite_box, fitted_box, parse_int_list, probed_size,
+                                      val_split)
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -51,8 +51,8 @@ class VedaiObject:
     cls: int
     contained: int
     occluded: int
-    xs: tuple[int, ...]
-    ys: tuple[int, ...]
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
 
 
 class ShortLine(Exception):
@@ -60,7 +60,8 @@ class ShortLine(Exception):
 
 
 def parse_line(line: str, where: str) -> VedaiObject:
-    """One annotation line: 14 fields (per-image file) or 15 (combined file, id first).
+    """One annotation line: 14 fields (per-image file) or 15 (combined file, id first). Numbers are read as
+    written (a NaN too: `read_objects` drops and counts such a line); corners are rounded when a box is made.
 
     Raises ShortLine for the known 5-field form and KdcliError (naming `where` and the field count) otherwise.
     """
@@ -69,10 +70,10 @@ def parse_line(line: str, where: str) -> VedaiObject:
         if len(f) == 14:
             xc, yc, ori = map(float, f[0:3])
             cls, contained, occluded = map(int, f[3:6])
-            corners = [int(round(float(v))) for v in f[6:14]]
+            corners = [float(v) for v in f[6:14]]
         elif len(f) == 15:
             xc, yc, ori = map(float, f[1:4])
-            corners = [int(round(float(v))) for v in f[4:12]]
+            corners = [float(v) for v in f[4:12]]
             cls, contained, occluded = map(int, f[12:15])
         elif len(f) == 5:
             raise ShortLine(where)
@@ -80,21 +81,23 @@ def parse_line(line: str, where: str) -> VedaiObject:
             raise KdcliError(f"{where}: expected 14 fields (or 15 in the combined file), found {len(f)}")
     except ValueError as e:
         raise KdcliError(f"{where}: malformed number in annotation line ({e})") from None
-    if not all(math.isfinite(v) for v in (xc, yc, ori)):
-        raise KdcliError(f"{where}: non-finite centre or orientation")
     return VedaiObject(xc, yc, ori, cls, contained, occluded, tuple(corners[:4]), tuple(corners[4:]))
 
 
 def read_objects(path: Path, tally: Tally) -> list[tuple[str, VedaiObject]]:
-    """(`file:line`, object) for every object line of a per-image annotation file."""
+    """(`file:line`, object) for every object line of a per-image annotation file; a 5-field line or one with
+    a NaN or infinite number is left out, counted."""
     objects = []
     for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            objects.append((f"{path}:{n}", parse_line(line, f"{path}:{n}")))
+            obj = parse_line(line, f"{path}:{n}")
         except ShortLine:
             tally.add("5-field line without corners (skipped)", f"{path}:{n}")
+            continue
+        if finite_box((obj.xc, obj.yc, obj.orientation, *obj.xs, *obj.ys), tally, f"{path}:{n}"):
+            objects.append((f"{path}:{n}", obj))
     return objects
 
 
@@ -167,15 +170,14 @@ def prepare(src: Path, out: Path, res: int = 25, classes: str = "vedai8", folds:
         full = coco.CocoBuilder(pre.classes, f"VEDAI {res} cm ({classes})")
         present: dict[str, int] = {}
         for vid in console.track(all_ids, f"VEDAI {res} cm images"):
-            image_path = img_dir / f"{vid}_co.png"
+            image_path, ann_path = img_dir / f"{vid}_co.png", ann_dir / f"{vid}.txt"
+            objects = read_objects(ann_path, tally) if ann_path.is_file() else None
             if not image_path.is_file():
                 tally.add("image listed in a fold file but missing (skipped)", str(image_path))
-                ann_path = ann_dir / f"{vid}.txt"
-                if ann_path.is_file():  # its annotated objects are lost with it: count them, not just the image
-                    lost = len(list(read_objects(ann_path, Tally())))
-                    tally.add("objects of a missing image (dropped)", f"{vid}: {lost} objects", lost)
+                if objects:  # its annotated objects are lost with it: count them, not just the image
+                    tally.add("objects of a missing image (dropped)", f"{vid}: {len(objects)} objects", len(objects))
                 continue
-            size = probed_size(image_path, tally, skip_bad_images)
+            size = probed_size(image_path, tally, skip_bad_images, boxes=len(objects or ()))
             if size is None:
                 continue
             width, height = size
@@ -188,11 +190,10 @@ def prepare(src: Path, out: Path, res: int = 25, classes: str = "vedai8", folds:
                 place(ir_path, tmp / coco.IMAGES / ir_path.name, images)
                 extra["ir_file"] = f"{coco.IMAGES}/{ir_path.name}"
             full.add_image(image_id, f"{coco.IMAGES}/{image_path.name}", width, height, **extra)
-            ann_path = ann_dir / f"{vid}.txt"
-            if not ann_path.is_file():
+            if objects is None:
                 tally.add("image without annotation file (no objects)", vid)
                 continue
-            for where, obj in read_objects(ann_path, tally):
+            for where, obj in objects:
                 _add_object(full, image_id, obj, width, height, pre, tally, where)
 
         parts = {}
@@ -227,13 +228,12 @@ def _add_object(full: coco.CocoBuilder, image_id: int, obj: VedaiObject, w: int,
         if obj.cls in pre.raw_names:
             tally.add(f"class '{pre.raw_names[obj.cls]}' not in preset {pre.name}")
         return
-    box = fitted_box(min(obj.xs), min(obj.ys), max(obj.xs), max(obj.ys), w, h, tally, where,
-                     "zero-area box after clipping (dropped)")
+    xs, ys = [int(round(v)) for v in obj.xs], [int(round(v)) for v in obj.ys]
+    box = fitted_box(min(xs), min(ys), max(xs), max(ys), w, h, tally, where, "zero-area box after clipping (dropped)")
     if box is None:
         return
     full.add_box(image_id, label, box, raw_class=obj.cls, orientation=round(obj.orientation, 6),
-                 occluded=obj.occluded, contained=obj.contained,
-                 corners=[list(obj.xs), list(obj.ys)])
+                 occluded=obj.occluded, contained=obj.contained, corners=[xs, ys])
 
 
 register(Source(

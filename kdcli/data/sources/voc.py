@@ -7,6 +7,7 @@ objects are kept and marked `"difficult": 1` so evaluation can ignore them.
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,10 @@ def parse_xml(path: Path) -> tuple[int, int, list[dict[str, Any]]]:
             raise KdcliError(f"{path}: {where}: <{tag}> is not a number: '{text.strip()}'") from None
 
     size = root.find("size")
-    width, height = int(number(size, "width", "size")), int(number(size, "height", "size"))
+    width, height = number(size, "width", "size"), number(size, "height", "size")
+    if not (math.isfinite(width) and math.isfinite(height)):
+        raise KdcliError(f"{path}: size: <width> and <height> must be finite numbers, got {width} x {height}")
+    width, height = int(width), int(height)
     objects = []
     for i, obj in enumerate(root.findall("object")):
         name = (obj.findtext("name") or "").strip()
@@ -97,7 +101,7 @@ def prepare(src: Path, out: Path, train_sets: list[str] = ("2007/trainval", "201
                     raise KdcliError(f"{xml_path}: missing (listed in {year_dir.name} ImageSets)")
                 width, height, objects = parse_xml(xml_path)
                 if verify_images:
-                    size = probed_size(img_path, tally, skip_bad_images)
+                    size = probed_size(img_path, tally, skip_bad_images, boxes=len(objects))
                     if size is None:
                         continue
                     width, height = size

@@ -15,7 +15,7 @@ from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
-from kdcli.data.sources.common import SYNTHETIC_MARKER, Preset, fitted_box, probed_size, val_split
+from kdcli.data.sources.common import SYNTHETIC_MARKER, Preset, finite_box, fitted_box, probed_size, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -73,6 +73,8 @@ def read_geojson(path: Path, tally: Tally) -> dict[str, list[tuple[int, float, f
                 except (KeyError, ValueError, TypeError):
                     tally.add("feature without image_id/type_id/bounds_imcoords (skipped)", where)
                     continue
+                if not finite_box((x0, y0, x1, y1), tally, where):
+                    continue
                 if type_id in NOT_CLASSES:
                     tally.add(f"type_id {type_id} is not a class (dropped)", where)
                     continue
@@ -122,7 +124,7 @@ def prepare(src: Path, out: Path, tile: int = 512, overlap: float = 0.2, min_vis
                 tally.add("scene referenced in the GeoJSON but absent (skipped)", scene)
                 tally.add("boxes of absent scenes (skipped)", scene, n=len(raw_boxes[scene]))
                 continue
-            size = probed_size(path, tally, skip_bad_images, decode=False, what="scene")
+            size = probed_size(path, tally, skip_bad_images, decode=False, what="scene", boxes=len(raw_boxes[scene]))
             if size is None:
                 continue
             w, h = size

@@ -3,18 +3,23 @@ DOTA and xView conversions).
 
 Two layouts:
 - a dataset folder with `data.yaml` (`path`, `train`, `val`, `test`: each a folder of images, a .txt list of
-  images or a list of either; `names` a list or an {id: name} mapping). The label of `.../images/.../a.jpg` is
-  `.../labels/.../a.txt`, as Ultralytics finds it.
+  images or a list of either, resolved as Ultralytics does; `names` a list or an {id: name} mapping, `nc` if
+  given their number). The label of `.../images/.../a.jpg` is `.../labels/.../a.txt`, as Ultralytics finds it.
+  A val or test split sharing images with train is refused: its numbers would not be held-out ones.
 - a plain folder of images with a sibling `.txt` label each, and `--names` (a file with one class name per line).
+Folders are searched through symbolic links. Class names must be distinct (kdcli keeps classes apart by name).
 
 Label lines: `class cx cy w h` normalised to [0, 1]; `class x1 y1 ... xn yn` (oriented boxes: 4 points, or
-segmentation polygons) become their enclosing box. Bad lines (wrong field count, non-numbers, values outside
-[0, 1], unknown class) are dropped and counted with file:line, an image without a label file is an image without
-objects, and a label file without an image is counted. A val split is carved from train when there is none.
+segmentation polygons) become their enclosing box. Bad lines (wrong field count, non-numbers, NaN or inf, values
+outside [0, 1], unknown class) are dropped and counted with file:line, an image without a label file is an image
+without objects, and a label file without an image is counted (an image list among the labels apart). A val split
+is carved from train when there is none.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,7 @@ from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.images import place
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
-from kdcli.data.sources.common import SYNTHETIC_MARKER, fitted_box, probed_size, val_split
+from kdcli.data.sources.common import SYNTHETIC_MARKER, finite_box, fitted_box, probed_size, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -34,9 +39,10 @@ SPLITS = ("train", "val", "test")
 
 
 def read_names(value: Any, where: str) -> list[str]:
-    """`names` as a list, or a mapping {0: a, 1: b} with ids 0..K-1."""
+    """`names` as a list, or a mapping {0: a, 1: b} with ids 0..K-1; a name given twice is an error (classes are
+    kept apart by name, so two ids would silently become one class)."""
     if isinstance(value, list) and value and all(isinstance(n, (str, int)) for n in value):
-        return [str(n) for n in value]
+        return _distinct([str(n) for n in value], where, [f"id {i}" for i in range(len(value))])
     if isinstance(value, dict) and value:
         try:
             ids = sorted(int(k) for k in value)
@@ -44,16 +50,28 @@ def read_names(value: Any, where: str) -> list[str]:
             raise KdcliError(f"{where}: 'names' keys must be class ids 0..K-1") from None
         if ids != list(range(len(ids))):
             raise KdcliError(f"{where}: 'names' ids must be 0..{len(ids) - 1}, found {ids[:10]}")
-        return [str(value[k] if k in value else value[str(k)]) for k in ids]
+        names = [str(value[k] if k in value else value[str(k)]) for k in ids]
+        return _distinct(names, where, [f"id {i}" for i in ids])
     raise KdcliError(f"{where}: 'names' must be a non-empty list or an {{id: name}} mapping")
 
 
 def names_file(path: Path) -> list[str]:
     if not path.is_file():
         raise KdcliError(f"{path}: names file not found", hint="one class name per line, in class-id order")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not names:
+    lines = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1)
+             if line.strip()]
+    if not lines:
         raise KdcliError(f"{path}: no class names")
+    return _distinct([name for _, name in lines], str(path), [f"line {n}" for n, _ in lines])
+
+
+def _distinct(names: list[str], where: str, places: list[str]) -> list[str]:
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in first:
+            raise KdcliError(f"{where}: class name '{name}' is given twice ({places[first[name]]} and {places[i]})",
+                             hint="give each class id its own name: kdcli keeps classes apart by name")
+        first[name] = i
     return names
 
 
@@ -67,17 +85,54 @@ def label_path(image: Path) -> Path:
     return image.with_suffix(".txt")
 
 
-def _images_of(entry: Any, root: Path, where: str) -> list[Path]:
+def walk_images(folder: Path) -> list[Path]:
+    """Image files under `folder`, sorted. Links to folders are followed (`Path.rglob` skips them, losing a
+    linked folder of images without a word), each real folder visited once so that a link loop ends."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        found += [Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def is_image_list(path: Path) -> bool:
+    """Whether a .txt holds image paths (an Ultralytics image list such as `train.txt`) rather than label lines."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                return Path(line.strip()).suffix.lower() in IMAGE_SUFFIXES
+    return False
+
+
+def _entry_path(entry: str, root: Path) -> Path:
+    """A data.yaml split entry as Ultralytics' `check_det_dataset` resolves it: relative to the dataset root, and
+    a `../x` missing there is tried as `x` (Roboflow exports write `train: ../train/images` in a data.yaml that
+    sits beside `train/`)."""
+    p = Path(entry)
+    if p.is_absolute():
+        return p
+    if not (root / p).exists() and entry.startswith("../"):
+        return root / entry[3:]
+    return root / p
+
+
+def _images_of(entry: Any, root: Path, where: str, lists: set[Path]) -> list[Path]:
+    """The images of one split entry; the .txt image lists it names are added to `lists`."""
     entries = entry if isinstance(entry, list) else [entry]
     found: list[Path] = []
     for e in entries:
         if not isinstance(e, str):
             raise KdcliError(f"{where}: expected a folder, a .txt list or a list of them, found {e!r}")
-        p = Path(e) if Path(e).is_absolute() else root / e
+        p = _entry_path(e, root)
         if p.is_dir():
-            found += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file() and p.suffix == ".txt":
-            for line in p.read_text(encoding="utf-8").splitlines():
+            found += walk_images(p)
+        elif p.is_file() and p.suffix.lower() == ".txt":
+            lists.add(p.resolve())
+            for line in p.read_text(encoding="utf-8-sig", errors="replace").splitlines():
                 line = line.strip()
                 if line:
                     q = Path(line)
@@ -87,8 +142,19 @@ def _images_of(entry: Any, root: Path, where: str) -> list[Path]:
     return found
 
 
-def read_layout(src: Path, names: Path | None) -> tuple[list[str], dict[str, list[Path]], Path]:
-    """(class names, images per split, the file that declared them) for a data.yaml or a plain folder."""
+@dataclass
+class Layout:
+    """What a YOLO dataset declares: class names, images per split, the file that declared them (data.yaml or
+    the names file) and the image-list files data.yaml names (not label files, though they may sit among them)."""
+
+    classes: list[str]
+    splits: dict[str, list[Path]]
+    declared_by: Path
+    lists: set[Path] = field(default_factory=set)
+
+
+def read_layout(src: Path, names: Path | None) -> Layout:
+    """The layout of a data.yaml or a plain folder."""
     if src.is_file() and src.suffix in (".yaml", ".yml"):
         yaml_path = src
     elif (src / "data.yaml").is_file():
@@ -97,25 +163,49 @@ def read_layout(src: Path, names: Path | None) -> tuple[list[str], dict[str, lis
         if names is None:
             raise KdcliError(f"{src}: no data.yaml", hint="give --names FILE (one class name per line) for a plain "
                                                          "folder of images with .txt labels")
-        images = sorted(q for q in src.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
-        return names_file(names), {"train": images}, names
+        return Layout(names_file(names), {"train": walk_images(src)}, names)
     else:
         raise KdcliError(f"YOLO dataset not found at {src}",
                          hint="give --src DIR (with data.yaml, or images + .txt labels and --names) or the "
                               "data.yaml file; for offline data run `kdcli prepare synthetic --kind yolo`")
-    try:
-        data = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise KdcliError(f"{yaml_path}: cannot read ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(data, dict):
-        raise KdcliError(f"{yaml_path}: expected a mapping with train/val/names")
+    data = _read_yaml(yaml_path)
     classes = names_file(names) if names is not None else read_names(data.get("names"), str(yaml_path))
+    nc = data.get("nc")
+    if nc is not None and nc != len(classes):
+        raise KdcliError(f"{yaml_path}: 'nc: {nc}' disagrees with the {len(classes)} class names in "
+                         f"{names or repr('names')}", hint="nc must be the number of names; fix one of them")
     root = Path(str(data.get("path") or "."))
     root = root if root.is_absolute() else (yaml_path.parent / root)
     if "train" not in data:
         raise KdcliError(f"{yaml_path}: no 'train' entry")
-    splits = {s: _images_of(data[s], root, f"{yaml_path}: {s}") for s in SPLITS if data.get(s)}
-    return classes, splits, yaml_path
+    lists: set[Path] = set()
+    splits = {s: _images_of(data[s], root, f"{yaml_path}: {s}", lists) for s in SPLITS if data.get(s)}
+    train = {p.resolve() for p in splits["train"]}
+    for s in ("val", "test"):
+        shared = [p for p in splits.get(s, []) if p.resolve() in train]
+        if shared:
+            carve = ", or remove 'val' to carve one from train (--val-fraction)" if s == "val" else ""
+            raise KdcliError(f"{yaml_path}: {s}: {len(shared)} of its {len(splits[s])} images are also in train "
+                             f"(first: {shared[0]})",
+                             hint=f"a held-out split must not share images with train: point it at other images{carve}")
+    return Layout(classes, splits, yaml_path, lists)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """data.yaml as a mapping; a syntax error is one line naming the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise KdcliError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise KdcliError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise KdcliError(f"{path}: expected a mapping with train/val/names")
+    return data
 
 
 def parse_label(line: str, where: str, n_classes: int, tally: Tally) -> tuple[int, tuple[float, ...]] | None:
@@ -130,7 +220,9 @@ def parse_label(line: str, where: str, n_classes: int, tally: Tally) -> tuple[in
     except ValueError:
         tally.add("label line with a non-number (dropped)", where)
         return None
-    if cls_f != int(cls_f) or not 0 <= cls_f < n_classes:
+    if not finite_box(values, tally, where):
+        return None
+    if not (cls_f.is_integer() and 0 <= cls_f < n_classes):
         tally.add(f"label of an unknown class (not 0..{n_classes - 1}) (dropped)", where)
         return None
     if any(not 0 <= v <= 1 for v in values):
@@ -147,7 +239,8 @@ def prepare(src: Path, out: Path, names: Path | None = None, classes: str = "all
             seed: int = 0, images: str = "link", force: bool = False,
             skip_bad_images: bool = False) -> dict[str, Any]:
     """Convert a YOLO dataset into a dataset dir; returns the dataset.yaml content."""
-    names, split_images, declared = read_layout(src, names)
+    layout = read_layout(src, names)
+    names, split_images = layout.classes, layout.splits
     keep = list(names) if classes == "all" else [c.strip() for c in classes.split(",") if c.strip()]
     unknown = [c for c in keep if c not in names]
     if unknown:
@@ -159,11 +252,16 @@ def prepare(src: Path, out: Path, names: Path | None = None, classes: str = "all
         next_id = 1
         for split, paths_ in split_images.items():
             for img in console.track(paths_, f"YOLO {split}"):
-                lab = label_path(img)
                 if not img.is_file():
                     tally.add("image listed but not found (skipped)", str(img))
                     continue
-                size = probed_size(img, tally, skip_bad_images)
+                lab = label_path(img)
+                lines = None
+                if lab.is_file():
+                    used_labels.add(lab.resolve())
+                    lines = [(n, line) for n, line in enumerate(
+                        lab.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1) if line.strip()]
+                size = probed_size(img, tally, skip_bad_images, boxes=len(lines or ()))
                 if size is None:
                     continue
                 width, height = size
@@ -172,13 +270,10 @@ def prepare(src: Path, out: Path, names: Path | None = None, classes: str = "all
                 image_id = next_id
                 next_id += 1
                 builders[split].add_image(image_id, dst, width, height, yolo_file=str(img))
-                if not lab.is_file():
+                if lines is None:
                     tally.add("image without a label file (no objects)", str(img))
                     continue
-                used_labels.add(lab.resolve())
-                for n, line in enumerate(lab.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-                    if not line.strip():
-                        continue
+                for n, line in lines:
                     parsed = parse_label(line, f"{lab}:{n}", len(names), tally)
                     if parsed is None:
                         continue
@@ -192,10 +287,16 @@ def prepare(src: Path, out: Path, names: Path | None = None, classes: str = "all
                         continue
                     builders[split].add_box(image_id, keep.index(names[label]), box, raw_class=label)
         label_dirs = {label_path(p).parent for ps in split_images.values() for p in ps}
-        orphans = sorted(str(p) for d in label_dirs if d.is_dir() for p in d.glob("*.txt")
-                         if p.resolve() not in used_labels and p.name != "classes.txt")
+        accounted = used_labels | layout.lists
+        lists, orphans = [], []
+        for p in sorted(p for d in label_dirs if d.is_dir() for p in d.glob("*.txt")
+                        if p.resolve() not in accounted and p.name != "classes.txt"):
+            (lists if is_image_list(p) else orphans).append(p)
+        if lists:
+            tally.add("image list among the label files (a .txt of image paths, not labels; not used)",
+                      str(lists[0]), n=len(lists))
         if orphans:
-            tally.add("label file without an image (not used)", orphans[0], n=len(orphans))
+            tally.add("label file without an image (not used)", str(orphans[0]), n=len(orphans))
         if not any(b.images for b in builders.values()):
             raise KdcliError(f"{src}: no usable image")
         parts = dict(builders)
@@ -204,7 +305,7 @@ def prepare(src: Path, out: Path, names: Path | None = None, classes: str = "all
             parts["train"] = coco.subset(builders["train"], set(train_ids), "YOLO train")
             parts["val"] = coco.subset(builders["train"], set(val_ids), "YOLO val (carved from train)")
         splits, counts = coco.write_splits(tmp, parts)
-        meta = {"name": out.name, "source": "yolo", "src": str(src.resolve()), "declared_by": str(declared),
+        meta = {"name": out.name, "source": "yolo", "src": str(src.resolve()), "declared_by": str(layout.declared_by),
                 "synthetic": (src / SYNTHETIC_MARKER).is_file(), "classes": keep, "preset": classes,
                 "val_fraction": 0 if "val" in split_images else val_fraction, "seed": seed,
                 "images": next_id - 1, "splits": splits, "class_counts": counts, "dropped": tally.as_dict()}
