@@ -54,6 +54,9 @@ class DataConfig(Strict):
     anchor_size: float = Field(16.0, gt=0, description="base anchor size in input pixels at the first level")
     channels: Literal["rgb", "ir"] = Field("rgb", description="input image: colour or infrared (VEDAI)")
     cache: Literal["none", "ram"] = Field("none", description="keep decoded images in memory")
+    label_fraction: float = Field(1.0, gt=0, le=1, description="share of the training images that keep their labels "
+                                                               "(seeded by seed and fold); the rest is the "
+                                                               "unlabelled pool `distill.unlabeled=rest`")
     workers: int = Field(2, ge=0, description="dataloader worker processes")
 
 
@@ -87,6 +90,8 @@ class ModelConfig(Strict):
     bl1_gamma: float = Field(1.5, gt=0, description="balanced L1 gamma")
     bl1_beta: float = Field(0.11, gt=0, description="balanced L1 beta")
     qfl_beta: float = Field(2.0, ge=0, description="quality focal loss exponent on |t - p|")
+    focal_alpha: float = Field(0.25, ge=0, le=1, description="iou assigner: alpha balance of the focal loss on its "
+                                                             "binary targets (reference's FocalLoss)")
     conf: float = Field(0.05, ge=0, le=1, description="inference: minimum max-class score")
     nms_iou: float = Field(0.5, gt=0, le=1, description="inference: NMS IoU threshold")
     class_agnostic_nms: bool = Field(True, description="inference: NMS across classes (True) or per class")
@@ -157,15 +162,27 @@ def method_names() -> list[str]:
     return sorted(names, key=lambda n: (PAPER_METHODS.index(n) if n in PAPER_METHODS else len(PAPER_METHODS), n))
 
 
-def check_method(name: str) -> str:
-    """`none` or a registered method; otherwise an error naming the closest valid name."""
+def feature_methods(method: str) -> list[str]:
+    """`none` -> []; `pdf` -> ['pdf']; `crosskd,pkd` (or `crosskd+pkd`) -> ['crosskd', 'pkd']."""
+    names = [n.strip() for n in method.replace("+", ",").split(",")]
+    return [] if names == ["none"] else names
+
+
+def check_method(method: str) -> str:
+    """`none`, a registered method, or several joined by commas (terms added together), written `a,b`; otherwise
+    an error naming the closest valid name."""
     valid = ["none", *method_names()]
-    if name not in valid:
-        swapped = [v for v in valid if sorted(v) == sorted(name)]  # a transposition (pfd) names its method first
-        close = list(dict.fromkeys(swapped + difflib.get_close_matches(name, valid, n=2, cutoff=0.5)))[:2]
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        raise ValueError(f"unknown distillation method '{name}'{hint}; valid: {', '.join(valid)}")
-    return name
+    names = feature_methods(method)
+    for name in names:
+        if name not in valid or (name == "none" and len(names) > 1):
+            swapped = [v for v in valid if sorted(v) == sorted(name)]  # a transposition (pfd) names its method first
+            close = list(dict.fromkeys(swapped + difflib.get_close_matches(name, valid, n=2, cutoff=0.5)))[:2]
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            raise ValueError(f"unknown distillation method '{name}'{hint}; valid: {', '.join(valid)}, or several "
+                             "joined by commas")
+    if len(set(names)) != len(names):
+        raise ValueError(f"'{method}' names a method twice")
+    return ",".join(names) or "none"
 
 
 class DistillBase(Strict):
@@ -174,7 +191,15 @@ class DistillBase(Strict):
 
     teacher: str | None = Field(None, description="teacher checkpoint (.pt); data, fold and classes come from it")
     labels: Literal["hard", "soft", "hard+soft"] = Field("hard", description="ground truth, teacher outputs, or both")
-    method: str = Field("none", description="feature imitation: none or a registered method (mse, pdf, defeat, ...)")
+    method: str = Field("none", description="feature imitation and other terms: none, a registered method (mse, pdf, "
+                                            "defeat, ...) or several joined by commas (crosskd,pkd)")
+    unlabeled: str | None = Field(None, description="a pool of unlabelled images every distillation term also sees: "
+                                                    "`rest` (the training images data.label_fraction left "
+                                                    "unlabelled), a split of this dataset (unlabeled), or a dataset "
+                                                    "dir made by `kdcli prepare images` (DIR or DIR:SPLIT)")
+    unlabeled_ratio: float = Field(1.0, gt=0, le=16, description="unlabelled images per labelled image in a step")
+    pseudo_conf: float = Field(0.5, gt=0, lt=1, description="on unlabelled images, terms that read boxes (defeat, "
+                                                            "fgd) take the teacher's detections above this score")
     adapter_kernel: int = Field(3, ge=1, description="kernel of the per-level student->teacher adapter conv "
                                                      "(paper: 3x3)")
     teacher_min_map: float = Field(0.05, ge=0, le=1, description="refuse a teacher whose val mAP50 is below this")
@@ -242,8 +267,9 @@ IntList = Annotated[list[int], BeforeValidator(_int_range)]
 
 class StudyConfig(Strict):
     """A grid of runs: configurations x folds x seeds. One teacher per (fold, seed), shared by the students of
-    that fold and seed. Config names: `teacher`, or `LABELS[+METHOD]` with LABELS hard, soft or hard+soft and
-    METHOD a distillation method (`hard+soft` = both labels, no feature term)."""
+    that fold and seed. Config names: `teacher`, or `LABELS[+METHOD...][@VARIANT]` with LABELS hard, soft or
+    hard+soft, METHOD a distillation method (`hard+soft` = both labels, no feature term; `hard+crosskd+pkd` = two
+    methods) and VARIANT one of `variants` (its key=value overrides, e.g. an unlabelled pool)."""
 
     name: str | None = Field(None, description="study name (default: the recipe file name)")
     dataset: str | None = Field(None, description="dataset dir for every cell (default: the teacher recipe's)")
@@ -256,6 +282,9 @@ class StudyConfig(Strict):
     overrides: list[str] = Field(default_factory=list, description="key=value for every cell")
     teacher_overrides: list[str] = Field(default_factory=list, description="key=value for the teachers only")
     student_overrides: list[str] = Field(default_factory=list, description="key=value for the students only")
+    variants: dict[str, list[str]] = Field(default_factory=dict, description="named key=value sets a student row "
+                                           "takes with `@NAME` (e.g. pool: [distill.unlabeled=rest] makes "
+                                           "hard+pdf@pool the pooled twin of hard+pdf)")
     split: str = Field("test", description="split every cell is evaluated on for the tables")
     metric: str = Field("mAP50", description="headline metric of tables and plots")
 
@@ -263,17 +292,28 @@ class StudyConfig(Strict):
     @classmethod
     def _check_configs(cls, configs: list[str]) -> list[str]:
         for c in configs:
-            if c != "teacher" and c not in LABELS and c.rpartition("+")[0] not in LABELS:
-                raise ValueError(f"'{c}' is not teacher, LABELS or LABELS+METHOD (LABELS: {', '.join(LABELS)})")
-            if c != "teacher":
-                method = StudyConfig.labels_method(c)[1]
-                try:
-                    check_method(method)
-                except ValueError as e:
-                    raise ValueError(f"configuration '{c}': {e}") from None
+            if c == "teacher":
+                continue
+            labels, method = StudyConfig.labels_method(c.partition("@")[0])
+            if not labels:
+                raise ValueError(f"'{c}' is not teacher, LABELS or LABELS+METHOD[+METHOD...] "
+                                 f"(LABELS: {', '.join(LABELS)})")
+            try:
+                check_method(method)
+            except ValueError as e:
+                raise ValueError(f"configuration '{c}': {e}") from None
         if len(set(configs)) != len(configs):
             raise ValueError("a configuration is listed twice")
         return configs
+
+    @model_validator(mode="after")
+    def _check_variants(self) -> StudyConfig:
+        for c in self.configs:
+            variant = c.partition("@")[2]
+            if "@" in c and variant not in self.variants:
+                raise ValueError(f"configuration '{c}': no variant '{variant}' (variants: "
+                                 f"{', '.join(self.variants) or 'none declared'})")
+        return self
 
     @field_validator("folds", "seeds")
     @classmethod
@@ -284,8 +324,8 @@ class StudyConfig(Strict):
 
     @staticmethod
     def labels_method(config: str) -> tuple[str, str]:
-        """`soft+pdf` -> ('soft', 'pdf'); `hard+soft` -> ('hard+soft', 'none'); `hard` -> ('hard', 'none')."""
-        if config in LABELS:
-            return config, "none"
-        labels, _, method = config.rpartition("+")
-        return labels, method
+        """`soft+pdf` -> ('soft', 'pdf'); `hard+soft` -> ('hard+soft', 'none'); `hard+crosskd+pkd` -> ('hard',
+        'crosskd,pkd'); ('', ...) when the name does not start with labels."""
+        parts = config.split("+")
+        n = 2 if parts[:2] == ["hard", "soft"] else 1 if parts[0] in ("hard", "soft") else 0
+        return "+".join(parts[:n]), ",".join(parts[n:]) or "none"

@@ -1,13 +1,18 @@
 """The torch Dataset over a dataset dir split (or fold), and the collate for variable box counts.
 
 Samples are uint8 CHW tensors (the model normalises on its device, so loaders move 4x fewer bytes) with boxes
-in network-input pixels, x0, y0, x1, y1. `scale` maps them back to the original image.
+in network-input pixels, x0, y0, x1, y1. `scale` maps them back to the original image. A dataset built with
+`labeled=False` is a pool of unlabelled images: no boxes, `labeled` False in the batch.
+
+`label_split` keeps a seeded fraction of a split's images labelled (the semi-supervised protocol: 1, 5, 10, 25 %);
+the rest can serve as the unlabelled pool.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,6 +62,18 @@ def read_records(dataset_dir: Path, split: str, fold: int | None, channels: str 
     return records, classes, data
 
 
+def label_split(records: list[Record], fraction: float, seed: int, fold: int | None
+                ) -> tuple[list[Record], list[Record]]:
+    """(labelled, rest): round(fraction x N) images (at least one) drawn with a generator seeded by (seed, fold),
+    so the teacher and the students of one study cell see the same labelled images; both keep the split's order."""
+    if fraction >= 1:
+        return list(records), []
+    n = max(1, round(fraction * len(records)))
+    chosen = set(random.Random(f"label-fraction/{seed}/{fold}").sample(range(len(records)), n))
+    return ([r for i, r in enumerate(records) if i in chosen],
+            [replace(r, boxes=r.boxes[:0], labels=r.labels[:0]) for i, r in enumerate(records) if i not in chosen])
+
+
 def _free_memory() -> int:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -69,9 +86,15 @@ class DetectionDataset(Dataset):
 
     def __init__(self, dataset_dir: str | Path, split: str, fold: int | None = None, imgsz: int = 512,
                  letterbox: bool = True, transform: Callable[..., dict[str, Any]] | None = None,
-                 channels: str = "rgb", cache: str = "none"):
+                 channels: str = "rgb", cache: str = "none", records: list[Record] | None = None,
+                 labeled: bool = True):
+        """`records`: use these images instead of the split's (a label fraction's share, a pool); `labeled`
+        False: the images' boxes are never returned (a pool of unlabelled images)."""
         self.dataset_dir = Path(dataset_dir)
         self.records, self.classes, self.coco = read_records(self.dataset_dir, split, fold, channels)
+        if records is not None:
+            self.records = records
+        self.labeled = labeled
         self.imgsz = imgsz
         self.letterbox = letterbox
         self.transform = transform or eval_transform(imgsz, letterbox)
@@ -79,9 +102,10 @@ class DetectionDataset(Dataset):
         self.seed: int | None = None  # set for training: each sample's augmentation drawn from (seed, epoch, index)
         self.epoch = 0
         if cache == "ram":
-            self._fill_cache()
+            self.cache_in_ram()
 
-    def _fill_cache(self) -> None:
+    def cache_in_ram(self) -> None:
+        """Decode every image once and keep it (when it fits in RAM_SHARE of the free memory)."""
         need = sum(r.width * r.height * 3 for r in self.records)
         free = _free_memory()
         if free and need > RAM_SHARE * free:
@@ -98,7 +122,8 @@ class DetectionDataset(Dataset):
         image = self.cache[index] if self.cache is not None else load_rgb(r.path)
         if self.seed is not None:
             self.transform.set_random_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**32)
-        out = self.transform(image=image, bboxes=r.boxes, labels=r.labels)
+        boxes, labels = (r.boxes, r.labels) if self.labeled else (r.boxes[:0], r.labels[:0])
+        out = self.transform(image=image, bboxes=boxes, labels=labels)
         boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))),
@@ -107,6 +132,7 @@ class DetectionDataset(Dataset):
             "image_id": r.image_id,
             "orig_size": (r.height, r.width),
             "scale": input_scale(r.width, r.height, self.imgsz, self.letterbox),
+            "labeled": self.labeled,
         }
 
 
@@ -119,4 +145,5 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "image_ids": [s["image_id"] for s in samples],
         "orig_sizes": [s["orig_size"] for s in samples],
         "scales": [s["scale"] for s in samples],
+        "labeled": [s["labeled"] for s in samples],
     }

@@ -8,7 +8,7 @@ checks and the `Distiller` take it from there:
     @register
     class Mine(DistillMethod):
         name, config = "mine", MineConfig           # recipe section distill.mine, config name hard+mine
-        uses_adapters = True                          # student features arrive adapted to the teacher's
+        adapter = "paper"                             # student features arrive adapted to the teacher's
         def loss(self, student, teacher, batch): return {"mine": self.cfg.weight * ...}
 """
 
@@ -48,29 +48,38 @@ def discover() -> dict[str, type[DistillMethod]]:
     return REGISTRY
 
 
+Adapter = Literal["none", "paper", "align"]
+
+
 class DistillMethod(nn.Module):
     """One distillation signal. `kind`: `labels` (chosen with --labels: soft) or `features` (--method).
     `needs_teacher_head`: whether the teacher must run its head (class logits, box deltas) or only backbone +
-    neck. `uses_adapters`: whether the student's neck features reach `loss` adapted to the teacher's by the
-    per-level adapters. A method may hold learnable parameters of its own: the `Distiller` trains them, saves them
-    in last.pt and leaves them out of best.pt. `loss` returns weighted terms, one logged column each."""
+    neck. `adapter`: how the student's neck features reach `loss`: `paper`, through the paper's per-level
+    adapters (a `distill.adapter_kernel` conv, 3x3 by default); `align`, through a 1x1 conv only when student and
+    teacher widths differ (what CWD's, FGD's and PKD's references do), else as they are; `none`, as they are.
+    `needs_boxes`: whether `loss` reads `batch["boxes"]` (on unlabelled images the `Distiller` puts the teacher's
+    confident detections there). `head_tap`: the head block whose tower inputs the method reads (the detector
+    returns them with `tap`). A method may hold learnable parameters of its own: the `Distiller` trains them,
+    saves them in last.pt and leaves them out of best.pt. `loss` returns weighted terms, one logged column each."""
 
     name: ClassVar[str] = ""
     config: ClassVar[type[Strict] | None] = None
     kind: ClassVar[Literal["labels", "features"]] = "features"
     needs_teacher_head: ClassVar[bool] = False
-    uses_adapters: ClassVar[bool] = False
+    needs_boxes: ClassVar[bool] = False
+    adapter: ClassVar[Adapter] = "none"
 
-    def __init__(self, cfg: Any, channels: int = 256, levels: int = 1):
-        """cfg: this method's config section; channels, levels: of the teacher's neck features."""
+    def __init__(self, cfg: Any, channels: int = 256, levels: int = 1, teacher: Any = None,
+                 student_channels: int | None = None):
+        """cfg: this method's config section; channels, levels: of the teacher's neck features; teacher: the
+        frozen teacher, for a method that runs part of it (kept out of this module's parameters);
+        student_channels: the student's width (default: the teacher's)."""
         super().__init__()
         self.cfg = cfg
 
-    @classmethod
-    def adapts(cls, student_channels: int, teacher_channels: int) -> bool:
-        """Whether the student's features reach `loss` through the adapters (a method that needs them only when
-        the widths differ overrides this)."""
-        return cls.uses_adapters
+    def head_tap(self, head_convs: int) -> int | None:
+        """The head block whose tower inputs `loss` reads from both networks (None: none)."""
+        return None
 
     def loss(self, student: DetectorOutput, teacher: DetectorOutput, batch: dict[str, Any]
              ) -> dict[str, torch.Tensor]:

@@ -1,15 +1,16 @@
 """CWD: channel-wise distillation (Shu et al., ICCV 2021, "Channel-wise Knowledge Distillation for Dense
 Prediction"; reference: mmrazor's `ChannelWiseDivergence` and the authors' mmdetection-distiller configs).
 
-Each channel of a level's (adapted) student map and of the teacher's map becomes a distribution over the H x W
-locations, softmax(x / tau); the term is KL(teacher || student) x tau^2, averaged over the batch and channels
-(the reference divides the sum by N x C), then averaged over levels and weighted:
+Each channel of a level's student map (aligned by a 1x1 conv only when the widths differ, as the reference's
+connector) and of the teacher's map becomes a distribution over the H x W locations, softmax(x / tau); the
+level's term is KL(teacher || student) x tau^2, averaged over the batch and channels (the reference divides the
+sum by N x C); the first `levels` levels are distilled, each weighted, and summed:
 
-    cwd = weight x mean_l [ tau^2 / (N C) x sum_{n,c} sum_hw p_t log(p_t / p_s) ]
+    cwd = weight x sum_{l < levels} [ tau^2 / (N C) x sum_{n,c} sum_hw p_t log(p_t / p_s) ]
 
-Defaults tau = 1 and weight 25: the authors' RetinaNet setting (mmdetection-distiller,
-`cwd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco`: tau 1.0, weight 5.0 per FPN level, summed over 5
-levels) expressed per level-average, so on a 5-level pyramid the term equals the reference's sum.
+Defaults are the authors' RetinaNet setting (mmdetection-distiller,
+`cwd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco`): tau 1.0, weight 5.0 per level on `fpn_convs` 0-3,
+the first 4 of RetinaNet's 5 levels (strides 8-64; our 4-level pyramid below 512 px has exactly these).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from kdcli.models.detector import DetectorOutput
 
 class CWDConfig(Strict):
     tau: float = Field(1.0, gt=0, description="softmax temperature over locations (authors' detection setting: 1)")
-    weight: float = Field(25.0, ge=0, description="weight of the level-averaged term (authors: 5 per level summed "
-                                                  "over 5 levels)")
+    weight: float = Field(5.0, ge=0, description="weight per level, levels summed (authors' RetinaNet: 5)")
+    levels: int = Field(4, ge=1, description="distil the first this many levels (authors' RetinaNet: 4 of 5)")
 
 
 def channel_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
@@ -44,9 +45,9 @@ def channel_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torc
 class CWD(DistillMethod):
     name = "cwd"
     config = CWDConfig
-    uses_adapters = True
+    adapter = "align"
 
     def loss(self, student: DetectorOutput, teacher: DetectorOutput, batch: dict[str, Any]
              ) -> dict[str, torch.Tensor]:
-        per_level = [channel_kl(s, t, self.cfg.tau) for s, t in zip(student.features, teacher.features)]
-        return {"cwd": self.cfg.weight * torch.stack(per_level).mean()}
+        pairs = list(zip(student.features, teacher.features))[:self.cfg.levels]
+        return {"cwd": self.cfg.weight * torch.stack([channel_kl(s, t, self.cfg.tau) for s, t in pairs]).sum()}

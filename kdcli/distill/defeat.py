@@ -8,8 +8,9 @@ With e = sum over channels of (adapt(f_s) - f_t)^2 at each location, foreground 
   size), bg likewise with 1 - M; weights 1 and 1. Default because our detector is one-stage with dense anchors
   on all levels: with one level per box, small vehicles would all fall on the first level.
 - variant `level` (DeFeat's official code, Faster R-CNN on VOC): each GT box marks the cells it covers on one
-  level, floor(log2(sqrt(w h) / level_base)) clamped to the levels (cells floor(x0 / s) .. floor(x1 / s) - 1, or
-  the one cell at the box's corner when the box is thinner than a cell); per level
+  level, floor(log2(sqrt((w + 1)(h + 1)) / level_base)) clamped to the levels (the official `_map_roi_levels`;
+  cells floor(x0 / s) .. floor(x1 / s) - 1, or the one cell at the box's corner when the box is thinner than a
+  cell); per level
   fg_l = sum M e / max(1, 2 C sum M) (the mask counted over channels too), bg_l likewise; fg and bg are the
   means over levels (the official code divides the level sum by the number of levels); weights 3 and 12.
 """
@@ -36,7 +37,7 @@ class DeFeatConfig(Strict):
                                "(the paper authors' later code); level: each box's region on one level (official)")
     fg_weight: float | None = Field(None, ge=0, description="foreground weight (default: anchors 1, level 3)")
     bg_weight: float | None = Field(None, ge=0, description="background weight (default: anchors 1, level 12)")
-    level_base: float = Field(56.0, gt=0, description="level variant: level = floor(log2(sqrt(wh) / base))")
+    level_base: float = Field(56.0, gt=0, description="level variant: level = floor(log2(sqrt((w+1)(h+1)) / base))")
 
 
 def anchor_masks(boxes: list[torch.Tensor], shapes: list[tuple[int, int]], strides: list[int]) -> list[torch.Tensor]:
@@ -62,7 +63,7 @@ def level_masks(boxes: list[torch.Tensor], shapes: list[tuple[int, int]], stride
     masks = [torch.zeros(len(boxes), h, w, device=device) for h, w in shapes]
     for b, gt in enumerate(boxes):
         for x0, y0, x1, y1 in gt.float().tolist():
-            side = math.sqrt(max(x1 - x0, 1e-6) * max(y1 - y0, 1e-6))
+            side = math.sqrt((x1 - x0 + 1) * (y1 - y0 + 1))  # the official `_map_roi_levels`: +1 pixel
             k = min(max(math.floor(math.log2(side / level_base + 1e-6)), 0), len(shapes) - 1)
             (h, w), s = shapes[k], strides[k]
             c0, r0 = max(int(x0 / s), 0), max(int(y0 / s), 0)
@@ -100,8 +101,9 @@ def decoupled_level(adapted: list[torch.Tensor], teacher: list[torch.Tensor], ma
 @register
 class DeFeat(DistillMethod):
     name = "defeat"
+    needs_boxes = True
     config = DeFeatConfig
-    uses_adapters = True
+    adapter = "paper"
 
     def loss(self, student: DetectorOutput, teacher: DetectorOutput, batch: dict[str, Any]
              ) -> dict[str, torch.Tensor]:

@@ -2,47 +2,56 @@
 
 It owns the frozen teacher (`eval()` including BatchNorm for the whole run, no gradients, outside the optimizer
 and every checkpoint, run only as far as the terms need: backbone + neck when no term reads its head), the
-trainable side (per-level adapters and any parameters of the methods themselves, as one module: on the device,
-in the optimizer through `trainable()`, saved in last.pt through `state_dict()`, wrapped for DDP), and the sum of
-the weighted terms, one logged column each. The training loop and `kdcli benchmark --distill` both use it:
+trainable side (adapters and any parameters of the methods themselves, as one module: on the device, in the
+optimizer through `trainable()`, saved in last.pt through `state_dict()`, wrapped for DDP), and the sum of the
+weighted terms, one logged column each. The training loop and `kdcli benchmark --distill` both use it:
 
     distiller = Distiller(cfg, teacher, student_channels)
-    terms = distiller.loss(student_out, batch, epoch)      # {name: weighted term}, without the hard terms
+    terms = distiller.student_loss(student, hard_loss, batch, epoch)   # {name: term, ..., "total": their sum}
+
+A batch may mix labelled images with unlabelled ones (`batch["labeled"]`, one bool per image): the hard loss
+sees the labelled images only, every distillation term sees them all, and a term that reads ground-truth boxes
+(`needs_boxes`: DeFeat, FGD) gets the teacher's confident detections (score > `distill.pseudo_conf`) as the boxes
+of an unlabelled image: DeFeat's and FGD's foreground is where objects are, and on an unlabelled image the
+teacher's detections are the best estimate of that (leaving such images out would waste the pool for them).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from kdcli.config.schema import feature_methods
 from kdcli.distill.adapters import Adapters
 from kdcli.distill.base import DistillMethod, discover
 from kdcli.models.detector import Detector, DetectorOutput
 
 
 def method_names(labels: str, method: str) -> list[str]:
-    """The registry entries a (labels, method) pair runs: `soft` for soft labels, then the feature method."""
-    return (["soft"] if "soft" in labels else []) + ([method] if method != "none" else [])
+    """The registry entries a (labels, method) pair runs: `soft` for soft labels, then the feature methods."""
+    return (["soft"] if "soft" in labels else []) + feature_methods(method)
 
 
 class DistillTerms(nn.Module):
     """The trainable side of distillation: adapters and methods, one forward for DDP."""
 
-    def __init__(self, methods: list[DistillMethod], adapters: Adapters | None, adapted: list[bool]):
+    def __init__(self, methods: list[DistillMethod], adapters: Adapters | None, align: Adapters | None):
         super().__init__()
         self.methods = nn.ModuleList(methods)
-        self.adapters = adapters
-        self.adapted = adapted  # per method: whether it reads the adapted student features
+        self.adapters = adapters  # the paper's adapters (`adapter = "paper"`)
+        self.align = align  # 1x1 width alignment (`adapter = "align"`), only when the widths differ
 
     def forward(self, student: DetectorOutput, teacher: DetectorOutput, batch: dict[str, Any]
                 ) -> dict[str, torch.Tensor]:
-        adapted = replace(student, features=self.adapters(student.features)) if self.adapters is not None else student
+        views = {"none": student}
+        for kind, module in (("paper", self.adapters), ("align", self.align)):
+            views[kind] = replace(student, features=module(student.features)) if module is not None else student
         terms: dict[str, torch.Tensor] = {}
-        for m, a in zip(self.methods, self.adapted):
-            terms.update(m.loss(adapted if a else student, teacher, batch))
+        for m in self.methods:
+            terms.update(m.loss(views[m.adapter], teacher, batch))
         return terms
 
 
@@ -56,12 +65,19 @@ class Distiller:
         registry = discover()
         classes = [registry[n] for n in method_names(cfg.labels, cfg.method)]
         levels, channels = len(teacher.strides), teacher.cfg.channels
-        adapted = [c.adapts(student_channels, channels) for c in classes]
-        adapters = Adapters(levels, student_channels, channels, cfg.adapter_kernel) if any(adapted) else None
-        methods = [c(getattr(cfg, c.name), channels=channels, levels=levels) for c in classes]
-        self.terms = DistillTerms(methods, adapters, adapted)
+        kinds = {c.adapter for c in classes}
+        adapters = Adapters(levels, student_channels, channels, cfg.adapter_kernel) if "paper" in kinds else None
+        align = (Adapters(levels, student_channels, channels, 1)
+                 if "align" in kinds and student_channels != channels else None)
+        methods = [c(getattr(cfg, c.name), channels=channels, levels=levels, teacher=teacher,
+                     student_channels=student_channels) for c in classes]
+        self.terms = DistillTerms(methods, adapters, align)
         self._forward: nn.Module = self.terms
-        self.teacher_head = any(c.needs_teacher_head for c in classes)
+        self.needs_boxes = any(c.needs_boxes for c in classes)
+        self.pool = getattr(cfg, "unlabeled", None) is not None
+        self.teacher_head = any(c.needs_teacher_head for c in classes) or (self.needs_boxes and self.pool)
+        taps = {t for t in (m.head_tap(teacher.cfg.head_convs) for m in methods) if t is not None}
+        self.tap = max(taps) if taps else None
 
     # ---- what the loop needs -----------------------------------------------------------------------------------
     @property
@@ -93,13 +109,51 @@ class Distiller:
     def is_active(self, epoch: int) -> bool:
         return bool(self.terms.methods) and (self.cfg.stop_epoch is None or epoch < self.cfg.stop_epoch)
 
+    def student_loss(self, student: nn.Module, hard_loss: Callable[..., dict[str, torch.Tensor]],
+                     batch: dict[str, Any], epoch: int = 0) -> dict[str, torch.Tensor]:
+        """One step's terms: the student's forward (with the head taps a method reads), the hard loss on the
+        labelled images when the labels include `hard`, the distillation terms on every image, and `total`."""
+        active = self.is_active(epoch)
+        out = student(batch["images"], tap=self.tap if active else None)
+        terms: dict[str, torch.Tensor] = {}
+        if "hard" in self.cfg.labels:
+            labeled = batch.get("labeled")
+            if labeled is None or all(labeled):
+                hard = hard_loss(out, batch["boxes"], batch["labels"])
+            else:
+                keep = torch.tensor(labeled, device=batch["images"].device)
+                hard = hard_loss(out.select(keep), [b for b, k in zip(batch["boxes"], labeled) if k],
+                                 [x for x, k in zip(batch["labels"], labeled) if k])
+            terms.update(cls=hard["cls"], box=hard["box"])
+        if active:
+            terms.update(self.loss(out, batch, epoch))
+        terms["total"] = torch.stack(list(terms.values())).sum()
+        return terms
+
     def loss(self, student: DetectorOutput, batch: dict[str, Any], epoch: int = 0) -> dict[str, torch.Tensor]:
         """The weighted distillation terms of one batch (empty after `stop_epoch`)."""
         if not self.is_active(epoch):
             return {}
         with torch.no_grad():
-            teacher = self.teacher(batch["images"], head=self.teacher_head)
+            teacher = self.teacher(batch["images"], head=self.teacher_head, tap=self.tap)
+            if self.needs_boxes and not all(batch.get("labeled") or [True]):
+                batch = {**batch, "boxes": self.pseudo_boxes(teacher, batch)}
         return self._forward(student, teacher, batch)
+
+    def pseudo_boxes(self, teacher: DetectorOutput, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """The batch's boxes with each unlabelled image's replaced by the teacher's detections above
+        `distill.pseudo_conf` (after its NMS), for the terms that read boxes."""
+        from kdcli.models.postprocess import postprocess
+
+        cfg = self.teacher.cfg.model_copy(update={"conf": self.cfg.pseudo_conf})
+        unlabeled = [i for i, k in enumerate(batch["labeled"]) if not k]
+        keep = torch.zeros(len(batch["labeled"]), dtype=torch.bool, device=batch["images"].device)
+        keep[unlabeled] = True
+        found = postprocess(teacher.select(keep), cfg, tuple(batch["images"].shape[-2:]))
+        boxes = list(batch["boxes"])
+        for i, det in zip(unlabeled, found):
+            boxes[i] = det["boxes"]
+        return boxes
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -122,12 +176,13 @@ class Distiller:
         part = "backbone + neck + head" if self.teacher_head else "backbone + neck (truncated)"
         lines = [f"teacher {t.cfg.backbone}+{t.cfg.neck}, frozen, runs {part}; labels {self.cfg.labels}, method "
                  f"{self.cfg.method}"]
-        if self.terms.adapters is not None:
-            from kdcli.models.anchors import level_shapes
+        from kdcli.models.anchors import level_shapes
 
-            shapes = level_shapes(imgsz, imgsz, t.strides)
-            lines += [f"  adapter {x}" for x in self.terms.adapters.report(
-                [(student_channels, h, w) for h, w in shapes], [(t.cfg.channels, h, w) for h, w in shapes])]
+        shapes = level_shapes(imgsz, imgsz, t.strides)
+        for name, module in (("adapter", self.terms.adapters), ("align", self.terms.align)):
+            if module is not None:
+                lines += [f"  {name} {x}" for x in module.report(
+                    [(student_channels, h, w) for h, w in shapes], [(t.cfg.channels, h, w) for h, w in shapes])]
         for m in self.terms.methods:
             n = sum(p.numel() for p in m.parameters())
             if n:

@@ -1,7 +1,8 @@
 """FGD: focal and global distillation (Yang et al., CVPR 2022, "Focal and Global Knowledge Distillation for
 Detectors"; reference: the authors' `FeatureLoss`, yzd-v/FGD, with their RetinaNet settings).
 
-Per level, on the adapted student map S and the teacher map T ([N, C, H, W]):
+Per level, on the student map S (aligned by a 1x1 conv only when the widths differ, as the reference's `align`)
+and the teacher map T ([N, C, H, W]):
 - attention from |x| (temperature `temperature`): spatial A_s = H W softmax_hw(mean_c |x| / temp), channel
   A_c = C softmax_c(mean_hw |x| / temp), for both networks;
 - masks: each GT box, scaled to the level's grid, covers rows floor(y0)..ceil(y1) and columns floor(x0)..ceil(x1)
@@ -100,11 +101,12 @@ class GlobalContext(nn.Module):
 @register
 class FGD(DistillMethod):
     name = "fgd"
+    needs_boxes = True
     config = FGDConfig
-    uses_adapters = True
+    adapter = "align"
 
-    def __init__(self, cfg: Any, channels: int = 256, levels: int = 1):
-        super().__init__(cfg, channels, levels)
+    def __init__(self, cfg: Any, channels: int = 256, levels: int = 1, **kwargs: Any):
+        super().__init__(cfg, channels, levels, **kwargs)
         self.student_context = nn.ModuleList(GlobalContext(channels) for _ in range(levels))
         self.teacher_context = nn.ModuleList(GlobalContext(channels) for _ in range(levels))
 

@@ -22,7 +22,7 @@ class MSEConfig(Strict):
 class MSE(DistillMethod):
     name = "mse"
     config = MSEConfig
-    uses_adapters = True
+    adapter = "paper"
 
     def loss(self, student: DetectorOutput, teacher: DetectorOutput, batch: dict[str, Any]
              ) -> dict[str, torch.Tensor]:

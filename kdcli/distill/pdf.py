@@ -53,7 +53,7 @@ class PDF(DistillMethod):
     name = "pdf"
     config = PDFConfig
     needs_teacher_head = True
-    uses_adapters = True
+    adapter = "paper"
 
     def loss(self, student: DetectorOutput, teacher: DetectorOutput, batch: dict[str, Any]
              ) -> dict[str, torch.Tensor]:

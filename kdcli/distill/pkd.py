@@ -8,7 +8,7 @@ channel; the levels are summed and weighted, as the reference does:
     pkd = weight x sum_l mean((norm(f_s) - norm(f_t))^2) / 2      (levels with B x H x W >= MIN_VALUES)
 
 Because the normalisation removes each channel's scale and offset, no adapter is needed when the widths match
-(the student's own features are compared); with different widths the student's features pass the adapters.
+(the student's own features are compared); with different widths a 1x1 conv aligns them.
 
 Two departures from the reference, both for small inputs and students trained from scratch, both measured:
 - Levels whose maps give a channel fewer than `MIN_VALUES` values (B x H x W; a 1x1 map at batch 4 gives 4) are
@@ -51,11 +51,7 @@ def channel_standardised(x: torch.Tensor) -> torch.Tensor:
 class PKD(DistillMethod):
     name = "pkd"
     config = PKDConfig
-    uses_adapters = True
-
-    @classmethod
-    def adapts(cls, student_channels: int, teacher_channels: int) -> bool:
-        return student_channels != teacher_channels
+    adapter = "align"
 
     def loss(self, student: DetectorOutput, teacher: DetectorOutput, batch: dict[str, Any]
              ) -> dict[str, torch.Tensor]:

@@ -2,6 +2,10 @@
 terms to the loss. This module only connects the two: it rebuilds the teacher from its checkpoint, checks that
 teacher and student fit (dataset, fold, classes, image size, strides), and evaluates the teacher before the
 first epoch: a teacher below `distill.teacher_min_map` stops the run unless forced.
+
+With an unlabelled pool (`distill.unlabeled`), every batch of labelled images is joined by
+`unlabeled_ratio` x batch pool images, drawn from (seed, epoch): an epoch stays one pass over the labelled
+images, the hard loss sees those only, every distillation term sees the whole batch.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from kdcli import atomic
 from kdcli.config import load
 from kdcli.console import err
 from kdcli.data import coco
-from kdcli.data.dataset import DetectionDataset, collate
+from kdcli.data.dataset import DetectionDataset, collate, read_records
+from kdcli.data.transforms import train_transform
 from kdcli.distill.distiller import Distiller
 from kdcli.engine import checkpoint, distributed as dist
 from kdcli.engine.trainer import Trainer
@@ -77,11 +82,93 @@ class DistillTrainer(Trainer):
         teacher = checkpoint.model_from_checkpoint(ckpt, str(self.teacher_path))
         self._check_compatible(ckpt, teacher)
         self.teacher_sha256 = file_sha256(self.teacher_path)
+        self.pool = self._build_pool() if cfg.unlabeled is not None else None
         self.distiller = Distiller(cfg, teacher, self.recipe.model.channels).to(self.device)
         if dist.is_main():
             err.print(f"teacher {self.teacher_path}", highlight=False)
             for line in self.distiller.report(self.recipe.data.imgsz, self.recipe.model.channels):
                 err.print(line, highlight=False, soft_wrap=True)
+            if self.pool is not None:
+                err.print(f"unlabelled pool {cfg.unlabeled}: {len(self.pool)} images, {self.pool_per_batch} per step "
+                          f"beside {self.recipe.train.batch} labelled", highlight=False)
+
+    # ---- the unlabelled pool -----------------------------------------------------------------------------------
+    def _build_pool(self) -> DetectionDataset:
+        """The pool `distill.unlabeled` names: `rest` (what data.label_fraction left unlabelled), a split of this
+        dataset, or `DIR[:SPLIT]` (a dataset dir from `kdcli prepare images`, split `unlabeled` by default)."""
+        r, cfg = self.recipe, self.recipe.distill
+        d = r.data
+        if cfg.labels == "hard" and cfg.method == "none":
+            raise KdcliError(f"distill.unlabeled={cfg.unlabeled}: a `hard` student learns from labels only and would "
+                             "never look at the pool", hint="give the pool to a student with soft labels or a method")
+        transform = train_transform(r.augment, d.imgsz, d.letterbox)
+        if cfg.unlabeled == "rest":
+            if not self.unlabeled_records:
+                raise KdcliError("distill.unlabeled=rest: data.label_fraction is 1, so no training image is left "
+                                 "unlabelled", hint="set data.label_fraction below 1, or name a pool")
+            pool = DetectionDataset(self.dataset_dir, d.train_split, d.fold, d.imgsz, d.letterbox, transform,
+                                    d.channels, records=self.unlabeled_records, labeled=False)
+        else:
+            where, split = self._pool_location(cfg.unlabeled)
+            fold = d.fold if coco.split_path(where, split, d.fold).is_file() else None
+            records, _, _ = read_records(where, split, fold, d.channels)
+            if not records:
+                raise KdcliError(f"{coco.split_path(where, split, fold)}: the unlabelled pool has no images")
+            self._check_pool_fits(where, records)
+            pool = DetectionDataset(where, split, fold, d.imgsz, d.letterbox, transform, d.channels, d.cache,
+                                    records=records, labeled=False)
+        pool.seed = r.seed + 7919  # its own augmentation draws, not the labelled images' at the same index
+        self.pool_per_batch = max(1, round(cfg.unlabeled_ratio * r.train.batch))
+        return pool
+
+    def _pool_location(self, spec: str) -> tuple[Path, str]:
+        """(dataset dir, split) of a pool given as a split of this dataset, DIR or DIR:SPLIT."""
+        d = self.recipe.data
+        if any(coco.split_path(self.dataset_dir, spec, f).is_file() for f in (d.fold, None)):
+            return self.dataset_dir, spec
+        where, _, split = spec.rpartition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
+        path = Path(where)
+        if not (path / coco.DATASET_YAML).is_file():
+            raise KdcliError(f"distill.unlabeled={spec}: neither a split of {self.dataset_dir} nor a dataset dir",
+                             hint="give `rest`, a split name, or a folder made by `kdcli prepare images` "
+                                  "(DIR or DIR:SPLIT)")
+        return path.resolve(), split or "unlabeled"
+
+    def _check_pool_fits(self, where: Path, records: list[Any]) -> None:
+        """The pool's images must be of the labelled ones' kind: the same band count and a similar size (a pool
+        at another ground resolution would show the student objects of another size)."""
+        meta = coco.read_dataset_yaml(where)
+        bands, own = int(meta.get("bands", 3)), int(self.meta.get("bands", 3))
+        if bands != own:
+            raise KdcliError(f"{where}: the pool's images have {bands} band(s), the labelled images {own}",
+                             hint="prepare the pool with the labelled images' bands (`kdcli prepare images --bands`)")
+        side = lambda recs: sorted(max(x.width, x.height) for x in recs)[len(recs) // 2]  # noqa: E731
+        pool_side, own_side = side(records), side(self.train_set.records)
+        if not 0.5 <= pool_side / own_side <= 2:
+            raise KdcliError(f"{where}: the pool's images are {pool_side} px a side (median), the labelled ones "
+                             f"{own_side} px: another size class",
+                             hint="tile the pool like the labelled images (`kdcli prepare images --tile "
+                                  f"{own_side}`) at the same ground resolution")
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The labelled batches of `Trainer`, each joined by `pool_per_batch` pool images (indices after the
+        labelled ones), drawn from seeded permutations of the pool (a fresh one whenever it runs out)."""
+        batches = super().epoch_batches(epoch)
+        if self.pool is None:
+            return batches
+        g = torch.Generator().manual_seed((self.recipe.seed * 100_003 + epoch) * 7 + 1 + dist.rank())
+        per, offset, stream = self.pool_per_batch, len(self.train_set), []
+        while len(stream) < per * len(batches):
+            stream += torch.randperm(len(self.pool), generator=g).tolist()
+        return [b + [offset + j for j in stream[k * per:(k + 1) * per]] for k, b in enumerate(batches)]
+
+    def loader_dataset(self) -> Dataset:
+        return self.train_set if self.pool is None else ConcatDataset([self.train_set, self.pool])
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self.pool is not None:
+            self.pool.epoch = epoch
 
     def forward_modules(self) -> list[nn.Module]:
         return [self.model, self.teacher]
@@ -167,27 +254,23 @@ class DistillTrainer(Trainer):
 
     # ---- loss --------------------------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        student = self.model(batch["images"])
-        terms: dict[str, torch.Tensor] = {}
-        if "hard" in self.recipe.distill.labels:
-            hard = self.loss_fn(student, batch["boxes"], batch["labels"])
-            terms.update(cls=hard["cls"], box=hard["box"])
-        terms.update(self.distiller.loss(student, batch, self.epoch))
-        terms["total"] = torch.stack(list(terms.values())).sum()
-        return terms
+        return self.distiller.student_loss(self.model, self.loss_fn, batch, self.epoch)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def checkpoint_extra(self) -> dict[str, Any]:
         cfg = self.recipe.distill
         return {"distill": {"teacher": str(self.teacher_path.resolve()), "teacher_sha256": self.teacher_sha256,
                             "teacher_val_mAP50": self.teacher_map, "labels": cfg.labels, "method": cfg.method,
+                            "labeled_images": len(self.train_set),
+                            "unlabeled_images": len(self.pool) if self.pool is not None else 0,
                             "config": cfg.model_dump(mode="json")}}
 
     def train_state_extra(self) -> dict[str, Any]:
-        return {"teacher_map": self.teacher_map, "distiller": self.distiller.state_dict()}
+        return {"teacher_map": self.teacher_map, "distiller": self.distiller.state_dict(), "force": self.force}
 
     def load_train_state_extra(self, state: checkpoint.TrainState) -> None:
         self.teacher_map = state.extra("teacher_map")
+        self.force = self.force or bool(state.extra("force"))  # a run started with --force resumes with it
         if state.extra("distiller") is None:
             raise KdcliError("last.pt has no distillation state (written by an older kdcli?)",
                              hint="start the distillation again")

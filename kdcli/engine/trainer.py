@@ -33,7 +33,7 @@ from kdcli.config.load import dump
 from kdcli.config.schema import Recipe
 from kdcli.console import err
 from kdcli.data import coco
-from kdcli.data.dataset import DetectionDataset, collate
+from kdcli.data.dataset import DetectionDataset, collate, label_split
 from kdcli.data.transforms import train_transform
 from kdcli.engine import checkpoint, distributed as dist
 from kdcli.engine.acceleration import compile_forward
@@ -180,9 +180,17 @@ class Trainer:
         self.meta = coco.read_dataset_yaml(self.dataset_dir)
         d = r.data
         self.train_set = DetectionDataset(self.dataset_dir, d.train_split, d.fold, d.imgsz, d.letterbox,
-                                          train_transform(r.augment, d.imgsz, d.letterbox), d.channels, d.cache)
+                                          train_transform(r.augment, d.imgsz, d.letterbox), d.channels)
         if len(self.train_set) == 0:
             raise KdcliError(f"{coco.split_path(self.dataset_dir, d.train_split, d.fold)}: no training images")
+        total = len(self.train_set)
+        self.train_set.records, self.unlabeled_records = label_split(self.train_set.records, d.label_fraction,
+                                                                     r.seed, d.fold)
+        if self.unlabeled_records and dist.is_main():
+            err.print(f"{len(self.train_set)} of {total} training images keep their labels (data.label_fraction="
+                      f"{d.label_fraction}, seed {r.seed}, fold {d.fold})", highlight=False)
+        if d.cache == "ram":
+            self.train_set.cache_in_ram()
         self.classes = self.train_set.classes
         self.train_set.seed = r.seed
         self.val_set = self.val_json = None
@@ -229,7 +237,12 @@ class Trainer:
         return build_detector(r.model, len(self.classes), r.data.imgsz, r.data.anchor_size)
 
     def build_extra(self) -> None:
-        """Hook: more modules trained beside the model (distillation adapters)."""
+        """Hook: more modules trained beside the model (distillation adapters). A plain training run learns from
+        labels only: it refuses an unlabelled pool."""
+        if self.recipe.distill.unlabeled is not None:
+            raise KdcliError(f"distill.unlabeled={self.recipe.distill.unlabeled}: a pool of unlabelled images is for "
+                             "`kdcli distill`; `kdcli train` learns from the labelled images only",
+                             hint="drop distill.unlabeled, or distil a student with it")
 
     def forward_modules(self) -> list[nn.Module]:
         """Hook: the networks that take the images (distillation: the teacher too)."""

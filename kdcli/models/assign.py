@@ -5,7 +5,9 @@ operations over [images, GTs, anchors] on the device, with no Python loop over i
 memory is cut into chunks of images).
 
 `iou`: max-IoU matching (positive >= pos_iou, negative < neg_iou, ignored between; each GT's best anchor is
-forced positive); the class target of a positive is the IoU of its *predicted* box with its GT (QFL).
+forced positive), as the references' `match` and MultiBoxLoss do it: the class target of a positive is 1 on its
+GT's class (binary: the loss is the focal loss), and an ignored anchor leaves out only its own (matched) class
+entry, its other classes stay negatives.
 
 `mg`: Mutual Guidance (methods.md; MutualGuide's `mutual_match`). Two qualities per (GT, anchor), detached:
 q_loc = IoU(GT, the box the anchor predicts) and q_cls = min(1, IoU(GT, anchor) * exp(p_gt / sigma)). For each
@@ -52,7 +54,7 @@ class Targets:
 @dataclass
 class Assignment:
     cls_target: torch.Tensor  # [B, A, K] quality on the GT class of positives, 0 elsewhere
-    cls_valid: torch.Tensor  # [B, A] bool: anchors that contribute to the class loss (False = ignored)
+    cls_valid: torch.Tensor  # [B, A, K] bool: (anchor, class) entries of the class loss (False = ignored)
     box_pos: torch.Tensor  # [B, A] bool: anchors that regress a box
     box_gt: torch.Tensor  # [B, A, 4] the GT box each anchor regresses (valid where box_pos)
     box_weight: torch.Tensor  # [B, A] weight of each anchor's box loss (0 where not box_pos)
@@ -108,8 +110,10 @@ def _in_chunks(fn, anchors: torch.Tensor, gt: Targets, *per_image: torch.Tensor,
 
 def _empty(b: int, a: int, num_classes: int, device: torch.device) -> Assignment:
     z = torch.zeros(b, a, dtype=torch.bool, device=device)
-    return Assignment(torch.zeros(b, a, num_classes, device=device), ~z, z, torch.zeros(b, a, 4, device=device),
-                      torch.zeros(b, a, device=device), torch.zeros((), device=device))
+    return Assignment(torch.zeros(b, a, num_classes, device=device),
+                      torch.ones(b, a, num_classes, dtype=torch.bool, device=device), z,
+                      torch.zeros(b, a, 4, device=device), torch.zeros(b, a, device=device),
+                      torch.zeros((), device=device))
 
 
 @torch.no_grad()
@@ -133,11 +137,11 @@ def _assign_iou(anchors: torch.Tensor, gt: Targets, pred_boxes: torch.Tensor, nu
     forced.scatter_reduce_(1, iou.argmax(2), torch.where(gt.valid, m_idx, -1), reduce="amax")
     best_gt = torch.where(forced >= 0, forced, best_gt)
     pos = (best_iou >= pos_iou) | (forced >= 0)
-    valid = pos | (best_iou < neg_iou)
+    ignored = ~pos & (best_iou >= neg_iou)
     matched, labels = _gather_gt(gt, best_gt)
-    quality = pairwise_iou(pred_boxes, matched).clamp(min=0)
-    return Assignment(_class_target(labels, quality, pos, num_classes), valid, pos, matched, pos.float(),
-                      pos.sum().float())
+    target = _class_target(labels, torch.ones_like(best_iou), pos, num_classes)
+    valid = ~_class_target(labels, torch.ones_like(best_iou), ignored, num_classes).bool()
+    return Assignment(target, valid, pos, matched, pos.float(), pos.sum().float())
 
 
 def _pick(q: torch.Tensor, topk: int) -> torch.Tensor:
@@ -182,5 +186,5 @@ def _assign_mg(anchors: torch.Tensor, gt: Targets, pred_boxes: torch.Tensor, cls
     box_pos = box_q >= PICKED
     matched, _ = _gather_gt(gt, box_gt)
     weight = torch.where(box_pos, box_q - PICKED, 0.0)
-    valid = torch.ones(b, a, dtype=torch.bool, device=anchors.device)
+    valid = torch.ones(b, a, num_classes, dtype=torch.bool, device=anchors.device)
     return Assignment(cls_target, valid, box_pos, matched, weight, cls_pos.sum().float())

@@ -2,12 +2,13 @@
 
 `forward` returns a `DetectorOutput` that the loss, inference and distillation all read. It takes uint8 (or
 0-255 float) images and normalises them itself, so loaders stay uint8. `head=False` stops after the neck
-(a teacher used for feature imitation only needs that far).
+(a teacher used for feature imitation only needs that far); `tap=i` also returns the head towers' inputs at
+block i (CrossKD runs the teacher's remaining head blocks on the student's).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -31,6 +32,14 @@ class DetectorOutput:
     cls_logits: torch.Tensor | None = None  # [B, A, K]
     box_deltas: torch.Tensor | None = None  # [B, A, 4]
     level_sizes: list[int] = field(default_factory=list)  # anchors per level
+    towers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per level (class, box) tower inputs at `tap`
+
+    def select(self, keep: torch.Tensor) -> DetectorOutput:
+        """The outputs of the images where `keep` [B] (bool) is True."""
+        pick = lambda x: None if x is None else x[keep]  # noqa: E731
+        return replace(self, features=[f[keep] for f in self.features], cls_logits=pick(self.cls_logits),
+                       box_deltas=pick(self.box_deltas),
+                       towers=None if self.towers is None else [(c[keep], b[keep]) for c, b in self.towers])
 
 
 def default_levels(imgsz: int) -> int:
@@ -66,13 +75,13 @@ class Detector(nn.Module):
         c4, c5 = self.backbone(x)
         return self.neck(self.levels(self.cem(c4, c5)))
 
-    def forward(self, images: torch.Tensor, head: bool = True) -> DetectorOutput:
+    def forward(self, images: torch.Tensor, head: bool = True, tap: int | None = None) -> DetectorOutput:
         feats = self.features(images)
         h, w = images.shape[-2:]
         out = DetectorOutput(feats, self.anchors(h, w, images.device), self.strides,
                              level_sizes=[f.shape[-2] * f.shape[-1] * ANCHORS_PER_LOCATION for f in feats])
         if head:
-            out.cls_logits, out.box_deltas = self.head(feats)
+            out.cls_logits, out.box_deltas, out.towers = self.head(feats, tap)
         return out
 
 

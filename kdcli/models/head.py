@@ -31,8 +31,18 @@ class LevelHead(nn.Module):
             nn.init.zeros_(conv.bias)
         nn.init.constant_(self.cls_out.bias, -math.log((1 - PRIOR) / PRIOR))
 
-    def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cls_out(self.cls_tower(f)), self.box_out(self.box_tower(f))
+    def forward(self, f: torch.Tensor, tap: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(class map, box map, and with `tap` = i the input of each tower's block i: the output of its first i
+        blocks, or `f` for i = 0)."""
+        if tap is None:
+            return self.cls_out(self.cls_tower(f)), self.box_out(self.box_tower(f)), None
+        c_in, b_in = self.cls_tower[:tap](f), self.box_tower[:tap](f)
+        return self.cls_out(self.cls_tower[tap:](c_in)), self.box_out(self.box_tower[tap:](b_in)), (c_in, b_in)
+
+    def finish(self, cls_in: torch.Tensor, box_in: torch.Tensor, tap: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class and box maps from tower inputs at block `tap` (another network's, for CrossKD)."""
+        return self.cls_out(self.cls_tower[tap:](cls_in)), self.box_out(self.box_tower[tap:](box_in))
 
 
 class Head(nn.Module):
@@ -43,12 +53,16 @@ class Head(nn.Module):
         self.levels = nn.ModuleList(LevelHead(channels, num_classes, num_anchors, convs, norm)
                                     for _ in range(num_levels))
 
-    def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class logits [B, A_total, K], box deltas [B, A_total, 4])."""
-        cls, box = [], []
-        for head, f in zip(self.levels, feats):
-            c, b = head(f)
-            n = f.shape[0]
-            cls.append(c.permute(0, 2, 3, 1).reshape(n, -1, self.num_classes))
-            box.append(b.permute(0, 2, 3, 1).reshape(n, -1, 4))
-        return torch.cat(cls, 1), torch.cat(box, 1)
+    def forward(self, feats: list[torch.Tensor], tap: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """(class logits [B, A_total, K], box deltas [B, A_total, 4], and with `tap` the towers' inputs at that
+        block per level)."""
+        maps = [head(f, tap) for head, f in zip(self.levels, feats)]
+        cls, box = self.flatten([m[0] for m in maps], [m[1] for m in maps])
+        return cls, box, None if tap is None else [m[2] for m in maps]
+
+    def flatten(self, cls: list[torch.Tensor], box: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-level maps -> [B, A_total, K] and [B, A_total, 4] in the anchors' order."""
+        n = cls[0].shape[0]
+        return (torch.cat([c.permute(0, 2, 3, 1).reshape(n, -1, self.num_classes) for c in cls], 1),
+                torch.cat([b.permute(0, 2, 3, 1).reshape(n, -1, 4) for b in box], 1))

@@ -30,9 +30,11 @@ def balanced_l1(pred: torch.Tensor, target: torch.Tensor, alpha: float = 0.5, ga
 
 
 class DetectionLoss:
-    """Assigns the anchors of the whole batch at once, then QFL over every valid anchor (normalised by the
-    classification positives) and Balanced L1 over the box positives (mean over the 4 coordinates, weighted mean
-    over anchors: mg weights by q_cls, iou weights 1), as the reference's MultiBoxLoss reduces them."""
+    """Assigns the anchors of the whole batch at once, then the class loss over every valid (anchor, class) entry
+    (normalised by the classification positives) and Balanced L1 over the box positives (mean over the 4
+    coordinates, weighted mean over anchors: mg weights by q_cls, iou weights 1), as the reference's MultiBoxLoss
+    reduces them. The class loss is QFL on mg's quality targets; on iou's binary targets it is the reference's
+    focal loss, QFL times the alpha balance (alpha t + (1 - alpha)(1 - t))."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int):
         self.cfg = cfg
@@ -52,7 +54,9 @@ class DetectionLoss:
         cfg = self.cfg
         cls_logits, deltas = out.cls_logits.float(), out.box_deltas.float()
         a = self.assign(out, boxes, labels)
-        qfl = quality_focal_loss(cls_logits, a.cls_target, cfg.qfl_beta).sum(-1)
+        qfl = quality_focal_loss(cls_logits, a.cls_target, cfg.qfl_beta)
+        if cfg.assigner == "iou":
+            qfl = qfl * (cfg.focal_alpha * a.cls_target + (1 - cfg.focal_alpha) * (1 - a.cls_target))
         cls_loss = (qfl * a.cls_valid).sum() / a.num_pos.clamp(min=1)
         # every anchor is encoded (no host sync on the positives' count); non-positives weigh 0
         gt_deltas = encode(a.box_gt, out.anchors.expand_as(a.box_gt))

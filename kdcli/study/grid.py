@@ -33,7 +33,7 @@ class Cell:
 
     @property
     def slug(self) -> str:
-        """File-name form: `hard+pdf/f1/s0` -> `hard_pdf-f1-s0`."""
+        """File-name form: `hard+pdf/f1/s0` -> `hard_pdf-f1-s0`, `hard+pdf@pool/f1/s0` -> `hard_pdf@pool-f1-s0`."""
         return f"{self.config.replace('+', '_')}-f{self.fold}-s{self.seed}"
 
     @property
@@ -141,8 +141,9 @@ class Study:
 
     def student_recipe(self, cell: Cell, teacher_weights: Path, defaults: dict[str, Any]) -> schema.Recipe:
         c = self.cfg
-        labels, method = StudyConfig.labels_method(cell.config)
-        return load.load(schema.Recipe, c.student, [*c.overrides, *c.student_overrides,
+        config, _, variant = cell.config.partition("@")
+        labels, method = StudyConfig.labels_method(config)
+        return load.load(schema.Recipe, c.student, [*c.overrides, *c.student_overrides, *c.variants.get(variant, []),
                                                     f"distill.teacher={teacher_weights}",
-                                             f"distill.labels={labels}", f"distill.method={method}",
-                                             f"seed={cell.seed}", f"name={cell.slug}"], defaults=defaults)
+                                                    f"distill.labels={labels}", f"distill.method={method}",
+                                                    f"seed={cell.seed}", f"name={cell.slug}"], defaults=defaults)

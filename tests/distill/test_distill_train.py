@@ -66,7 +66,7 @@ def test_newer_methods_from_the_cli(labels: str, method: str, columns: set[str],
     best = checkpoint.load(run_dir / "weights" / "best.pt")
     assert best.distill["method"] == method and not any("context" in k for k in best.weights)
     assert any("student_context" in k for k in state) == (method == "fgd")
-    assert any(k.startswith("adapters.") for k in state) == (method != "pkd")  # PKD: same widths, no adapter
+    assert not any(k.startswith(("adapters.", "align.")) for k in state)  # same widths: no adapter (references)
 
 
 def test_teacher_frozen_student_and_adapters_trained(tiny_checkpoint: Path, tmp_path: Path):
@@ -159,10 +159,10 @@ class CosineConfig(Strict):
 
 @register
 class Cosine(DistillMethod):
-    name, config, uses_adapters = "cosine", CosineConfig, True
+    name, config, adapter = "cosine", CosineConfig, "paper"
 
-    def __init__(self, cfg, channels=256, levels=1):
-        super().__init__(cfg, channels, levels)
+    def __init__(self, cfg, channels=256, levels=1, **kwargs):
+        super().__init__(cfg, channels, levels, **kwargs)
         self.scale = torch.nn.Parameter(torch.ones(levels))  # a parameter of the method itself
 
     def loss(self, student, teacher, batch):

@@ -170,6 +170,9 @@ def test_defeat_level_masks_follow_the_official_rule():
     # cells [0, 8); the 3 px box is thinner than a cell: the one cell at its corner (row 5, column 12)
     assert m[0][0].sum() == 2 and m[0][0, 0, 0] == 1 and m[0][0, 5, 12] == 1
     assert m[1][0, 0:8, 0:8].sum() == 64 and m[2][0].sum() == 0
+    # 111 px a side: sqrt(111 x 111) / 56 = 1.98 would be level 0; the official +1 gives 112 / 56 = 2: level 1
+    edge = level_masks([torch.tensor([[0.0, 0.0, 111.0, 111.0]])], [(16, 16), (8, 8), (4, 4)], [8, 16, 32], 56)
+    assert edge[0].sum() == 0 and edge[1].sum() == 36  # cells [0, floor(111 / 16)) = [0, 6) both ways
 
 
 def _identity(levels: int, c: int) -> Adapters:

@@ -44,18 +44,20 @@ def _cwd_direct(fs, ft, tau, weight):
                     pt, ps = math.exp(b) / zt, math.exp(a) / zs
                     total += pt * math.log(pt / ps)
         levels.append(tau**2 * total / (n * c))
-    return weight * sum(levels) / len(levels)
+    return weight * sum(levels)  # weight per level, levels summed (the reference's per-level losses)
 
 
 @pytest.mark.parametrize("tau", [1.0, 2.5])
 def test_cwd_equals_the_direct_formula(tau: float):
     fs, ft = _feats(0, grad=True), _feats(1, scale=2.0)
     term = CWD(_section("cwd", tau=tau), channels=3, levels=2).loss(_out(fs), _out(ft), {})["cwd"]
-    assert term.item() == pytest.approx(_cwd_direct(fs, ft, tau, 25.0), rel=1e-5)
+    assert term.item() == pytest.approx(_cwd_direct(fs, ft, tau, 5.0), rel=1e-5)
     term.backward()
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in fs)
     same = CWD(_section("cwd"), channels=3, levels=2).loss(_out(ft), _out(ft), {})["cwd"]
     assert same.item() == pytest.approx(0.0, abs=1e-6)
+    first = CWD(_section("cwd", levels=1), channels=3, levels=2).loss(_out(fs), _out(ft), {})["cwd"]
+    assert first.item() == pytest.approx(_cwd_direct(fs[:1], ft[:1], 1.0, 5.0), rel=1e-5)  # the first level only
 
 
 # ---- PKD -------------------------------------------------------------------------------------------------------
@@ -91,8 +93,21 @@ def test_pkd_equals_the_direct_formula_and_ignores_scale_and_offset(weight: floa
     assert PKD(_section("pkd"), channels=3, levels=3).cfg.weight == 1.0
 
 
-def test_pkd_uses_adapters_only_when_widths_differ():
-    assert not PKD.adapts(64, 64) and PKD.adapts(32, 64) and CWD.adapts(64, 64) and FGD.adapts(64, 64)
+def test_newer_methods_align_widths_with_a_1x1_conv_only_when_they_differ():
+    """CWD, FGD and PKD compare the student's own features when the widths match (the references' connectors
+    exist only for a width change, as 1x1 convs); the paper's methods always go through the 3x3 adapters."""
+    from kdcli.config.schema import ModelConfig
+    from kdcli.models.detector import Detector
+
+    assert {PKD.adapter, CWD.adapter, FGD.adapter} == {"align"}
+    teacher = Detector(ModelConfig(channels=16, backbone="resnet18"), 2, 64, 16)
+    for method in ("cwd", "fgd", "pkd"):
+        same = Distiller(DistillConfig(method=method), teacher, 16)
+        assert same.terms.adapters is None and same.terms.align is None
+        wider = Distiller(DistillConfig(method=method), teacher, 8)
+        assert wider.terms.adapters is None and {c.kernel_size for c in wider.terms.align.convs} == {(1, 1)}
+    both = Distiller(DistillConfig(method="pdf,cwd"), teacher, 16)
+    assert both.terms.align is None and {c.kernel_size for c in both.terms.adapters.convs} == {(3, 3)}
 
 
 # ---- FGD -------------------------------------------------------------------------------------------------------
@@ -197,5 +212,5 @@ def test_fgd_context_blocks_are_trained_saved_and_not_part_of_the_student():
     assert d.has_parameters() and d.trainable() == [d.terms]
     names = list(d.state_dict())
     assert any("student_context" in k for k in names) and any("teacher_context" in k for k in names)
-    assert any(k.startswith("adapters.") for k in names)  # 8 -> 16 channels
+    assert any(k.startswith("align.") for k in names)  # 8 -> 16 channels: a 1x1 alignment
     assert not any(p.requires_grad for p in teacher.parameters())

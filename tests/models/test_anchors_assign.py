@@ -62,7 +62,7 @@ def test_iou_assigner_forces_best_anchor_and_respects_ignore_band():
     gt = [[22.0, 0, 34, 10]]  # IoU with anchor 1 = 8*10/(10*10+12*10-80) = 0.5714
     a = assign_iou(anchors, anchors[None].clone(), _one(gt, [2]), 3, pos_iou=0.6, neg_iou=0.4)
     assert a.box_pos[0].tolist() == [False, True, False, False]  # below 0.6 but the GT's best: forced
-    assert a.cls_target[0, 1, 2].item() == pytest.approx(80 / 140, abs=1e-4) and a.cls_target[0, 1, :2].sum() == 0
+    assert a.cls_target[0, 1].tolist() == [0, 0, 1] and a.cls_target[0, [0, 2, 3]].sum() == 0  # binary (reference)
     assert a.num_pos.item() == 1 and a.box_weight[0].tolist() == [0, 1, 0, 0]
     a = assign_iou(anchors, anchors[None].clone(), _one([[21.0, 0, 31, 10], [0, 22, 10, 32]], [0, 1]), 3,
                    pos_iou=0.85, neg_iou=0.4)
@@ -71,7 +71,8 @@ def test_iou_assigner_forces_best_anchor_and_respects_ignore_band():
     anchors2 = torch.cat([anchors, torch.tensor([[20.0, 0, 31, 10]])])  # IoU 0.909 with GT 0: the best
     a = assign_iou(anchors2, anchors2[None].clone(), _one([[21.0, 0, 31, 10]], [0]), 3, pos_iou=0.95, neg_iou=0.4)
     assert a.box_pos[0].tolist() == [False, False, False, False, True]
-    assert a.cls_valid[0].tolist() == [True, False, True, True, True]  # anchor 1 (IoU 0.818) is ignored
+    # anchor 1 (IoU 0.818) is ignored for its own class only (the reference masks its label entry)
+    assert a.cls_valid[0, :, 0].tolist() == [True, False, True, True, True] and a.cls_valid[0, :, 1:].all()
 
 
 def test_mg_hand_case_classification_and_regression_positives_differ():
@@ -137,7 +138,8 @@ def _reference_mg(anchors, preds, logits, gt, labels, k_classes, sigma=2.0, topk
 
 def _reference_iou(anchors, preds, gt, labels, k_classes, pos_iou=0.5, neg_iou=0.4):
     a = len(anchors)
-    target, pos, valid = torch.zeros(a, k_classes), torch.zeros(a, dtype=torch.bool), torch.ones(a, dtype=torch.bool)
+    target, pos = torch.zeros(a, k_classes), torch.zeros(a, dtype=torch.bool)
+    valid = torch.ones(a, k_classes, dtype=torch.bool)
     if len(gt) == 0:
         return target, pos, valid
     iou = _iou(gt, anchors)
@@ -146,10 +148,11 @@ def _reference_iou(anchors, preds, gt, labels, k_classes, pos_iou=0.5, neg_iou=0
         j = int(iou[m].argmax())
         best[j], best_gt[j] = 1.0, m
     pos = best >= pos_iou
-    valid = pos | (best < neg_iou)
     for j in range(a):
         if pos[j]:
-            target[j, labels[best_gt[j]]] = _iou(preds[j:j + 1], gt[best_gt[j]][None])[0, 0]
+            target[j, labels[best_gt[j]]] = 1.0
+        elif best[j] >= neg_iou:  # ignored: only its own class entry leaves the loss
+            valid[j, labels[best_gt[j]]] = False
     return target, pos, valid
 
 

@@ -82,3 +82,16 @@ def test_detection_loss_iou_mean_over_positives_and_coordinates():
     terms = DetectionLoss(ModelConfig(assigner="iou", box_weight=1.0), 1)(out, gt, [torch.tensor([0, 0])])
     b = math.e ** 3 - 1
     assert terms["box"].item() == pytest.approx((1.5 + 1.5 / b - 0.055) / 8, rel=1e-5)  # 2 positives x 4
+
+
+def test_iou_class_loss_is_the_references_focal_loss_with_its_ignore_mask():
+    """Every p = 0.5. a0 on the GT (class 0): positive, binary target; a1 far: negative; a2 IoU 100/220 = 0.45,
+    in the ignore band: only its class-0 entry leaves the loss. Focal element: alpha_t x 0.5^2 x ln 2 with
+    alpha_t 0.25 for t = 1, 0.75 for t = 0. Sum = (0.0625 + 0.1875 | 2 x 0.1875 | 0.1875) ln 2, / 1 positive, x 2."""
+    from kdcli.models.detector import DetectorOutput
+
+    anchors = torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 22]])
+    out = DetectorOutput([], anchors, [8], torch.zeros(1, 3, 2), torch.zeros(1, 3, 4))
+    terms = DetectionLoss(ModelConfig(assigner="iou"), 2)(out, [torch.tensor([[0.0, 0, 10, 10]])],
+                                                          [torch.tensor([0])])
+    assert terms["cls"].item() == pytest.approx(2 * 0.8125 * math.log(2), rel=1e-5)
