@@ -98,19 +98,20 @@ def root(
 
 def _register() -> None:
     from kdcli.cli import benchmark, data, deploy, distill, prepare, recipe, study, train
+    from kdcli.cli.listing import ListingCommand
 
     app.command("train", rich_help_panel="Train and evaluate")(train.train)
-    app.command("distill", rich_help_panel="Train and evaluate")(distill.distill)
+    app.command("distill", rich_help_panel="Train and evaluate", cls=ListingCommand)(distill.distill)
     app.command("val", rich_help_panel="Train and evaluate")(train.val)
     info = typer.Typer(help="Describe models.", no_args_is_help=True, rich_markup_mode="rich")
-    info.command("model")(train.info_model)
+    info.command("model", cls=ListingCommand)(train.info_model)
     app.add_typer(info, name="info", rich_help_panel="Train and evaluate")
     app.command("study", rich_help_panel="Studies")(study.study)
     app.command("report", rich_help_panel="Studies")(study.report)
     app.command("quickstart", rich_help_panel="Studies")(study.quickstart)
     app.command("predict", rich_help_panel="Deploy and measure")(deploy.predict)
     app.command("export", rich_help_panel="Deploy and measure")(deploy.export)
-    app.command("benchmark", rich_help_panel="Deploy and measure")(benchmark.benchmark)
+    app.command("benchmark", rich_help_panel="Deploy and measure", cls=ListingCommand)(benchmark.benchmark)
 
     app.add_typer(prepare.app, name="prepare", rich_help_panel="Data")
     app.add_typer(data.app, name="data", rich_help_panel="Data")

@@ -19,20 +19,20 @@ from kdcli.console import err, out
 def benchmark(
     models: Annotated[list[str] | None, typer.Option("--model", "--models", "-m",
                                                      help="Checkpoints (.pt) or model/train recipes, teacher first "
-                                                          "(repeatable or comma-separated) [default: the paper's "
-                                                          "teacher and student].")] = None,
-    imgsz: Annotated[int | None, typer.Option("--imgsz", min=32, help="Square input size [default: the checkpoint's, "
-                                                                       "else "
-                                                               "512].")] = None,
+                                                          "(repeatable or comma-separated).",
+                                                     show_default="the paper's teacher and student")] = None,
+    imgsz: Annotated[int | None, typer.Option("--imgsz", min=32, help="Square input size.",
+                                              show_default="the checkpoint's, else 512")] = None,
     batch: Annotated[int, typer.Option("--batch", min=2, help="Images per step.")] = 4,
     device: Annotated[str, typer.Option("--device", help="cpu or a GPU index.")] = "cpu",
     amp: Annotated[str, typer.Option("--amp", help="off, bf16 or fp16 (CUDA only).")] = "off",
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed steps (after 2 warm-up steps).")] = 5,
     reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Also time torchvision's "
                                                                                "retinanet_resnet50_fpn.")] = True,
-    distill: Annotated[bool, typer.Option("--distill", help="Also time the nine distillation rows against the "
-                                                           "hard student (first --model = teacher, second = "
-                                                           "student).")] = False,
+    distill: Annotated[bool, typer.Option("--distill", help="Also time the distillation rows against the hard "
+                                                           "student (hard+soft, soft, and hard+ or soft+ each of "
+                                                           "{methods}; first --model = teacher, second = student).")]
+    = False,
     inference: Annotated[bool, typer.Option("--inference/--no-inference", help="Time forward + postprocess: "
                                                                                "latency at batch 1, throughput at "
                                                                                "--batch.")] = True,
@@ -104,7 +104,7 @@ def benchmark(
         if len(specs) != 2:
             raise typer.BadParameter("--distill needs two models: teacher then student")
         cfgs = [cfg for _, cfg, _, _ in loaded]
-        err.print("timing the nine distillation rows ...")
+        err.print(f"timing the {len(bench.distill_rows())} distillation rows ...")
         result["distill"] = bench.distill_steps(cfgs[0], cfgs[1], size, batch, dev, dtype, repeats=repeats)
     if save:
         atomic.write_json(save, result, indent=2)

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from kdcli import paths
 from kdcli.console import err, out
+from kdcli.data.sources import discover
 from kdcli.errors import FAILED, KdcliError
 
 app = typer.Typer(help="Validate and describe dataset dirs.", no_args_is_help=True, rich_markup_mode="rich")
@@ -22,7 +23,8 @@ DatasetArg = Annotated[Path, typer.Argument(help="Dataset dir (a path, or a name
 def _dataset(path: Path) -> Path:
     resolved = paths.resolve_dataset(path)
     if not resolved.is_dir():
-        raise KdcliError(f"{path}: dataset dir not found", hint="prepare one with `kdcli prepare ...`")
+        raise KdcliError(f"{path}: dataset dir not found",
+                         hint=f"prepare one with `kdcli prepare {'|'.join(discover())}`")
     return resolved
 
 

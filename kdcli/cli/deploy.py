@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from kdcli import paths
-from kdcli.atomic import ensure_dir_possible
+from kdcli.atomic import atomic_dir, ensure_dir_possible
 from kdcli.console import err, out, progress
 from kdcli.errors import KdcliError
 
@@ -24,6 +25,17 @@ def _ints(text: str | None, what: str) -> list[int] | None:
         raise KdcliError(f"{what}: '{text}' is not a comma-separated list of integers") from None
 
 
+def _bands(text: str | None) -> list[int] | None:
+    """The --bands list, checked before the model loads: the model takes 3 bands (`Raster.read` repeats one)."""
+    chosen = _ints(text, "--bands")
+    if chosen and min(chosen) < 1:
+        raise KdcliError(f"--bands {text}: bands are numbered from 1 (as in GDAL), e.g. --bands 1,2,3")
+    if chosen and len(chosen) not in (1, 3):
+        raise KdcliError(f"--bands {text}: the model takes 3 bands, or 1 repeated to 3; {len(chosen)} given",
+                         hint="choose three, e.g. --bands 4,3,2, or one, e.g. --bands 1")
+    return chosen
+
+
 def predict(
     weights: Annotated[Path, typer.Argument(help="Checkpoint (best.pt), or an ONNX model from `kdcli export` "
                                                  "(needs onnxruntime).")],
@@ -33,7 +45,8 @@ def predict(
                                                               "(e.g. val_scenes: whole xView scenes) and evaluate it."
                                               )] = None,
     slice_size: Annotated[int | None, typer.Option("--slice", min=32, help="Cut each image into windows of this "
-                                                                           "side (pixels) [default: whole image].")]
+                                                                           "side (pixels).",
+                                                show_default="whole image")]
     = None,
     overlap: Annotated[float, typer.Option("--overlap", help="Overlap between windows (fraction).")] = 0.2,
     merge: Annotated[str, typer.Option("--merge", help="Duplicates across windows: nms or fusion (weighted box "
@@ -42,22 +55,30 @@ def predict(
                                                               "default dropped when windows overlap: a neighbour "
                                                               "sees them whole).")]
     = False,
-    conf: Annotated[float | None, typer.Option("--conf", help="Score threshold [default: the checkpoint's].")]
+    conf: Annotated[float | None, typer.Option("--conf", help="Score threshold.",
+                                                show_default="the checkpoint's")]
     = None,
-    iou: Annotated[float | None, typer.Option("--iou", help="NMS / merge IoU [default: the checkpoint's].")] = None,
-    max_det: Annotated[int | None, typer.Option("--max-det", help="Detections per window.")] = None,
-    bands: Annotated[str | None, typer.Option("--bands", help="1-based bands of a multi-band raster, e.g. 4,3,2.")]
+    iou: Annotated[float | None, typer.Option("--iou", help="NMS / merge IoU.", show_default="the checkpoint's")]
     = None,
+    max_det: Annotated[int | None, typer.Option("--max-det", help="Detections per window.",
+                                                  show_default="the checkpoint's")] = None,
+    bands: Annotated[str | None, typer.Option("--bands", help="Bands of a multi-band raster, numbered from 1 as in "
+                                                              "GDAL: three (e.g. 4,3,2), or one, repeated to three.",
+                                              show_default="the first three; a 1- or 2-band image's first, "
+                                                           "repeated")] = None,
     normalize: Annotated[str, typer.Option("--normalize", help="auto (percentile scaling unless 8-bit), percentile "
                                                                "or none.")] = "auto",
     percentiles: Annotated[str, typer.Option("--percentiles", help="Low,high percentiles of the scaling.")] = "2,98",
     batch: Annotated[int, typer.Option("--batch", min=1, help="Windows per forward pass.")] = 8,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or a GPU index.")] = "auto",
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder [default: runs/predict/<name>].")]
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder.",
+                                                     show_default="a new $KDCLI_RUNS/predict/<name>")]
     = None,
     draw_images: Annotated[bool, typer.Option("--draw/--no-draw", help="Write drawn PNGs.")] = True,
     draw_conf: Annotated[float, typer.Option("--draw-conf", help="Draw boxes scoring at least this.")] = 0.25,
     yes: Annotated[bool, typer.Option("--yes", "-y", help=f"Run even past {MAX_WINDOWS} windows.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier predict's --out (the new outputs are "
+                                                        "written aside and swapped in at the end).")] = False,
 ) -> None:
     """Detect objects in images or whole scenes. Writes predictions.json (COCO results), images.json, a
     GeoJSON per image (pixel coordinates; map coordinates too for a georeferenced TIFF) and drawn PNGs.
@@ -84,8 +105,9 @@ def predict(
         raise KdcliError("--split reads the dataset from a kdcli checkpoint: give the .pt", hint="or list the images")
     if not 0 <= overlap < 1:
         raise KdcliError(f"--overlap {overlap}: give a fraction in [0, 1)")
+    band_list = _bands(bands)
     if out_dir is not None:
-        ensure_dir_possible(out_dir, "--out folder")
+        _check_out(out_dir, force)
     dev = distributed.resolve_device(device)
     predictor = Predictor(weights, dev, conf, iou, max_det, slice_size, overlap, merge, batch, keep_cut)
     gt = None
@@ -96,7 +118,6 @@ def predict(
         items = [(im["id"], Path(d.path) / im["file_name"]) for im in gt["images"]]
     else:
         items = [(i, p) for i, p in enumerate(expand_sources(sources or []), start=1)]
-    band_list = _ints(bands, "--bands")
     rasters = [(i, p, open_raster(p, band_list, (pct[0], pct[1]), normalize)) for i, p in items]
     total = sum(len(predictor.windows(r)) for _, _, r in rasters)
     if total > MAX_WINDOWS and not yes:
@@ -113,17 +134,36 @@ def predict(
             det = predictor.predict(raster, lambda n: bar.advance(task, n))
             results.append((path, raster, det))
     target = out_dir or unique_run_dir(paths.runs_root() / "predict", Path(weights).parent.parent.name or "predict")
-    files = write_outputs(target, results, predictor.classes, draw_conf if draw_images else None)
+    with atomic_dir(target.resolve(), force=target.exists()) as tmp:  # an existing target passed _check_out
+        files = [target / f.relative_to(tmp) for f in
+                 write_outputs(tmp, results, predictor.classes, draw_conf if draw_images else None)]
+        scores = _evaluate(gt, [i for i, _, _ in rasters], results, predictor, tmp) if gt is not None else None
     n = sum(len(det.scores) for _, _, det in results)
     out.print(f"[green]{n} detections[/] in {len(results)} image(s), {total} window(s) -> {target}", highlight=False)
-    if gt is not None:
-        _evaluate(gt, [i for i, _, _ in rasters], results, predictor, target)
+    if scores is not None:
+        out.print(f"scenes: {scores} -> {target / 'metrics.json'}", highlight=False, soft_wrap=True)
     out.print("written: " + ", ".join(str(f) for f in files[:6]) + (" ..." if len(files) > 6 else ""),
               highlight=False, soft_wrap=True)
 
 
-def _evaluate(gt: dict, ids: list[int], results: list, predictor, target: Path) -> None:
-    """Score whole-scene predictions against the split's boxes (the same metrics as `kdcli val`)."""
+def _check_out(out_dir: Path, force: bool) -> None:
+    """An explicit --out must be new or empty: an earlier run's files beside this one's would pass for its own
+    (writing to a fresh numbered folder instead would hide where the outputs went). --force replaces it whole,
+    but only an earlier predict's folder: `--out . --force` must not delete the working folder."""
+    ensure_dir_possible(out_dir, "--out folder")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not force:
+        raise KdcliError(f"--out {out_dir}: the folder is not empty (an earlier run's outputs would mix with "
+                         "this one's)", hint="choose a new folder, or pass --force to replace it")
+    if not (out_dir / "images.json").is_file():
+        raise KdcliError(f"--out {out_dir}: not the folder of an earlier `kdcli predict` (no images.json): "
+                         "--force replaces only those", hint="choose a new or empty folder")
+
+
+def _evaluate(gt: dict, ids: list[int], results: list, predictor, target: Path) -> str:
+    """Score whole-scene predictions against the split's boxes (the same metrics as `kdcli val`), write
+    metrics.json into `target`; returns the headline figures."""
     import numpy as np
 
     from kdcli import atomic
@@ -137,26 +177,27 @@ def _evaluate(gt: dict, ids: list[int], results: list, predictor, target: Path) 
     max_det = max(1, max((len(d.scores) for _, _, d in results), default=1))
     m = compute_metrics(dets, gt, predictor.classes, max_det, [0.1, 0.25])
     atomic.write_json(target / "metrics.json", m, indent=2)
-    out.print(f"scenes: mAP50 {m['mAP50']:.4f}  COCO AP50 {m['coco_AP50']:.4f}  mAP50-95 {m['mAP50-95']:.4f}  "
-              f"AP@0.25 {m['mAP0.25']:.4f}  ({m['objects']} objects, {m['detections']} detections) -> "
-              f"{target / 'metrics.json'}", highlight=False, soft_wrap=True)
+    return (f"mAP50 {m['mAP50']:.4f}  COCO AP50 {m['coco_AP50']:.4f}  mAP50-95 {m['mAP50-95']:.4f}  "
+            f"AP@0.25 {m['mAP0.25']:.4f}  ({m['objects']} objects, {m['detections']} detections)")
 
 
 def export(
     weights: Annotated[Path, typer.Argument(help="Checkpoint (best.pt).")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
-    out_file: Annotated[Path | None, typer.Option("--out", help="Output file [default: beside the checkpoint, "
-                                                               "best.onnx / best.torchscript].")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Output file.",
+                                                     show_default="beside the checkpoint: best.onnx, "
+                                                                  "best.torchscript")] = None,
     nms: Annotated[bool, typer.Option("--nms/--no-nms", help="NMS inside the graph (ONNX): detections [N, 7] "
                                                              "instead of boxes + scores per anchor.")] = False,
     half: Annotated[bool, typer.Option("--half", help="FP16 weights and inputs.")] = False,
     tolerance: Annotated[float | None, typer.Option("--tolerance", help="Largest accepted |score difference| "
-                                                                        "against PyTorch [default: 1e-3, FP16 "
-                                                                        "2e-2].")] = None,
+                                                                        "against PyTorch.",
+                                                        show_default="1e-3, FP16 2e-2")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Export a checkpoint for deployment (dynamic batch), with class names, input size and normalisation as
-    metadata, then run the file on real images of its dataset next to PyTorch and fail beyond a tolerance.
+    metadata, then run the file on images of its dataset next to PyTorch (random pixels, said so, when the dataset
+    is not on this machine) and fail beyond a tolerance.
 
     Example: [bold]kdcli export runs/distill/hard_pdf/weights/best.pt --format onnx --nms[/]
     """
@@ -175,6 +216,7 @@ def export(
     if as_json:
         typer.echo(json.dumps(res))
         return
-    out.print(f"[green]exported[/] {res['file']} ({fmt}, {res['precision']}, NMS {'inside' if nms else 'outside'}"
-              f" the graph); parity on {res['inputs']} real images: max |score difference| {res['max_abs_diff']:.2e}"
-              f" (tolerance {res['tolerance']:.0e})", highlight=False, soft_wrap=True)
+    out.print(f"[green]exported[/] {escape(res['file'])} ({fmt}, {res['precision']}, NMS "
+              f"{'inside' if nms else 'outside'} the graph); parity on {res['inputs']} images "
+              f"({escape(res['inputs_from'])}): max |score difference| {res['max_abs_diff']:.2e} (tolerance "
+              f"{res['tolerance']:.0e})", highlight=False, soft_wrap=True)

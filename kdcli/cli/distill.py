@@ -18,10 +18,12 @@ def distill(
                                                       "teacher's checkpoint).")] = None,
     overrides: Overrides = None,
     teacher: Annotated[Path | None, typer.Option("--teacher", "-t", help="Teacher checkpoint (best.pt).")] = None,
-    method: Annotated[str | None, typer.Option("--method", help="Feature imitation: none, mse, pdf, defeat "
-                                                                "[default: none].")] = None,
-    labels: Annotated[str | None, typer.Option("--labels", help="hard, soft or hard+soft [default: hard].")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Distil even from a teacher that looks untrained.")] = False,
+    method: Annotated[str | None, typer.Option("--method", help="Feature imitation, one or more of: none, {methods}.",
+                                              show_default="the recipe's, else none")] = None,
+    labels: Annotated[str | None, typer.Option("--labels", help=f"Labels: {', '.join(schema.LABELS)}.",
+                                              show_default="the recipe's, else hard")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Distil even from a teacher that looks untrained (a "
+                                                        "--resume of the run keeps it).")] = False,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue exactly from a distill last.pt.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, 0 or 0,1 (same as train.device=).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,

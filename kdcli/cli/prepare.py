@@ -15,8 +15,9 @@ from kdcli.console import err, out
 from kdcli.data.sources import FORCE, SEED, Source, discover
 from kdcli.data.sources.common import SYNTHETIC_MARKER
 
-app = typer.Typer(help="Convert raw datasets (VEDAI, xView, VOC, COCO JSON) into kdcli dataset dirs, or write "
+app = typer.Typer(help=f"Convert raw datasets ({', '.join(discover())}) into kdcli dataset dirs, or write "
                        "synthetic raw data.", no_args_is_help=True, rich_markup_mode="rich")
+GENERATORS = [name for name, source in discover().items() if source.synthetic]  # `prepare synthetic --kind`
 
 Force = Annotated[bool, typer.Option("--force", help=FORCE.help)]
 Seed = Annotated[int, typer.Option("--seed", help=SEED.help)]
@@ -60,9 +61,11 @@ def _summary(meta: dict[str, Any], out_dir: Path) -> None:
               f"classes: {', '.join(meta['classes'])})", highlight=False, soft_wrap=True)
 
 
-def _parameter(name: str, kind: Any, default: Any, flags: tuple[str, ...], help: str, required: bool = False
-               ) -> inspect.Parameter:
-    option = typer.Option(*(flags or (f"--{name.replace('_', '-')}",)), help=escape(help))
+def _parameter(name: str, kind: Any, default: Any, flags: tuple[str, ...], help: str, required: bool = False,
+               show_default: bool | str = True) -> inspect.Parameter:
+    """A Typer option from a registry entry; its help is plain text (a source writes "[default: ...]" for a
+    None default, which rich would take for markup)."""
+    option = typer.Option(*(flags or (f"--{name.replace('_', '-')}",)), help=escape(help), show_default=show_default)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, option],
                              default=inspect.Parameter.empty if required else default)
 
@@ -75,11 +78,11 @@ def source_command(source: Source) -> Callable[..., None]:
         out_dir = options.pop("out_dir") or _default_out(src, source.out_name(src, options))
         _summary(source.run(src, out_dir, options), out_dir)
 
-    src_default = f" [default: $KDCLI_DATASETS/raw/{source.raw_dir or source.name}]" if source.raw_dir else ""
-    params = [_parameter("src", Path | None if source.raw_dir else Path, None, ("--src",),
-                         f"{source.src_help}{src_default}.", required=not source.raw_dir),
-              _parameter("out_dir", Path | None, None, ("--out",),
-                         f"Dataset dir to write [default: $KDCLI_DATASETS/{source.out_help}]."),
+    src_default = f"$KDCLI_DATASETS/raw/{source.raw_dir}" if source.raw_dir else False
+    params = [_parameter("src", Path | None if source.raw_dir else Path, None, ("--src",), f"{source.src_help}.",
+                         required=not source.raw_dir, show_default=src_default),
+              _parameter("out_dir", Path | None, None, ("--out",), "Dataset dir to write.",
+                         show_default=f"$KDCLI_DATASETS/{source.out_help}"),
               *(_parameter(o.name, o.type, o.default, o.flags, o.help, o.required) for o in source.options)]
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
@@ -94,16 +97,16 @@ for _source in discover().values():
 
 @app.command("synthetic")
 def synthetic(
-    kind: Annotated[str, typer.Option("--kind", help="Raw format to write: a source with a generator "
-                                                     "(vedai, xview, voc, ...).")] = "vedai",
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder to write [default: "
-                                                              "$KDCLI_DATASETS/raw/synthetic-<kind>].")] = None,
+    kind: Annotated[str, typer.Option("--kind", help="Raw format to write: "
+                                                     f"{', '.join(GENERATORS)}.")] = "vedai",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder to write.",
+                                                     show_default="$KDCLI_DATASETS/raw/synthetic-<kind>")] = None,
     seed: Seed = 0,
-    images: Annotated[int | None, typer.Option("--images", help="Number of images (xView: scenes) "
-                                                                "[default: the kind's, e.g. vedai 200].")] = None,
+    images: Annotated[int | None, typer.Option("--images", help="Number of images (xView: scenes).",
+                                                   show_default="the kind's, e.g. vedai 200")] = None,
     size: Annotated[int | None, typer.Option("--size", help="Image side: VEDAI 25 cm side (12.5 cm is twice), "
-                                                            "xView mean scene side, VOC width "
-                                                            "[default: the kind's, e.g. vedai 512].")] = None,
+                                                            "xView mean scene side, VOC width.",
+                                                 show_default="the kind's, e.g. vedai 512")] = None,
     test_images: Annotated[int, typer.Option("--test-images", min=0, help="VEDAI: extra scenes listed in the test "
                                                                          "set of every fold (more evaluation "
                                                                          "images, same training set).")] = 0,

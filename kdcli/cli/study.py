@@ -19,7 +19,8 @@ def study(
     recipe: Annotated[str, typer.Argument(help="Study recipe (file or name under recipes/), or a study dir to "
                                                "continue.")],
     overrides: StudyOverrides = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Study dir [default: $KDCLI_RUNS/study/<name>].")]
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Study dir.",
+                                                     show_default="$KDCLI_RUNS/study/<name>")]
     = None,
     devices: Annotated[str | None, typer.Option("--devices", help="GPUs to spread cells over, e.g. 0,1,2,3 (a GPU "
                                                                   "listed twice takes two cells).")] = None,
@@ -33,8 +34,8 @@ def study(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show every cell's state and what would run.")] = False,
     cell: Annotated[str | None, typer.Option("--cell", help="Run one cell, e.g. hard+pdf/f1/s0 (what --plan "
                                                             "writes).")] = None,
-    ledger: Annotated[Path | None, typer.Option("--ledger", help="With --cell: the ledger to append to "
-                                                                "[default: <study>/ledger.jsonl].")] = None,
+    ledger: Annotated[Path | None, typer.Option("--ledger", help="With --cell: the ledger to append to.",
+                                                  show_default="<study>/ledger.jsonl")] = None,
     device: Annotated[str | None, typer.Option("--device", help="With --cell: cpu or a GPU index.")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=0, help="With --cell: loader workers (data.workers)."
                                                 )] = None,
@@ -53,6 +54,8 @@ def study(
     if per_device > 1 and not devices:
         raise KdcliError("--per-device shares GPUs: give them with --devices", hint="on a CPU, use --jobs N")
     s = Study.open(recipe, out_dir, list(overrides or []))
+    if cell is None:
+        _check_folds(s, required=not plan)
     if cell is not None:
         c = Cell.parse(cell)
         if c not in s.cells():
@@ -70,18 +73,69 @@ def study(
                   highlight=False, soft_wrap=True)
         return
     if dry_run:
+        if devices:
+            _gpus(devices)
         _show_status(s)
         return
+    slots = _gpus(devices) if devices else None
     s.save()
-    n_failed = runner.run_grid(s, jobs, devices.split(",") if devices else None, skip_failed, per_device)
+    n_failed = runner.run_grid(s, jobs, slots, skip_failed, per_device)
     out.print(f"study {s.cfg.name}: {s.dir}  -> next: kdcli report {s.dir}", highlight=False, soft_wrap=True)
     if n_failed:
         raise KdcliError(f"{n_failed} cells failed or could not run (errors in {s.dir}/ledger.jsonl, logs in "
                          f"{s.dir}/logs)", hint="rerun to retry them", exit_code=FAILED)
 
 
+def _gpus(devices: str) -> list[str]:
+    """The --devices list, each a GPU of this machine: checked before any cell starts, which would otherwise all
+    fail alike, one by one."""
+    import torch
+
+    ids = [d.strip() for d in devices.split(",") if d.strip()]
+    if not ids or not all(d.isdigit() for d in ids):
+        raise KdcliError(f"--devices {devices}: give GPU indices, e.g. 0,1", hint="on a CPU, use --jobs N")
+    count = torch.cuda.device_count()
+    missing = sorted({d for d in ids if int(d) >= count}, key=int)
+    if missing:
+        seen = "no CUDA GPU is visible" if count == 0 else f"{count} GPU(s) visible (0-{count - 1})"
+        raise KdcliError(f"--devices {devices}: GPU {', '.join(missing)} not found: {seen}",
+                         hint="on a CPU, use --jobs N" if count == 0 else "check CUDA_VISIBLE_DEVICES")
+    return ids
+
+
+def _check_folds(s, required: bool) -> None:
+    """The study's folds must be folds of its dataset (read from its dataset.yaml), or every cell of the others
+    fails. `required=False` (--plan, for a scheduler elsewhere): checked only when the dataset is here."""
+    from kdcli import paths
+    from kdcli.data import coco
+    from kdcli.study.grid import Cell
+
+    dataset = paths.resolve_dataset(s.teacher_recipe(Cell("teacher", s.cfg.folds[0], s.cfg.seeds[0])).data.path)
+    if not required and not (dataset / coco.DATASET_YAML).is_file():
+        return
+    have = coco.read_dataset_yaml(dataset).get("folds") or []
+    missing = [f for f in s.cfg.folds if f not in have]
+    if missing:
+        has = f"has folds {_span(have)}" if have else "has no folds"
+        raise KdcliError(f"folds {_span(s.cfg.folds)}: the dataset {dataset} {has} ({_span(missing)} missing)",
+                         hint=f"set folds={_span(have)}" if have else "a study runs on a dataset with folds "
+                                                                   "(e.g. kdcli prepare vedai)")
+
+
+def _span(numbers: list[int]) -> str:
+    """`1,2,3,5` -> `1-3,5`: fold lists as the recipes write them."""
+    runs: list[list[int]] = []
+    for n in sorted(set(numbers)):
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
 def _show_status(s) -> None:
     from kdcli.study import runner
+    from kdcli.study.aggregate import finite
 
     st = runner.status(s)
     t = Table(title=f"study {s.cfg.name}: {len(st.done)} done, {len(st.todo)} to run ({s.dir})",
@@ -91,7 +145,8 @@ def _show_status(s) -> None:
     for c in s.cells():
         rec = st.records.get(c.key)
         if c in st.done:
-            t.add_row(c.id, "[green]done[/]", f"{rec['metrics'].get(s.cfg.metric, 0):.4f}", "")
+            value = finite(rec["metrics"].get(s.cfg.metric))
+            t.add_row(c.id, "[green]done[/]", "n/a" if value is None else f"{value:.4f}", "")
         else:
             state = f"[red]failed[/]: {rec.get('error', '')[:60]}" if rec else "to run"
             t.add_row(c.id, state, "", " ".join(runner.cell_command(s, c)))
@@ -101,11 +156,11 @@ def _show_status(s) -> None:
 def report(
     study_dirs: Annotated[list[Path], typer.Argument(help="Study dirs; dirs of the same study are merged, "
                                                           "different studies become columns.")],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write tables and plots [default: the "
-                                                               "study dir, or ./runs/report for several]."
-                                                 )] = None,
-    metric: Annotated[str | None, typer.Option("--metric", help="mAP50, mAP50-95, coco_AP50 or val_mAP50 "
-                                                                "[default: the study's].")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write tables and plots.",
+                                                 show_default="the study dir, or $KDCLI_RUNS/report for several")]
+    = None,
+    metric: Annotated[str | None, typer.Option("--metric", help="mAP50, mAP50-95, coco_AP50 or val_mAP50.",
+                                                  show_default="the study's")] = None,
     baseline: Annotated[str, typer.Option("--baseline", help="Configuration the gains are measured against.")]
     = "hard",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,

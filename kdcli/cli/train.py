@@ -146,13 +146,16 @@ def val(
 
 def info_model(
     models: Annotated[list[str], typer.Argument(help="One or two recipes or checkpoints (teacher first).")],
-    imgsz: Annotated[int | None, typer.Option("--imgsz", help="Input size for FLOPs [default: the recipe's].")]
+    imgsz: Annotated[int | None, typer.Option("--imgsz", help="Input size for FLOPs.",
+                                              show_default="the recipe's")]
     = None,
     classes: Annotated[int, typer.Option("--classes", help="Classes for a recipe without a dataset.")] = 8,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Parameters (backbone/neck/head), FLOPs, output shapes per level; with two models, the parameter ratio
     (the paper states 1.6 teacher/student).
+
+    A recipe names its trunk with model.backbone: {backbones}.
 
     Example: [bold]kdcli info model recipes/models/teacher_r50_pafpn.yaml recipes/models/student_r18_fpn.yaml[/]
     """

@@ -8,11 +8,16 @@ on_train_end (after the last epoch, or after an interruption).
 from __future__ import annotations
 
 import csv
+import functools
+import importlib.util
 from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
+
 from kdcli import atomic
+from kdcli.console import err
 
 if TYPE_CHECKING:
     from kdcli.engine.trainer import Trainer
@@ -88,14 +93,31 @@ def _tensorboard_tag(key: str) -> str:
     return key if key == "lr" else f"metrics/{key}"
 
 
+@functools.cache
+def _warn_broken_tensorboard(error: str) -> None:
+    """Once per process and error: the install is there, so its user expects logs that will not come."""
+    err.print(f"[yellow]warning:[/] TensorBoard is installed but does not work ({escape(error)}): training goes on "
+              "without TensorBoard logs (reinstall it: pip install 'kdcli\\[tensorboard]')", highlight=False,
+              soft_wrap=True)
+
+
+def _error_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 def tensorboard_logger(writer_factory: Callable[[str], Any] | None = None) -> Callbacks | None:
     """TensorBoard logging into <run dir>/tensorboard when tensorboard is installed (`kdcli[tensorboard]`): every
     loss term, lr, the validation metrics and times per epoch, and the val prediction image at each validation.
-    A study's cells each have a run dir, so `tensorboard --logdir runs/study/<name>` compares the cells."""
+    A study's cells each have a run dir, so `tensorboard --logdir runs/study/<name>` compares the cells.
+    Not installed: no logs, silently (it is optional). Installed but broken (its import or its writer fails):
+    training goes on without it, with one warning naming the error."""
     if writer_factory is None:
+        if importlib.util.find_spec("tensorboard") is None:
+            return None
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except Exception:  # noqa: BLE001 - missing or broken tensorboard install: no logging, training goes on
+        except Exception as e:  # noqa: BLE001 - a broken install fails in many ways (protobuf, numpy, ...)
+            _warn_broken_tensorboard(_error_line(e))
             return None
         writer_factory = SummaryWriter
     writers: dict[str, Any] = {}
@@ -106,8 +128,14 @@ def tensorboard_logger(writer_factory: Callable[[str], Any] | None = None) -> Ca
         from kdcli.engine.plots import prediction_image
 
         if "w" not in writers:
-            writers["w"] = writer_factory(str(trainer.run_dir / "tensorboard"))
+            try:
+                writers["w"] = writer_factory(str(trainer.run_dir / "tensorboard"))
+            except Exception as e:  # noqa: BLE001 - as for the import: a broken install must not stop training
+                _warn_broken_tensorboard(_error_line(e))
+                writers["w"] = None
         w, row = writers["w"], trainer.history[-1]
+        if w is None:
+            return
         for k, v in row.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch":
                 w.add_scalar(_tensorboard_tag(k), v, row["epoch"])
@@ -118,7 +146,7 @@ def tensorboard_logger(writer_factory: Callable[[str], Any] | None = None) -> Ca
         w.flush()
 
     def close(trainer: Trainer) -> None:
-        if "w" in writers:
+        if writers.get("w") is not None:
             writers.pop("w").close()
 
     cb = Callbacks()

@@ -11,6 +11,7 @@ torchvision and Ultralytics do; offline, the error says where to put the file.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,21 +73,53 @@ def fetch_weights(name: str) -> Path:
     return path
 
 
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in `path`, read with torch's safe (weights-only) reader; anything else is a one-line error.
+    torch's own message for a refused object advises switching the check off, which would run code from the file:
+    never pass that on."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types (EOFError, IndexError, ...) for garbage
+        if isinstance(e, pickle.UnpicklingError) and "unsupported global" in str(e).lower():
+            raise KdcliError(f"{path}: holds Python objects beyond tensors (a pickled model?), which kdcli's safe "
+                             "(weights-only) reader refuses to load",
+                             hint="save the model's state_dict() instead: torch.save(model.state_dict(), path)"
+                             ) from None
+        raise KdcliError(f"{path}: cannot read ImageNet weights (not a torch file, or a damaged one)") from None
+    if not isinstance(state, dict):
+        raise KdcliError(f"{path}: not a state dict (the file holds a {type(state).__name__}; expected parameter "
+                         "names mapped to tensors)")
+    odd = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise KdcliError(f"{path}: not a state dict (entry {odd!r} is not a tensor but {type(state[odd]).__name__})",
+                         hint="a training checkpoint wraps its weights: save just the state_dict()")
+    return state
+
+
 def load_pretrained(net: nn.Module, name: str, pretrained: bool | str) -> None:
     path = fetch_weights(name) if pretrained is True else Path(str(pretrained)).expanduser()
     if not path.is_file():
         raise KdcliError(f"ImageNet weights for {name} not found at {path}",
                          hint="set model.pretrained=true to use (and download) torchvision's file, or "
                               "model.pretrained=false to train from scratch")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
-        raise KdcliError(f"{path}: cannot read ImageNet weights ({type(e).__name__}: {e})") from None
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
+    state = {k: v for k, v in _read_state(path).items() if not k.startswith("fc.")}
+    own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    # checked here, not by load_state_dict: its shape error is a multi-line list of every tensor
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    other = "use the file made for model.backbone, or set model.backbone to the file's backbone"
+    if wrong:
+        k = wrong[0]
+        more = f" (and {len(wrong) - 1} more tensors of another shape)" if len(wrong) > 1 else ""
+        raise KdcliError(f"{path}: not {name} weights: {k}: {list(state[k].shape)} in the file, "
+                         f"{list(own[k].shape)} in {name}{more}",
+                         hint="kdcli's backbones take 3-band images" if k == "conv1.weight" else other)
     if missing or unexpected:
-        raise KdcliError(f"{path}: not {name} weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        parts = [f"{len(v)} {what} (e.g. {', '.join(v[:2])})"
+                 for v, what in ((missing, "missing"), (unexpected, "unexpected")) if v]
+        raise KdcliError(f"{path}: not {name} weights: {'; '.join(parts)}", hint=other)
+    net.load_state_dict(state, strict=False)
 
 
 class ResNetTrunk(nn.Module):

@@ -2,11 +2,13 @@
 cells (median over seeds of the mean over folds) and the paired gains over a baseline configuration.
 
 Several dirs of one study (e.g. the ledgers of scheduler jobs copied back from other machines) are merged; a
-cell recorded twice keeps its latest record.
+cell recorded twice keeps its latest record. A finished cell whose metric is not a finite number (NaN, inf, null:
+a run that diverged) is no measurement: it is left out of every statistic and listed with its study.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +39,44 @@ def load_studies(dirs: list[Path]) -> list[dict[str, Any]]:
     return list(studies.values())
 
 
-def values_by_config(study: dict[str, Any], metric: str) -> dict[str, dict[tuple[int, int], float]]:
-    """{config: {(fold, seed): value}} of the finished cells, configs in the study's order."""
-    order = list(study["cfg"].configs)
-    out: dict[str, dict[tuple[int, int], float]] = {c: {} for c in order}
+def finite(value: Any) -> float | None:
+    """`value` as a float when it is a finite number, else None."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _finished(study: dict[str, Any], metric: str) -> list[tuple[tuple[str, int, int], float | None]]:
+    """((config, fold, seed), finite value or None) of the finished cells, in key order."""
+    out = []
     for (config, fold, seed), r in sorted(study["records"].items()):
         if r.get("status") != "ok":
             continue
         if metric not in r["metrics"]:
             raise KdcliError(f"ledger record {config}/f{fold}/s{seed} has no metric '{metric}'",
                              hint=f"choose one of {', '.join(METRICS)}")
-        out.setdefault(config, {})[(fold, seed)] = float(r["metrics"][metric])
+        out.append(((config, fold, seed), finite(r["metrics"][metric])))
+    return out
+
+
+def values_by_config(study: dict[str, Any], metric: str) -> dict[str, dict[tuple[int, int], float]]:
+    """{config: {(fold, seed): value}} of the finished cells with a finite value, configs in the study's order."""
+    out: dict[str, dict[tuple[int, int], float]] = {c: {} for c in study["cfg"].configs}
+    for (config, fold, seed), v in _finished(study, metric):
+        if v is not None:
+            out.setdefault(config, {})[(fold, seed)] = v
+    return {c: v for c, v in out.items() if v}
+
+
+def not_finite(study: dict[str, Any], metric: str) -> dict[str, list[str]]:
+    """{config: ["f1/s0", ...]}: the finished cells whose metric is NaN, infinite or null, configs in the study's
+    order."""
+    out: dict[str, list[str]] = {c: [] for c in study["cfg"].configs}
+    for (config, fold, seed), v in _finished(study, metric):
+        if v is None:
+            out.setdefault(config, []).append(f"f{fold}/s{seed}")
     return {c: v for c, v in out.items() if v}
 
 
@@ -56,8 +85,10 @@ def image_intervals(study: dict[str, Any], metric: str) -> dict[str, list[float]
     for the configurations with a single finished cell (one fold, one seed), where it is the only error bar."""
     out: dict[str, list[float]] = {}
     for (config, _, _), r in study["records"].items():
-        if r.get("status") == "ok" and f"{metric}_ci95" in r.get("metrics", {}):
-            out[config] = [float(x) for x in r["metrics"][f"{metric}_ci95"]]
+        ci = r.get("metrics", {}).get(f"{metric}_ci95") if r.get("status") == "ok" else None
+        bounds = [finite(x) for x in ci or []]
+        if len(bounds) == 2 and None not in bounds:
+            out[config] = bounds  # type: ignore[assignment]
     return out
 
 
@@ -72,11 +103,14 @@ def summarize(dirs: list[Path], metric: str | None = None, baseline: str = "hard
         values = values_by_config(s, metric)
         failed = sorted(f"{c}/f{f}/s{sd}" for (c, f, sd), r in s["records"].items() if r.get("status") != "ok")
         expected = len(s["cfg"].configs) * len(s["cfg"].folds) * len(s["cfg"].seeds)
+        nan = not_finite(s, metric)
         rows.append({
             "name": s["name"], "dirs": s["dirs"], "dataset": s["cfg"].dataset, "split": s["cfg"].split,
             "folds": sorted({f for v in values.values() for f, _ in v}),
             "seeds": sorted({sd for v in values.values() for _, sd in v}),
             "cells_done": sum(len(v) for v in values.values()), "cells_expected": expected, "failed": failed,
+            "not_finite": nan,
+            "rows": [c for c in dict.fromkeys([*s["cfg"].configs, *values, *nan]) if c in values or c in nan],
             "configs": list(values),
             "table": {c: {**stats.cell(v), "cells": len(v),
                           **({"ci95": cis[c]} if len(v) == 1 and c in cis else {})}
@@ -86,6 +120,10 @@ def summarize(dirs: list[Path], metric: str | None = None, baseline: str = "hard
             "values": {c: [[f, sd, x] for (f, sd), x in sorted(v.items())] for c, v in values.items()},
         })
     if not any(r["values"] for r in rows):
+        nan = sum(len(v) for r in rows for v in r["not_finite"].values())
+        if nan:
+            raise KdcliError(f"{metric} is not a finite number (NaN) in every finished cell ({nan}) of "
+                             + ", ".join(map(str, dirs)), hint="the runs diverged: see their results.csv")
         raise KdcliError("no finished cells in " + ", ".join(map(str, dirs)),
                          hint="run `kdcli study` first (or check its ledger.jsonl)")
     return {"metric": metric, "baseline": baseline, "studies": rows}

@@ -1,6 +1,8 @@
 """`kdcli report`: the paper's table (rows = configurations, columns = studies; each cell the median over seeds
 of the mean over folds, min-max over seeds beside it) as Markdown, CSV and LaTeX; the gains over the baseline
 (paired by fold and seed) as Markdown and CSV; one box plot per study (PNG + SVG); everything as report.json.
+Cells whose metric is NaN are left out of the numbers and named in the notes; a configuration with nothing else
+reads "n/a" (a configuration a study did not run reads "-").
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from kdcli.study.plots import boxplot
 
 
 def _rows(rep: dict[str, Any]) -> list[str]:
-    """Every configuration of any study, in first-seen order."""
+    """Every configuration of any study with a finished cell (its numbers, or only NaN), in first-seen order."""
     rows: list[str] = []
     for s in rep["studies"]:
-        rows += [c for c in s["configs"] if c not in rows]
+        rows += [c for c in s["rows"] if c not in rows]
     return rows
 
 
@@ -29,12 +31,21 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
 
-def _cell_text(c: dict[str, Any] | None) -> str:
-    if c is None:
-        return "-"
+def _cell_text(c: dict[str, Any]) -> str:
     spread = f" ({_pct(c['min'])}–{_pct(c['max'])})" if c["seeds"] > 1 else ""
     ci = f" [{_pct(c['ci95'][0])}–{_pct(c['ci95'][1])}]" if "ci95" in c else ""
     return _pct(c["median"]) + spread + ci
+
+
+def _text(s: dict[str, Any], config: str) -> str:
+    if config in s["table"]:
+        return _cell_text(s["table"][config])
+    return "n/a" if config in s["not_finite"] else "-"
+
+
+def _nan_note(s: dict[str, Any], metric: str) -> str:
+    cells = [f"{c}/{x}" for c, xs in s["not_finite"].items() for x in xs]
+    return f"{metric} not a finite number in {len(cells)} cell(s), left out: {', '.join(cells)}" if cells else ""
 
 
 def _p(w: dict[str, Any]) -> str:
@@ -46,9 +57,9 @@ def table_markdown(rep: dict[str, Any]) -> str:
     head = [f"{rep['metric']} (%)"] + [s["name"] for s in studies]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(studies)) + "|"]
     for c in _rows(rep):
-        best = [max(s["table"].values(), key=lambda x: x["median"]) is s["table"].get(c) for s in studies]
-        cells = [(f"**{_cell_text(s['table'].get(c))}**" if b else _cell_text(s["table"].get(c)))
-                 for s, b in zip(studies, best)]
+        best = [bool(s["table"]) and max(s["table"].values(), key=lambda x: x["median"]) is s["table"].get(c)
+                for s in studies]
+        cells = [(f"**{_text(s, c)}**" if b else _text(s, c)) for s, b in zip(studies, best)]
         lines.append("| " + " | ".join([c, *cells]) + " |")
     notes = [f"Each cell: median over seeds of the mean over folds of {rep['metric']} on the "
              f"{'/'.join(sorted({s['split'] for s in studies}))} split, in %; (min–max over seeds). Bold: best "
@@ -59,7 +70,8 @@ def table_markdown(rep: dict[str, Any]) -> str:
     for s in studies:
         notes.append(f"{s['name']}: folds {','.join(map(str, s['folds']))}, seeds {','.join(map(str, s['seeds']))}"
                      f", {s['cells_done']}/{s['cells_expected']} cells" +
-                     (f", failed: {', '.join(s['failed'])}" if s["failed"] else ""))
+                     (f", failed: {', '.join(s['failed'])}" if s["failed"] else "") +
+                     (f"; {_nan_note(s, rep['metric'])}" if s["not_finite"] else ""))
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
@@ -94,7 +106,7 @@ def table_latex(rep: dict[str, Any]) -> str:
         cells = []
         for s in studies:
             x = s["table"].get(c)
-            text = _cell_text(x).replace("–", "--")
+            text = _text(s, c).replace("–", "--")
             best = x is not None and x is max(s["table"].values(), key=lambda y: y["median"])
             cells.append(rf"\textbf{{{text}}}" if best else text)
         lines.append(" & ".join([c.replace("_", r"\_"), *cells]) + r" \\")
@@ -107,15 +119,19 @@ def table_csv(rep: dict[str, Any]) -> str:
     w = csv.writer(buf)
     w.writerow(["study", "config", "metric", "median", "min", "max", "q1", "q3", "seeds", "cells", "images_ci_low",
                 "images_ci_high", "gain_mean", "gain_ci_low", "gain_ci_high", "wilcoxon_p", "wilcoxon_method",
-                "win_rate"])
+                "win_rate", "cells_not_finite"])
     for s in rep["studies"]:
-        for c in s["configs"]:
+        for c in s["rows"]:
+            nan = len(s["not_finite"].get(c, []))
+            if c not in s["table"]:  # only NaN cells: no numbers
+                w.writerow([s["name"], c, rep["metric"], *[""] * 6, 0, *[""] * 8, nan])
+                continue
             t, g = s["table"][c], s["gains"].get(c, {})
             gain = [g["mean_gain"], *g["ci95"], g["wilcoxon"]["p"], g["wilcoxon"]["method"], g["win_rate"]] \
                 if g.get("pairs") else [""] * 6
             w.writerow([s["name"], c, rep["metric"], *(round(t[k], 6) for k in ("median", "min", "max", "q1", "q3")),
                         t["seeds"], t["cells"], *([round(x, 6) for x in t["ci95"]] if "ci95" in t else ["", ""]),
-                        *(round(x, 6) if isinstance(x, float) else x for x in gain)])
+                        *(round(x, 6) if isinstance(x, float) else x for x in gain), nan])
     return buf.getvalue()
 
 
@@ -145,8 +161,11 @@ def print_report(rep: dict[str, Any]) -> None:
     for s in studies:
         t.add_column(s["name"], justify="right")
     for c in _rows(rep):
-        t.add_row(c, *(_cell_text(s["table"].get(c)) for s in studies))
+        t.add_row(c, *(_text(s, c) for s in studies))
     out.print(t)
+    for s in studies:
+        if s["not_finite"]:
+            out.print(f"[yellow]{s['name']}:[/] {_nan_note(s, rep['metric'])}", highlight=False, soft_wrap=True)
     for s in studies:
         if not s["gains"]:
             continue

@@ -70,6 +70,11 @@ def coco_case(id: str, change: Callable[[dict[str, Any]], Any], fragment: str) -
                 fragment, {"ann.json": coco_with(change), "imgs/a.png": "PNG", "imgs/b.png": "PNG"})
 
 
+# a study on a dataset dir (under KDCLI_DATASETS) that declares folds 1 and 2
+TINY_STUDY = {"datasets/ds/dataset.yaml": "name: ds\nclasses: [car]\nfolds: [1, 2]\n",
+              "t.yaml": "data: {path: ds, fold: 1}\n", "s.yaml": "model: {channels: 16}\n",
+              "st.yaml": "teacher: t.yaml\nstudent: s.yaml\nconfigs: [teacher, hard]\nfolds: 1-2\n"}
+
 CASES = [
     # prepare coco: structure
     coco_case("coco-top-level-list", lambda d: [d], "top level is a list"),
@@ -143,6 +148,17 @@ CASES = [
          {"a.png": "PNG"}),
     Case("predict-bad-percentiles", ["predict", "{tmp}/best.pt", "{tmp}/a.png", "--percentiles", "98,2"],
          "--percentiles 98,2", {"a.png": "PNG"}),
+    Case("predict-band-zero", ["predict", "{tmp}/best.pt", "{tmp}/a.png", "--bands", "0,1,2"],
+         "--bands 0,1,2: bands are numbered from 1 (as in GDAL)", {"a.png": "PNG"}),
+    Case("predict-two-bands", ["predict", "{tmp}/best.pt", "{tmp}/a.png", "--bands", "1,2"],
+         "--bands 1,2: the model takes 3 bands, or 1 repeated to 3; 2 given", {"a.png": "PNG"}),
+    Case("predict-four-bands", ["predict", "{tmp}/best.pt", "{tmp}/a.png", "--bands", "1,2,3,4"],
+         "--bands 1,2,3,4: the model takes 3 bands, or 1 repeated to 3; 4 given", {"a.png": "PNG"}),
+    Case("predict-out-not-empty", ["predict", "{tmp}/best.pt", "{tmp}/a.png", "--out", "{tmp}/old"],
+         "old: the folder is not empty (an earlier run's outputs would mix", {"a.png": "PNG", "old/x.geojson": "{}"}),
+    Case("predict-force-not-a-predict-folder", ["predict", "{tmp}/best.pt", "{tmp}/a.png", "--out", "{tmp}/mine",
+                                                "--force"], "mine: not the folder of an earlier `kdcli predict`",
+         {"a.png": "PNG", "mine/notes.txt": "keep"}),
     Case("export-out-under-a-file", ["export", "{tmp}/best.pt", "--out", "{tmp}/afile/m.onnx"],
          "afile: the output folder exists as a file", {"afile": "keep", "best.pt": "x"}),
     Case("export-out-is-a-folder", ["export", "{tmp}/best.pt", "--out", "{tmp}/sub"], "a folder; give the output",
@@ -160,7 +176,7 @@ CASES = [
     Case("prepare-dota-bad-preset", ["prepare", "dota", "--src", "{tmp}/d", "--classes", "cars"],
          "unknown DOTA preset", {"d/images/a.png": "PNG", "d/labelTxt/a.txt": "1 1 9 1 9 9 1 9 plane 0\n"}),
     Case("prepare-yolo-missing", ["prepare", "yolo", "--src", "{tmp}/none"], "YOLO dataset not found at"),
-    Case("prepare-yolo-bad-yaml", ["prepare", "yolo", "--src", "{tmp}/y"], "data.yaml: cannot read",
+    Case("prepare-yolo-bad-yaml", ["prepare", "yolo", "--src", "{tmp}/y"], "data.yaml:2: invalid YAML",
          {"y/data.yaml": "train: [a\nnames: x\n"}),
     Case("prepare-yolo-names-missing", ["prepare", "yolo", "--src", "{tmp}/y", "--names", "{tmp}/n.txt"],
          "n.txt: names file not found", {"y/a.png": "PNG"}),
@@ -169,6 +185,14 @@ CASES = [
     Case("prepare-synthetic-no-images", ["prepare", "synthetic", "--images", "0", "--out", "{tmp}/x"],
          "--images must be >= 1"),
     Case("study-recipe-missing", ["study", "{tmp}/nostudy.yaml"], "recipe not found"),
+    Case("study-devices-missing", ["study", "{tmp}/st.yaml", "--devices", "99", "--per-device", "1000"],
+         "--devices 99: GPU 99 not found", TINY_STUDY),
+    Case("study-devices-not-indices", ["study", "{tmp}/st.yaml", "--devices", "cuda:0"],
+         "--devices cuda:0: give GPU indices", TINY_STUDY),
+    Case("study-folds-beyond-dataset", ["study", "{tmp}/st.yaml", "folds=1-20", "--dry-run"],
+         "folds 1-20: the dataset", TINY_STUDY),
+    Case("study-folds-beyond-dataset-hint", ["study", "{tmp}/st.yaml", "folds=2-3", "--dry-run"],
+         "has folds 1-2 (3 missing) hint: set folds=1-2", TINY_STUDY),
     Case("report-not-a-study", ["report", "{tmp}"], "not a study directory"),
     Case("distill-teacher-missing", ["distill", "--teacher", "{tmp}/t.pt"], "t.pt: checkpoint not found"),
     Case("train-recipe-missing", ["train", "no_such_recipe"], "recipe not found: no_such_recipe"),
@@ -306,3 +330,59 @@ def test_a_checkpoint_lacking_a_field_names_it(tiny_checkpoint: Path, tmp_path: 
     r = runner.invoke(app, ["val", str(tmp_path / "old.pt")], terminal_width=200)
     flat = " ".join(r.output.split())
     assert r.exit_code == 2 and "old.pt: not a valid kdcli checkpoint: field 'model.classes' missing" in flat, r.output
+
+
+def test_a_forced_distillation_resumes_forced(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`distill --force` past a weak teacher, stopped in its first epoch: `--resume` (without --force) checks the
+    teacher again, and must not refuse what the run was started to accept."""
+    import torch
+
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    r = runner.invoke(app, ["distill", "--teacher", str(tiny_checkpoint), "--force", "distill.teacher_min_map=0.99",
+                            "train.epochs=1", "train.max_batches=1", "--json"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    last = Path(json.loads(r.output.strip().splitlines()[-1])["run_dir"]) / "weights" / "last.pt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    ckpt["train_state"]["epoch"] = 0  # as if stopped before its first epoch ended
+    torch.save(ckpt, last)
+    r = runner.invoke(app, ["distill", "--resume", str(last)], terminal_width=200)
+    assert r.exit_code == 0 and "teacher mAP50" in r.output and "looks untrained" not in r.output, r.output
+
+
+def _weights(kind: str, path: Path) -> None:
+    import torch
+    import torchvision
+
+    if kind == "list":
+        torch.save([1, 2, 3], path)
+    elif kind == "resnet50":
+        torch.save(torchvision.models.resnet50().state_dict(), path)
+    elif kind == "4-band":
+        state = torchvision.models.resnet18().state_dict()
+        state["conv1.weight"] = torch.zeros(64, 4, 7, 7)
+        torch.save(state, path)
+    elif kind == "module":
+        torch.save(torch.nn.Conv2d(3, 8, 3), path)
+    else:
+        path.write_bytes(bytes(range(256)) * 4)
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("list", "w.pth: not a state dict (the file holds a list"),
+    ("resnet50", "w.pth: not resnet18 weights: layer1.0.conv1.weight: [64, 64, 1, 1] in the file, [64, 64, 3, 3] "
+                 "in resnet18 (and 22 more tensors of another shape)"),
+    ("4-band", "w.pth: not resnet18 weights: conv1.weight: [64, 4, 7, 7] in the file, [64, 3, 7, 7] in resnet18 "
+               "hint: kdcli's backbones take 3-band images"),
+    ("module", "w.pth: holds Python objects beyond tensors (a pickled model?)"),
+    ("bytes", "w.pth: cannot read ImageNet weights (not a torch file, or a damaged one)")])
+def test_imagenet_weights_that_do_not_fit_are_named_in_one_line(kind: str, fragment: str, vedai25: Path,
+                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    _weights(kind, tmp_path / "w.pth")
+    before = _snapshot(tmp_path)
+    r = runner.invoke(app, ["train", "recipes/train/synthetic_student.yaml", f"data.path={vedai25}",
+                            f"model.pretrained={tmp_path / 'w.pth'}", "model.channels=16"], terminal_width=400)
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and fragment in flat and "internal error" not in flat, r.output
+    assert len(r.output.strip().splitlines()) <= 2 and "weights_only" not in flat, r.output  # error + hint
+    assert _snapshot(tmp_path) == before

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from kdcli.cli.app import app
-from kdcli.deploy.export import Raw, real_inputs
+from kdcli.deploy.export import Raw, parity_inputs
 from kdcli.engine import checkpoint
 
 onnx = pytest.importorskip("onnx")
@@ -28,7 +28,7 @@ def _export(tmp_path: Path, weights: Path, *args: str) -> dict:
 def test_onnx_parity_dynamic_batch_and_metadata(tmp_path: Path, tiny_checkpoint: Path):
     out = tmp_path / "m.onnx"
     res = _export(tmp_path, tiny_checkpoint, "--format", "onnx", "--out", str(out))
-    assert res["max_abs_diff"] <= 1e-3 and res["inputs"] >= 1
+    assert res["max_abs_diff"] <= 1e-3 and res["inputs"] >= 1 and res["inputs_from"].endswith("fold01_val")
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     ckpt = checkpoint.load(tiny_checkpoint)
     assert json.loads(meta["kdcli_classes"]) == ckpt.model.classes
@@ -36,7 +36,7 @@ def test_onnx_parity_dynamic_batch_and_metadata(tmp_path: Path, tiny_checkpoint:
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     model = checkpoint.model_from_checkpoint(ckpt, str(tiny_checkpoint)).eval()
     raw = Raw(model, ckpt.model.imgsz).eval()
-    x = real_inputs(ckpt, 3).float()
+    x = parity_inputs(ckpt, 3)[0].float()
     for n in (1, 3):  # batch sizes other than the export's
         boxes, scores = sess.run(None, {"images": x[:n].numpy()})
         with torch.no_grad():
@@ -53,7 +53,7 @@ def test_other_variants_pass_parity(tmp_path: Path, tiny_checkpoint: Path, args:
     assert res["max_abs_diff"] <= res["tolerance"] and Path(res["file"]).stat().st_size > 10_000
     if "--nms" in args:
         sess = ort.InferenceSession(res["file"], providers=["CPUExecutionProvider"])
-        x = real_inputs(checkpoint.load(tiny_checkpoint), 2).float().numpy()
+        x = parity_inputs(checkpoint.load(tiny_checkpoint), 2)[0].float().numpy()
         (det,) = sess.run(None, {"images": x})
         assert det.ndim == 2 and det.shape[1] == 7 and set(np.unique(det[:, 0])) <= {0.0, 1.0}
 
@@ -64,6 +64,17 @@ def test_parity_failure_is_loud(tmp_path: Path, tiny_checkpoint: Path):
     assert res.exit_code == 1 and "parity check failed" in res.output
     res = CliRunner().invoke(app, ["export", str(tiny_checkpoint), "--format", "tflite"])
     assert res.exit_code == 2 and "use onnx or torchscript" in res.output
+
+
+def test_parity_says_when_it_fell_back_to_random_pixels(tmp_path: Path, tiny_checkpoint: Path):
+    ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    ckpt["data"]["path"] = str(tmp_path / "moved-away")
+    torch.save(ckpt, tmp_path / "best.pt")
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "best.pt"), "--format", "torchscript"],
+                             terminal_width=200)
+    flat = " ".join(res.output.split())
+    assert res.exit_code == 0 and "real images" not in flat, res.output
+    assert f"parity on 2 images (random pixels: the dataset {tmp_path / 'moved-away'} is not readable here)" in flat
 
 
 @pytest.mark.slow

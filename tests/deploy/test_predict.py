@@ -142,3 +142,17 @@ def test_float_tiff_with_nodata_nan_is_scaled_without_numpy_warnings(tmp_path: P
     tifffile.imwrite(tmp_path / "g.tif", arr, photometric="rgb")
     with pytest.raises(KdcliError, match=r"band\(s\) 2 hold no finite value"):
         open_raster(tmp_path / "g.tif")
+
+
+def test_a_second_run_into_the_same_out_is_refused_or_replaces_it_whole(tmp_path: Path, tiny_checkpoint: Path):
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "a.png")
+    out = tmp_path / "pred"
+    args = ["predict", str(tiny_checkpoint), str(tmp_path / "a.png"), "--out", str(out), "--no-draw"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    (out / "stale.geojson").write_text("{}")  # as if an earlier run predicted another image here
+    res = CliRunner().invoke(app, args, terminal_width=200)
+    assert res.exit_code == 2 and "the folder is not empty" in res.output and "--force" in res.output
+    res = CliRunner().invoke(app, [*args, "--force", "--bands", "2"])  # one band, repeated to three
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.geojson", "images.json", "predictions.json"]

@@ -48,3 +48,43 @@ def test_every_loss_term_lr_map_and_the_val_image_reach_tensorboard(vedai25: Pat
     assert w.scalars["metrics/mAP50"][-1][1] == float(last[header.index("mAP50")])  # the same figure as results.csv
     assert [(tag, step) for tag, step, _, _ in w.images] == [("val/predictions", 1), ("val/predictions", 2)]
     assert all(len(shape) == 3 and shape[2] == 3 and fmt == "HWC" for _, _, shape, fmt in w.images)
+
+
+def test_a_broken_tensorboard_install_warns_once_and_training_goes_on(tmp_path: Path, monkeypatch, capsys):
+    import sys
+    from types import SimpleNamespace
+
+    from kdcli.engine import callbacks
+
+    fake = tmp_path / "site" / "tensorboard"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('protobuf 5 is too new\\nsecond line of advice')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in ("tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    callbacks._warn_broken_tensorboard.cache_clear()
+    assert tensorboard_logger() is None and tensorboard_logger() is None  # no logger, no exception
+    text = " ".join(capsys.readouterr().err.split())
+    assert text.count("warning: TensorBoard is installed but does not work") == 1, text  # once, not per run
+    assert "ImportError: protobuf 5 is too new" in text and "second line" not in text
+
+    def failing_writer(logdir: str) -> Any:
+        raise RuntimeError("cannot create event file")
+
+    cb = tensorboard_logger(failing_writer)
+    trainer = SimpleNamespace(run_dir=tmp_path, history=[{"epoch": 1, "loss_total": 1.0}], val_samples=None)
+    for _ in range(2):
+        cb.run("on_epoch_end", trainer)
+    cb.run("on_train_end", trainer)
+    text = " ".join(capsys.readouterr().err.split())
+    assert text.count("RuntimeError: cannot create event file") == 1, text
+
+
+def test_tensorboard_not_installed_is_silent(monkeypatch, capsys):
+    import importlib.util
+
+    from kdcli.engine import callbacks
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    callbacks._warn_broken_tensorboard.cache_clear()
+    assert tensorboard_logger() is None and capsys.readouterr().err == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,30 @@ def test_report_skips_ledger_lines_of_the_wrong_shape(tmp_path: Path):
     assert all(f"ledger.jsonl:{n}: ledger line skipped" in res.stderr for n in range(4, 9))
     s = json.loads(res.stdout)["studies"][0]
     assert s["table"]["hard"]["median"] == pytest.approx(0.25)  # the bad lines changed nothing
+
+
+def test_a_nan_metric_is_left_out_counted_and_shown_as_n_a(tmp_path: Path):
+    values = {**VALUES, ("hard+pdf", 2, 2): float("nan"), **{k: float("nan") for k in VALUES if k[0] == "teacher"}}
+    d = write_study(tmp_path / "toy", values=values)
+    res = CliRunner().invoke(app, ["report", str(d)], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    printed = " ".join(res.output.split())
+    assert not re.search(r"\bnan\b", printed.replace(str(tmp_path), ""), re.I)  # no "+nan" gain, no "nan" cell
+    assert "mAP50 not a finite number in 7 cell(s), left out: teacher/f1/s0" in printed and "hard+pdf/f2/s2" in printed
+    rep = json.loads((d / "report.json").read_text())
+    (s,) = rep["studies"]
+    diffs = [VALUES[("hard+pdf", f, sd)] - VALUES[("hard", f, sd)] for f in (1, 2) for sd in (0, 1, 2) if (f, sd)
+             != (2, 2)]
+    assert s["gains"]["hard+pdf"]["pairs"] == 5 and s["gains"]["hard+pdf"]["mean_gain"] == pytest.approx(np.mean(diffs))
+    # seed 2 of hard+pdf has fold 1 only: its per-seed mean is 0.27; seeds 0, 1: 0.27, 0.315 -> median 0.27
+    assert s["table"]["hard+pdf"]["median"] == pytest.approx(0.27) and s["cells_done"] == 11
+    assert s["not_finite"] == {"teacher": [f"f{f}/s{sd}" for f in (1, 2) for sd in (0, 1, 2)], "hard+pdf": ["f2/s2"]}
+    md = (d / "table.md").read_text()
+    assert "| teacher | n/a |" in md and not re.search(r"\bnan\b", md, re.I)
+    rows = {r["config"]: r for r in csv.DictReader((d / "table.csv").read_text().splitlines())}
+    assert rows["teacher"]["median"] == "" and rows["teacher"]["cells_not_finite"] == "6"
+    assert rows["hard+pdf"]["cells_not_finite"] == "1" and float(rows["hard+pdf"]["gain_mean"]) == pytest.approx(
+        np.mean(diffs), abs=1e-6)
+    every = write_study(tmp_path / "all", values={k: float("nan") for k in VALUES})
+    res = CliRunner().invoke(app, ["report", str(every)], terminal_width=200)
+    assert res.exit_code == 2 and "not a finite number (NaN) in every finished cell (18)" in res.output, res.output
