@@ -25,17 +25,6 @@ def _ints(text: str | None, what: str) -> list[int] | None:
         raise KdcliError(f"{what}: '{text}' is not a comma-separated list of integers") from None
 
 
-def _bands(text: str | None) -> list[int] | None:
-    """The --bands list, checked before the model loads: the model takes 3 bands (`Raster.read` repeats one)."""
-    chosen = _ints(text, "--bands")
-    if chosen and min(chosen) < 1:
-        raise KdcliError(f"--bands {text}: bands are numbered from 1 (as in GDAL), e.g. --bands 1,2,3")
-    if chosen and len(chosen) not in (1, 3):
-        raise KdcliError(f"--bands {text}: the model takes 3 bands, or 1 repeated to 3; {len(chosen)} given",
-                         hint="choose three, e.g. --bands 4,3,2, or one, e.g. --bands 1")
-    return chosen
-
-
 def predict(
     weights: Annotated[Path, typer.Argument(help="Checkpoint (best.pt), or an ONNX model from `kdcli export` "
                                                  "(needs onnxruntime).")],
@@ -86,7 +75,7 @@ def predict(
     Example: [bold]kdcli predict best.pt scene.tif --slice 512 --overlap 0.2 --bands 3,2,1[/]
     """
     from kdcli.data import coco
-    from kdcli.data.rasters import open_raster
+    from kdcli.data.rasters import open_raster, parse_bands
     from kdcli.deploy.predict import Predictor, expand_sources, write_outputs
     from kdcli.engine import checkpoint, distributed
     from kdcli.engine.trainer import unique_run_dir
@@ -105,7 +94,7 @@ def predict(
         raise KdcliError("--split reads the dataset from a kdcli checkpoint: give the .pt", hint="or list the images")
     if not 0 <= overlap < 1:
         raise KdcliError(f"--overlap {overlap}: give a fraction in [0, 1)")
-    band_list = _bands(bands)
+    band_list = parse_bands(bands)  # checked before the model loads
     if out_dir is not None:
         _check_out(out_dir, force)
     dev = distributed.resolve_device(device)

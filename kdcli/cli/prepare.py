@@ -57,8 +57,10 @@ def _summary(meta: dict[str, Any], out_dir: Path) -> None:
         for reason, d in meta["dropped"].items():
             t.add_row(reason, str(d["count"]), d.get("example", ""))
         err.print(t)
-    out.print(f"[green]dataset written:[/] {out_dir}  ({meta.get('images', 0)} images, {len(meta['classes'])} "
-              f"classes: {', '.join(meta['classes'])})", highlight=False, soft_wrap=True)
+    what = (f"{len(meta['classes'])} classes: {', '.join(meta['classes'])}" if meta["classes"] else
+            f"unlabelled, for distill.unlabeled={out_dir}")
+    out.print(f"[green]dataset written:[/] {out_dir}  ({meta.get('images', 0)} images, {what})", highlight=False,
+              soft_wrap=True)
 
 
 def _parameter(name: str, kind: Any, default: Any, flags: tuple[str, ...], help: str, required: bool = False,

@@ -121,8 +121,10 @@ def _missing_split_hint(dataset_dir: Path, split: str, fold: int | None) -> str:
 def read_dataset_yaml(dataset_dir: str | Path) -> dict[str, Any]:
     path = Path(dataset_dir) / DATASET_YAML
     if not path.is_file():
+        from kdcli.data.sources import discover  # the source modules import this module
+
         raise KdcliError(f"{path}: not a kdcli dataset dir (no {DATASET_YAML})",
-                         hint="prepare one with `kdcli prepare vedai|xview|voc|coco`")
+                         hint=f"prepare one with `kdcli prepare {'|'.join(sorted(discover()))}`")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

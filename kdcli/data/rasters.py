@@ -21,6 +21,22 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SAMPLE_PIXELS = 1_000_000  # pixels sampled for the percentile statistics
 
 
+def parse_bands(text: str | None, option: str = "--bands") -> list[int] | None:
+    """A band choice as typed (`4,3,2`, 1-based as in GDAL, order kept): 3 bands, or 1 repeated to 3."""
+    if not text:
+        return None
+    try:
+        chosen = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KdcliError(f"{option} {text}: not a comma-separated list of band numbers") from None
+    if min(chosen, default=1) < 1:
+        raise KdcliError(f"{option} {text}: bands are numbered from 1 (as in GDAL), e.g. {option} 1,2,3")
+    if len(chosen) not in (1, 3):
+        raise KdcliError(f"{option} {text}: the model takes 3 bands, or 1 repeated to 3; {len(chosen)} given",
+                         hint=f"choose three, e.g. {option} 4,3,2, or one, e.g. {option} 1")
+    return chosen
+
+
 @dataclass
 class Raster:
     path: Path

@@ -98,9 +98,6 @@ class DistillTrainer(Trainer):
         dataset, or `DIR[:SPLIT]` (a dataset dir from `kdcli prepare images`, split `unlabeled` by default)."""
         r, cfg = self.recipe, self.recipe.distill
         d = r.data
-        if cfg.labels == "hard" and cfg.method == "none":
-            raise KdcliError(f"distill.unlabeled={cfg.unlabeled}: a `hard` student learns from labels only and would "
-                             "never look at the pool", hint="give the pool to a student with soft labels or a method")
         transform = train_transform(r.augment, d.imgsz, d.letterbox)
         if cfg.unlabeled == "rest":
             if not self.unlabeled_records:
@@ -169,6 +166,12 @@ class DistillTrainer(Trainer):
         super().set_epoch(epoch)
         if self.pool is not None:
             self.pool.epoch = epoch
+
+    def check_recipe(self) -> None:
+        cfg = self.recipe.distill
+        if cfg.unlabeled is not None and cfg.labels == "hard" and cfg.method == "none":
+            raise KdcliError(f"distill.unlabeled={cfg.unlabeled}: a `hard` student learns from labels only and would "
+                             "never look at the pool", hint="give the pool to a student with soft labels or a method")
 
     def forward_modules(self) -> list[nn.Module]:
         return [self.model, self.teacher]

@@ -173,6 +173,7 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         r, t = self.recipe, self.recipe.train
+        self.check_recipe()
         seed_everything(r.seed, t.deterministic)
         self.device = dist.resolve_device(t.device)
         dist.init(self.device)
@@ -236,13 +237,16 @@ class Trainer:
         r = self.recipe
         return build_detector(r.model, len(self.classes), r.data.imgsz, r.data.anchor_size)
 
-    def build_extra(self) -> None:
-        """Hook: more modules trained beside the model (distillation adapters). A plain training run learns from
-        labels only: it refuses an unlabelled pool."""
+    def check_recipe(self) -> None:
+        """Hook: refuse a recipe this task cannot run, before anything is read. A plain training run learns from
+        labels only: no unlabelled pool."""
         if self.recipe.distill.unlabeled is not None:
             raise KdcliError(f"distill.unlabeled={self.recipe.distill.unlabeled}: a pool of unlabelled images is for "
                              "`kdcli distill`; `kdcli train` learns from the labelled images only",
                              hint="drop distill.unlabeled, or distil a student with it")
+
+    def build_extra(self) -> None:
+        """Hook: more modules trained beside the model (distillation adapters)."""
 
     def forward_modules(self) -> list[nn.Module]:
         """Hook: the networks that take the images (distillation: the teacher too)."""

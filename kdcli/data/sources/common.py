@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections import Counter
 from collections.abc import Iterable
@@ -123,5 +124,23 @@ def parse_int_list(text: str, what: str) -> list[int]:
     except ValueError:
         raise KdcliError(f"{what}: cannot read '{text}' as numbers", hint="write e.g. 1-5 or 1,3,5") from None
     return sorted(set(values))
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def walk_images(folder: Path) -> list[Path]:
+    """Image files under `folder`, sorted. Links to folders are followed (`Path.rglob` skips them, losing a
+    linked folder of images without a word), each real folder visited once so that a link loop ends."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        found += [Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
 
 SYNTHETIC_MARKER = "KDCLI_SYNTHETIC"  # file `kdcli prepare synthetic` leaves in a raw folder it wrote

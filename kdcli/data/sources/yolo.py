@@ -18,7 +18,6 @@ is carved from train when there is none.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,11 @@ from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.images import place
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
-from kdcli.data.sources.common import SYNTHETIC_MARKER, finite_box, fitted_box, probed_size, val_split
+from kdcli.data.sources.common import (IMAGE_SUFFIXES, SYNTHETIC_MARKER, finite_box, fitted_box, probed_size,
+                                       val_split, walk_images)
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLITS = ("train", "val", "test")
 
 
@@ -83,20 +82,6 @@ def label_path(image: Path) -> Path:
             parts[i] = "labels"
             return Path(*parts).with_suffix(".txt")
     return image.with_suffix(".txt")
-
-
-def walk_images(folder: Path) -> list[Path]:
-    """Image files under `folder`, sorted. Links to folders are followed (`Path.rglob` skips them, losing a
-    linked folder of images without a word), each real folder visited once so that a link loop ends."""
-    found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames.clear()
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        found += [Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(found)
 
 
 def is_image_list(path: Path) -> bool:
