@@ -30,8 +30,10 @@ def benchmark(
     reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Also time torchvision's "
                                                                                "retinanet_resnet50_fpn.")] = True,
     distill: Annotated[bool, typer.Option("--distill", help="Also time the distillation rows against the hard "
-                                                           "student (hard+soft, soft, and hard+ or soft+ each of "
-                                                           "{methods}; first --model = teacher, second = student).")]
+                                                           "student (hard+soft, soft, hard+ or soft+ each of "
+                                                           "{methods}, and hard+soft and hard+pdf with as many "
+                                                           "unlabelled pool images; first --model = teacher, second "
+                                                           "= student).")]
     = False,
     inference: Annotated[bool, typer.Option("--inference/--no-inference", help="Time forward + postprocess: "
                                                                                "latency at batch 1, throughput at "
@@ -181,8 +183,9 @@ def _print(result: dict, batch: int, dev, distill: bool) -> None:
         t = Table(title=f"distillation step vs hard student (same batch); teacher fwd {d['teacher_fwd_gflops']} "
                         f"GFLOPs, backbone+neck only {d['teacher_backbone_neck_gflops']} "
                         f"(saves {d['truncation_saving']:.0%})", title_justify="left")
-        for col in ("row", "teacher runs", "step s", "time ratio", "FLOP ratio"):
+        for col in ("row", "teacher runs", "images", "step s", "time ratio", "FLOP ratio"):
             t.add_column(col, justify="left" if col in ("row", "teacher runs") else "right")
         for r in d["rows"]:
-            t.add_row(r["row"], r["teacher"], f"{r['step_s']:.3f}", f"{r['time_ratio']:.2f}", f"{r['flop_ratio']:.2f}")
+            t.add_row(r["row"], r["teacher"], str(r["images"]), f"{r['step_s']:.3f}", f"{r['time_ratio']:.2f}",
+                      f"{r['flop_ratio']:.2f}")
         out.print(t)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, create_model, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, create_model, field_validator, model_validator
 
 from kdcli.config.base import Device, Strict
 
@@ -275,6 +275,9 @@ class StudyConfig(Strict):
     dataset: str | None = Field(None, description="dataset dir for every cell (default: the teacher recipe's)")
     teacher: str = Field(..., description="train recipe of the teacher")
     student: str = Field(..., description="distill recipe of the students")
+    variants: dict[str, list[str]] = Field(default_factory=dict, description="named key=value sets a student row "
+                                           "takes with `@NAME` (e.g. pool: [distill.unlabeled=rest] makes "
+                                           "hard+pdf@pool the pooled twin of hard+pdf)")
     configs: list[str] = Field(default_factory=lambda: list(PAPER_CONFIGS),
                                description="rows: teacher, hard, hard+soft, hard+mse, ... (default: the paper's ten)")
     folds: IntList = Field(default_factory=lambda: [1], description="folds, e.g. 1-5")
@@ -282,18 +285,17 @@ class StudyConfig(Strict):
     overrides: list[str] = Field(default_factory=list, description="key=value for every cell")
     teacher_overrides: list[str] = Field(default_factory=list, description="key=value for the teachers only")
     student_overrides: list[str] = Field(default_factory=list, description="key=value for the students only")
-    variants: dict[str, list[str]] = Field(default_factory=dict, description="named key=value sets a student row "
-                                           "takes with `@NAME` (e.g. pool: [distill.unlabeled=rest] makes "
-                                           "hard+pdf@pool the pooled twin of hard+pdf)")
     split: str = Field("test", description="split every cell is evaluated on for the tables")
     metric: str = Field("mAP50", description="headline metric of tables and plots")
 
     @field_validator("configs")
     @classmethod
-    def _check_configs(cls, configs: list[str]) -> list[str]:
+    def _check_configs(cls, configs: list[str], info: ValidationInfo) -> list[str]:
+        variants = info.data.get("variants") or {}
         for c in configs:
             if c == "teacher":
                 continue
+            cls._check_variant(c, variants)
             labels, method = StudyConfig.labels_method(c.partition("@")[0])
             if not labels:
                 raise ValueError(f"'{c}' is not teacher, LABELS or LABELS+METHOD[+METHOD...] "
@@ -306,14 +308,17 @@ class StudyConfig(Strict):
             raise ValueError("a configuration is listed twice")
         return configs
 
-    @model_validator(mode="after")
-    def _check_variants(self) -> StudyConfig:
-        for c in self.configs:
-            variant = c.partition("@")[2]
-            if "@" in c and variant not in self.variants:
-                raise ValueError(f"configuration '{c}': no variant '{variant}' (variants: "
-                                 f"{', '.join(self.variants) or 'none declared'})")
-        return self
+    @staticmethod
+    def _check_variant(config: str, variants: dict[str, list[str]]) -> None:
+        row, at, variant = config.partition("@")
+        if at and variant not in variants:
+            raise ValueError(f"configuration '{config}': no variant '{variant}' (variants: "
+                             f"{', '.join(variants) or 'none declared'})")
+        pool = any(o.startswith("distill.unlabeled=") and o.partition("=")[2] not in ("", "null")
+                   for o in variants.get(variant, []))
+        if pool and row == "hard":
+            raise ValueError(f"configuration '{config}': a `hard` row learns from labels only and never sees an "
+                             "unlabelled pool")
 
     @field_validator("folds", "seeds")
     @classmethod

@@ -136,13 +136,15 @@ def torchvision_reference(imgsz: int, batch: int, device: torch.device, amp: tor
             else None, "amp": str(amp).split(".")[-1] if amp else "off"}
 
 
-def distill_rows() -> list[tuple[str, str]]:
-    """hard, hard+soft, hard+METHOD for every registered feature method, soft, soft+METHOD."""
+def distill_rows() -> list[tuple[str, str, bool]]:
+    """(labels, method, pooled): hard, hard+soft, hard+METHOD for every registered feature method, soft, soft+METHOD,
+    then hard+soft and hard+pdf with an unlabelled pool (as many pool images as labelled ones per step)."""
     from kdcli.config.schema import method_names
 
     methods = method_names()
-    return ([("hard", "none"), ("hard+soft", "none")] + [("hard", m) for m in methods] + [("soft", "none")]
-            + [("soft", m) for m in methods])
+    return ([("hard", "none", False), ("hard+soft", "none", False)] + [("hard", m, False) for m in methods]
+            + [("soft", "none", False)] + [("soft", m, False) for m in methods]
+            + [("hard+soft", "none", True), ("hard", "pdf", True)])
 
 
 def _flops(fn: Callable[[], None]) -> float:
@@ -158,7 +160,8 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
                   warmup: int = 2, repeats: int = 5) -> dict[str, Any]:
     """Step time of each student row relative to the hard-label student on the same batch, and the FLOP ratio
     (student fwd+bwd + teacher fwd) / (student fwd+bwd), for the full and the truncated teacher. Each row runs
-    through the same `Distiller` as `kdcli distill`."""
+    through the same `Distiller.student_loss` as `kdcli distill`; a pooled row's step also takes `batch` pool
+    images (no boxes), so its ratio is the cost of distilling on unlabelled images at ratio 1."""
     from kdcli.config.schema import DistillConfig
     from kdcli.distill.distiller import Distiller
 
@@ -166,22 +169,25 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
     student = build_detector(student_cfg, num_classes, imgsz, anchor_size).to(device).train()
     loss_fn = DetectionLoss(student_cfg, num_classes)
     images, boxes, labels = synthetic_batch(batch, imgsz, num_classes, device)
-    batch_d = {"images": images, "boxes": boxes, "labels": labels}
+    pool_images, _, _ = synthetic_batch(batch, imgsz, num_classes, device, seed=1)
+    plain = {"images": images, "boxes": boxes, "labels": labels, "labeled": [True] * batch}
+    empty = [torch.zeros(0, 4, device=device)] * batch
+    pooled = {"images": torch.cat([images, pool_images]), "boxes": boxes + empty,
+              "labels": labels + [torch.zeros(0, dtype=torch.long, device=device)] * batch,
+              "labeled": [True] * batch + [False] * batch}
 
-    def make_step(labels_mode: str, method: str) -> tuple[Callable[[], dict[str, float]], bool]:
-        distiller = Distiller(DistillConfig(labels=labels_mode, method=method), teacher, student_cfg.channels)
+    def make_step(labels_mode: str, method: str, pool: bool) -> tuple[Callable[[], dict[str, float]], bool]:
+        cfg = DistillConfig(labels=labels_mode, method=method, unlabeled="rest" if pool else None)
+        distiller = Distiller(cfg, teacher, student_cfg.channels)
         distiller.to(device).train()
         params = [p for m in [student, *distiller.trainable()] for p in m.parameters()]
         opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+        data = pooled if pool else plain
 
         def step() -> dict[str, float]:
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = student(images)
-                terms = {k: v for k, v in loss_fn(out, boxes, labels).items() if k != "total"} \
-                    if "hard" in labels_mode else {}
-                terms.update(distiller.loss(out, batch_d))
-                total = torch.stack(list(terms.values())).sum()
+                total = distiller.student_loss(student, loss_fn, data)["total"]
             total.backward()
             opt.step()
             return {}
@@ -193,17 +199,19 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
     teacher_trunc = _flops(lambda: teacher(images, head=False))
     rows = []
     base = None
-    for labels_mode, method in distill_rows():
-        step, head = make_step(labels_mode, method)
+    for labels_mode, method, pool in distill_rows():
+        step, head = make_step(labels_mode, method, pool)
         times, _ = _time(step, device, warmup, repeats)
         med = statistics.median(times)
         base = base or med
         uses_teacher = labels_mode != "hard" or method != "none"
         t_flops = (teacher_full if head else teacher_trunc) if uses_teacher else 0.0
-        rows.append({"row": labels_mode if method == "none" else f"{labels_mode}+{method}",
+        scale = 2 if pool else 1  # a pooled step runs student and teacher on twice the images
+        rows.append({"row": (labels_mode if method == "none" else f"{labels_mode}+{method}") + ("@pool" if pool
+                                                                                                else ""),
                      "teacher": "-" if not uses_teacher else ("full" if head else "backbone+neck"),
-                     "step_s": round(med, 4), "time_ratio": round(med / base, 3),
-                     "flop_ratio": round((student_flops + t_flops) / student_flops, 3)})
+                     "images": batch * scale, "step_s": round(med, 4), "time_ratio": round(med / base, 3),
+                     "flop_ratio": round(scale * (student_flops + t_flops) / student_flops, 3)})
     return {"imgsz": imgsz, "batch": batch, "amp": str(amp).split(".")[-1] if amp else "off",
             "student_fwd_bwd_gflops": round(student_flops / 1e9, 2),
             "teacher_fwd_gflops": round(teacher_full / 1e9, 2),

@@ -92,6 +92,26 @@ def image_intervals(study: dict[str, Any], metric: str) -> dict[str, list[float]
     return out
 
 
+def data_used(study: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{config: {"labels": "25 %", "pool": "rest (324 images)" or "none"}}: what the rows' finished cells trained
+    on (values that differ between cells are listed together)."""
+    seen: dict[str, dict[str, set[str]]] = {}
+    for (config, _, _), r in study["records"].items():
+        d = r.get("data") if r.get("status") == "ok" else None
+        if not d:
+            continue
+        entry = seen.setdefault(config, {"labels": set(), "pool": set()})
+        entry["labels"].add(f"{100 * d['label_fraction']:g} % ({d['labeled_images']} images)")
+        entry["pool"].add(f"{d['unlabeled']} ({d['unlabeled_images']} images)" if d.get("unlabeled") else "none")
+    return {c: {k: " / ".join(sorted(v)) for k, v in e.items()} for c, e in seen.items()}
+
+
+def twin_gains(values: dict[str, dict[tuple[int, int], float]]) -> dict[str, dict[str, Any]]:
+    """{`X@variant`: paired gain over `X`}: what a variant (an unlabelled pool, ...) adds to its twin row."""
+    return {c: {"twin": c.partition("@")[0], **stats.compare(v, values[c.partition("@")[0]])}
+            for c, v in values.items() if "@" in c and c.partition("@")[0] in values}
+
+
 def summarize(dirs: list[Path], metric: str | None = None, baseline: str = "hard") -> dict[str, Any]:
     """Everything a report shows, as plain data (also the --json output)."""
     studies = load_studies(dirs)
@@ -117,6 +137,8 @@ def summarize(dirs: list[Path], metric: str | None = None, baseline: str = "hard
                       for c, v in values.items() for cis in [image_intervals(s, metric)]},
             "gains": {c: stats.compare(v, values[baseline]) for c, v in values.items()
                       if c != baseline and baseline in values},
+            "twin_gains": twin_gains(values),
+            "data": data_used(s),
             "values": {c: [[f, sd, x] for (f, sd), x in sorted(v.items())] for c, v in values.items()},
         })
     if not any(r["values"] for r in rows):

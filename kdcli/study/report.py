@@ -52,18 +52,37 @@ def _p(w: dict[str, Any]) -> str:
     return f"{w['p']:.3g}"
 
 
+def _data(rep: dict[str, Any], config: str, key: str) -> str:
+    """What a row trained on (`labels` or `pool`) over the studies; "-" where no record says."""
+    seen = list(dict.fromkeys(s.get("data", {}).get(config, {}).get(key) for s in rep["studies"]))
+    return " / ".join(x for x in seen if x) or "-"
+
+
+def _data_columns(rep: dict[str, Any]) -> bool:
+    """Show the labels / pool columns when some row used a label fraction or an unlabelled pool."""
+    return any(not d["labels"].startswith("100 %") or d["pool"] != "none"
+               for s in rep["studies"] for d in s.get("data", {}).values())
+
+
 def table_markdown(rep: dict[str, Any]) -> str:
     studies = rep["studies"]
-    head = [f"{rep['metric']} (%)"] + [s["name"] for s in studies]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(studies)) + "|"]
+    extra = ["labels", "unlabelled pool"] if _data_columns(rep) else []
+    head = [f"{rep['metric']} (%)", *extra] + [s["name"] for s in studies]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * (1 + len(extra)) + ["---:"] * len(studies))
+             + "|"]
     for c in _rows(rep):
         best = [bool(s["table"]) and max(s["table"].values(), key=lambda x: x["median"]) is s["table"].get(c)
                 for s in studies]
         cells = [(f"**{_text(s, c)}**" if b else _text(s, c)) for s, b in zip(studies, best)]
-        lines.append("| " + " | ".join([c, *cells]) + " |")
+        data = [_data(rep, c, "labels"), _data(rep, c, "pool")] if extra else []
+        lines.append("| " + " | ".join([c, *data, *cells]) + " |")
     notes = [f"Each cell: median over seeds of the mean over folds of {rep['metric']} on the "
              f"{'/'.join(sorted({s['split'] for s in studies}))} split, in %; (min–max over seeds). Bold: best "
              "of the column."]
+    if extra:
+        notes.append("labels: the share of the training images whose labels the row used (data.label_fraction); "
+                     "unlabelled pool: the images distillation also saw without labels (distill.unlabeled); "
+                     "`teacher` and `hard` rows never see a pool.")
     if any("ci95" in t for s in studies for t in s["table"].values()):
         notes.append("[low–high]: 95 % bootstrap interval over the split's images (1000 resamples), shown for a "
                      "configuration with a single cell (one fold, one seed), where seeds give no spread.")
@@ -90,6 +109,16 @@ def gains_markdown(rep: dict[str, Any]) -> str:
                              f"[{100 * g['ci95'][0]:+.2f}, {100 * g['ci95'][1]:+.2f}] | {_p(w)} | {w['method']} | "
                              f"{100 * g['win_rate']:.0f} % |")
         out_lines.append("")
+        if s.get("twin_gains"):
+            out_lines += [f"### {s['name']}: what each variant adds to its twin row ({rep['metric']}, points)", "",
+                          "| configuration | over | pairs | mean gain | 95 % CI (paired bootstrap) | Wilcoxon p | "
+                          "wins |", "|---|---|---:|---:|---|---:|---:|"]
+            for c, g in s["twin_gains"].items():
+                if g.get("pairs"):
+                    out_lines.append(f"| {c} | {g['twin']} | {g['pairs']} | {100 * g['mean_gain']:+.2f} | "
+                                     f"[{100 * g['ci95'][0]:+.2f}, {100 * g['ci95'][1]:+.2f}] | "
+                                     f"{_p(g['wilcoxon'])} | {100 * g['win_rate']:.0f} % |")
+            out_lines.append("")
     out_lines.append("Pairs: cells of the same fold and seed (a student and the hard student share their teacher). "
                      "Wilcoxon signed-rank, two-sided, zero differences dropped: exact without ties for up to 25 "
                      "pairs, else the normal approximation with tie correction. Wins: share of pairs where the "
@@ -119,19 +148,25 @@ def table_csv(rep: dict[str, Any]) -> str:
     w = csv.writer(buf)
     w.writerow(["study", "config", "metric", "median", "min", "max", "q1", "q3", "seeds", "cells", "images_ci_low",
                 "images_ci_high", "gain_mean", "gain_ci_low", "gain_ci_high", "wilcoxon_p", "wilcoxon_method",
-                "win_rate", "cells_not_finite"])
+                "win_rate", "cells_not_finite", "labels", "unlabeled_pool", "twin", "twin_gain_mean",
+                "twin_gain_ci_low", "twin_gain_ci_high"])
     for s in rep["studies"]:
         for c in s["rows"]:
             nan = len(s["not_finite"].get(c, []))
+            data = s.get("data", {}).get(c, {})
+            tw = s.get("twin_gains", {}).get(c, {})
+            twin = [tw["twin"], *(round(x, 6) for x in (tw["mean_gain"], *tw["ci95"]))] if tw.get("pairs") \
+                else [""] * 4
+            tail = [nan, data.get("labels", ""), data.get("pool", ""), *twin]
             if c not in s["table"]:  # only NaN cells: no numbers
-                w.writerow([s["name"], c, rep["metric"], *[""] * 6, 0, *[""] * 8, nan])
+                w.writerow([s["name"], c, rep["metric"], *[""] * 6, 0, *[""] * 8, *tail])
                 continue
             t, g = s["table"][c], s["gains"].get(c, {})
             gain = [g["mean_gain"], *g["ci95"], g["wilcoxon"]["p"], g["wilcoxon"]["method"], g["win_rate"]] \
                 if g.get("pairs") else [""] * 6
             w.writerow([s["name"], c, rep["metric"], *(round(t[k], 6) for k in ("median", "min", "max", "q1", "q3")),
                         t["seeds"], t["cells"], *([round(x, 6) for x in t["ci95"]] if "ci95" in t else ["", ""]),
-                        *(round(x, 6) if isinstance(x, float) else x for x in gain), nan])
+                        *(round(x, 6) if isinstance(x, float) else x for x in gain), *tail])
     return buf.getvalue()
 
 
@@ -158,10 +193,15 @@ def print_report(rep: dict[str, Any]) -> None:
     t = Table(title=f"{rep['metric']} (%): median over seeds of the mean over folds (min–max over seeds)"
                     + (" [95 % interval over test images]" if ci else ""), title_justify="left")
     t.add_column("configuration")
+    extra = _data_columns(rep)
+    if extra:
+        t.add_column("labels")
+        t.add_column("unlabelled pool")
     for s in studies:
         t.add_column(s["name"], justify="right")
     for c in _rows(rep):
-        t.add_row(c, *(_text(s, c) for s in studies))
+        data = [_data(rep, c, "labels"), _data(rep, c, "pool")] if extra else []
+        t.add_row(c, *data, *(_text(s, c) for s in studies))
     out.print(t)
     for s in studies:
         if s["not_finite"]:
@@ -179,3 +219,14 @@ def print_report(rep: dict[str, Any]) -> None:
                           f"[{100 * x['ci95'][0]:+.2f}, {100 * x['ci95'][1]:+.2f}]", _p(x["wilcoxon"]),
                           f"{100 * x['win_rate']:.0f} %")
         out.print(g)
+        twins = {c: x for c, x in s.get("twin_gains", {}).items() if x.get("pairs")}
+        if twins:
+            g = Table(title=f"{s['name']}: what each variant adds to its twin row (points), paired by fold and seed",
+                      title_justify="left")
+            for col in ("configuration", "over", "pairs", "mean gain", "95 % CI", "Wilcoxon p", "wins"):
+                g.add_column(col, justify="left" if col in ("configuration", "over") else "right")
+            for c, x in twins.items():
+                g.add_row(c, x["twin"], str(x["pairs"]), f"{100 * x['mean_gain']:+.2f}",
+                          f"[{100 * x['ci95'][0]:+.2f}, {100 * x['ci95'][1]:+.2f}]", _p(x["wilcoxon"]),
+                          f"{100 * x['win_rate']:.0f} %")
+            out.print(g)

@@ -119,8 +119,12 @@ def run_cell(study: Study, cell: Cell, ledger: Ledger, device: str | None = None
               "epochs": summary["epochs"], "best_epoch": summary["best_epoch"], "finished": _now(),
               "train_s": summary["train_seconds"], "attempt_s": round(time.time() - t0, 1),
               "time_s": round(summary["train_seconds"] + time.time() - fit_end, 1)}
+    record["data"] = {"label_fraction": trainer.recipe.data.label_fraction, "labeled_images": len(trainer.train_set),
+                      "unlabeled": None, "unlabeled_images": 0}
     if not cell.is_teacher:
         record["teacher"] = str(trainer.recipe.distill.teacher)
+        if trainer.pool is not None:
+            record["data"].update(unlabeled=trainer.recipe.distill.unlabeled, unlabeled_images=len(trainer.pool))
     ledger.append(record)
     err.print(f"[green]{cell.id} done:[/] {study.cfg.split} {study.cfg.metric} {metrics.get(study.cfg.metric, 0):.4f}",
               highlight=False)

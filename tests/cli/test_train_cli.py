@@ -216,13 +216,18 @@ def test_benchmark_distill_rows(tmp_path: Path):
             "--no-inference", "--distill", "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.output.strip().splitlines()[-1])["distill"]
-    assert [row["row"] for row in d["rows"]] == ["hard", "hard+soft", "hard+mse", "hard+pdf", "hard+defeat", "hard+cwd",
-                                                "hard+fgd", "hard+pkd", "soft", "soft+mse", "soft+pdf", "soft+defeat",
-                                                "soft+cwd", "soft+fgd", "soft+pkd"]
+    assert [row["row"] for row in d["rows"]] == ["hard", "hard+soft", "hard+mse", "hard+pdf", "hard+defeat",
+                                                "hard+crosskd", "hard+cwd", "hard+fgd", "hard+pkd", "soft", "soft+mse",
+                                                "soft+pdf", "soft+defeat", "soft+crosskd", "soft+cwd", "soft+fgd",
+                                                "soft+pkd", "hard+soft@pool", "hard+pdf@pool"]
     assert d["rows"][0]["time_ratio"] == 1.0 and d["rows"][0]["flop_ratio"] == 1.0
     by_row = {row["row"]: row for row in d["rows"]}
     assert by_row["hard+mse"]["teacher"] == "backbone+neck" and by_row["hard+pdf"]["teacher"] == "full"
     assert by_row["hard+mse"]["flop_ratio"] < by_row["hard+pdf"]["flop_ratio"]
+    assert by_row["hard+crosskd"]["teacher"] == "full"
+    # a pooled step runs student and teacher on the batch and as many pool images
+    assert by_row["hard+pdf@pool"]["images"] == 4 and by_row["hard+pdf@pool"]["flop_ratio"] == pytest.approx(
+        2 * by_row["hard+pdf"]["flop_ratio"], abs=2e-3)
     assert 0 < d["truncation_saving"] < 1
 
 

@@ -139,3 +139,38 @@ def test_a_nan_metric_is_left_out_counted_and_shown_as_n_a(tmp_path: Path):
     every = write_study(tmp_path / "all", values={k: float("nan") for k in VALUES})
     res = CliRunner().invoke(app, ["report", str(every)], terminal_width=200)
     assert res.exit_code == 2 and "not a finite number (NaN) in every finished cell (18)" in res.output, res.output
+
+
+def test_report_names_labels_and_pool_per_row_and_what_the_pool_adds(tmp_path: Path):
+    d = tmp_path / "pool"
+    d.mkdir()
+    (d / "study.yaml").write_text("name: pool\nteacher: t.yaml\nstudent: s.yaml\n"
+                                  "configs: [teacher, hard, hard+pdf, hard+pdf@pool]\nfolds: [1, 2]\nseeds: [0]\n"
+                                  "variants: {pool: [distill.unlabeled=rest]}\n")
+    gains = {1: 0.04, 2: 0.02}  # what the pool adds to hard+pdf, per fold
+    lines = []
+    for f in (1, 2):
+        for c, v, frac, pool in (("teacher", 0.8, 1.0, None), ("hard", 0.5, 0.25, None),
+                                 ("hard+pdf", 0.55, 0.25, None), ("hard+pdf@pool", 0.55 + gains[f], 0.25, "rest")):
+            lines.append(json.dumps({"config": c, "fold": f, "seed": 0, "status": "ok", "finished": "2026-01-01",
+                                     "metrics": {"mAP50": v, "mAP50-95": v, "coco_AP50": v, "val_mAP50": v},
+                                     "data": {"label_fraction": frac, "labeled_images": int(400 * frac),
+                                              "unlabeled": pool, "unlabeled_images": 300 if pool else 0}}))
+    (d / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+    res = CliRunner().invoke(app, ["report", str(d), "--json"])
+    assert res.exit_code == 0, res.output
+    (s,) = json.loads(res.stdout)["studies"]
+    assert s["data"]["hard"] == {"labels": "25 % (100 images)", "pool": "none"}
+    assert s["data"]["hard+pdf@pool"]["pool"] == "rest (300 images)"
+    assert s["data"]["teacher"]["labels"] == "100 % (400 images)"
+    tw = s["twin_gains"]["hard+pdf@pool"]
+    assert tw["twin"] == "hard+pdf" and tw["pairs"] == 2 and tw["mean_gain"] == pytest.approx(0.03)
+    res = CliRunner().invoke(app, ["report", str(d), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    table = (tmp_path / "rep" / "table.md").read_text()
+    assert "| hard+pdf@pool | 25 % (100 images) | rest (300 images) |" in table
+    assert "| hard | 25 % (100 images) | none |" in table
+    gains_md = (tmp_path / "rep" / "gains.md").read_text()
+    assert "| hard+pdf@pool | hard+pdf | 2 | +3.00 |" in gains_md
+    rows = {r["config"]: r for r in csv.DictReader((tmp_path / "rep" / "table.csv").read_text().splitlines())}
+    assert rows["hard+pdf@pool"]["twin"] == "hard+pdf" and float(rows["hard+pdf@pool"]["twin_gain_mean"]) == 0.03

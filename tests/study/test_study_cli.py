@@ -16,14 +16,14 @@ from kdcli.study.ledger import Ledger, study_records
 TINY = "train: {epochs: 1, batch: 4, max_batches: 2, warmup_iters: 2, ema_tau: 5, device: cpu, plots: false}\n"
 
 
-def tiny_study(tmp_path: Path, dataset: Path, configs: str, seeds: str = "0") -> Path:
+def tiny_study(tmp_path: Path, dataset: Path, configs: str, seeds: str = "0", extra: str = "") -> Path:
     (tmp_path / "teacher.yaml").write_text(
         f"data: {{path: {dataset}, fold: 1, imgsz: 96, anchor_size: 16, workers: 0}}\n"
         "model: {backbone: resnet18, neck: pafpn, channels: 16, pretrained: false}\n" + TINY)
     (tmp_path / "student.yaml").write_text("model: {backbone: resnet18, neck: fpn, channels: 16, pretrained: false}\n"
                                            + TINY + "distill: {teacher_min_map: 0}\n")
     (tmp_path / "study.yaml").write_text(f"name: tiny\nteacher: teacher.yaml\nstudent: student.yaml\n"
-                                         f"configs: [{configs}]\nfolds: 1\nseeds: {seeds}\n")
+                                         f"configs: [{configs}]\nfolds: 1\nseeds: {seeds}\n{extra}")
     return tmp_path / "study.yaml"
 
 
@@ -37,7 +37,8 @@ def test_grid_failed_cell_resume_and_cut_ledger(tmp_path: Path, vedai25: Path):
         res = CliRunner().invoke(app, ["study", str(bad), "--out", str(tmp_path / "bad"), *extra])
         assert res.exit_code == 2 and "'hard+pfd'" in res.output and "did you mean 'pdf'" in res.output, res.output
         assert not (tmp_path / "bad" / "runs").exists()
-    recipe = tiny_study(tmp_path, vedai25, "teacher, hard, hard+pdf, soft")
+    recipe = tiny_study(tmp_path, vedai25, "teacher, hard, hard+pdf, hard+crosskd+pkd@pool, soft",
+                        extra="variants: {pool: [distill.unlabeled=rest, data.label_fraction=0.5]}\n")
     out = tmp_path / "s"
     corrupt = out / "runs" / "soft-f1-s0" / "weights" / "last.pt"  # a cell whose checkpoint is unreadable
     corrupt.parent.mkdir(parents=True)
@@ -46,7 +47,11 @@ def test_grid_failed_cell_resume_and_cut_ledger(tmp_path: Path, vedai25: Path):
     assert res.exit_code == 1 and "1 cells failed" in res.output  # the bad cell fails, the grid goes on
     recs = study_records(out)
     assert {k: r["status"] for k, r in recs.items()} == {
-        ("teacher", 1, 0): "ok", ("hard", 1, 0): "ok", ("hard+pdf", 1, 0): "ok", ("soft", 1, 0): "failed"}
+        ("teacher", 1, 0): "ok", ("hard", 1, 0): "ok", ("hard+pdf", 1, 0): "ok", ("hard+crosskd+pkd@pool", 1, 0): "ok",
+        ("soft", 1, 0): "failed"}
+    pooled = recs[("hard+crosskd+pkd@pool", 1, 0)]  # two methods and a pool: half the images kept their labels
+    assert pooled["data"]["label_fraction"] == 0.5 and pooled["data"]["unlabeled"] == "rest"
+    assert pooled["data"]["unlabeled_images"] > 0 and recs[("hard", 1, 0)]["data"]["unlabeled"] is None
     assert "not a readable kdcli checkpoint" in recs[("soft", 1, 0)]["error"]
     ok = recs[("hard+pdf", 1, 0)]
     assert set(ok["metrics"]) >= {"mAP50", "mAP50-95", "val_mAP50"} and ok["split"] == "test"
@@ -55,7 +60,7 @@ def test_grid_failed_cell_resume_and_cut_ledger(tmp_path: Path, vedai25: Path):
 
     res = CliRunner().invoke(app, ["study", str(out), "--skip-failed"])  # all done or skipped: nothing runs
     assert res.exit_code == 0, res.output
-    assert len(ledger_lines(out)) == 4
+    assert len(ledger_lines(out)) == 5
 
     # a study killed while writing hard+pdf's record: its line is cut; the rerun runs that cell only
     lines = ledger_lines(out)
@@ -64,7 +69,7 @@ def test_grid_failed_cell_resume_and_cut_ledger(tmp_path: Path, vedai25: Path):
     res = CliRunner().invoke(app, ["study", str(out), "--skip-failed"])
     assert res.exit_code == 0, res.output
     after = [json.loads(x) for x in ledger_lines(out)]  # every line whole again
-    assert len(after) == 4 and after[-1]["config"] == "hard+pdf" and after[-1]["status"] == "ok"
+    assert len(after) == 5 and after[-1]["config"] == "hard+pdf" and after[-1]["status"] == "ok"
 
     res = CliRunner().invoke(app, ["study", str(recipe), "--out", str(out), "overrides=[imgsz=128]"])
     assert res.exit_code == 2 and "different overrides" in res.output
@@ -102,8 +107,10 @@ def test_plan_and_dry_run(tmp_path: Path, vedai25: Path):
     assert res.exit_code == 2 and "not a cell of study tiny" in res.output
 
 
-@pytest.mark.parametrize("bad, message", [("configs: [teacher, best]", "'best' is not teacher"),
-                                          ("folds: 1-x", "cannot read '1-x'")])
+@pytest.mark.parametrize("bad, message", [
+    ("configs: [teacher, best]", "'best' is not teacher"), ("folds: 1-x", "cannot read '1-x'"),
+    ("configs: [teacher, hard+pdf@pool]", "no variant 'pool'"),
+    ("configs: [teacher, hard@pool]\nvariants: {pool: [distill.unlabeled=rest]}", "learns from labels only")])
 def test_bad_study_recipe(tmp_path: Path, bad: str, message: str):
     (tmp_path / "s.yaml").write_text(f"teacher: train/synthetic_teacher\nstudent: distill/synthetic\n{bad}\n")
     res = CliRunner().invoke(app, ["study", str(tmp_path / "s.yaml"), "--dry-run"])
