@@ -67,6 +67,15 @@ def stats_cmd(
         typer.echo(json.dumps(s, indent=2))
         return
     splits = s["splits"]
+    if not s["classes"]:  # an unlabelled pool: images only
+        t = Table(title=f"unlabelled images - {dataset}", title_justify="left")
+        for col in ("split", "images", "image side p5", "p50", "p95"):
+            t.add_column(col, justify="left" if col == "split" else "right")
+        for name, v in splits.items():
+            side = v["image_side_px"]
+            t.add_row(name, str(v["images"]), *(str(side.get(k, "-")) for k in ("p5", "p50", "p95")))
+        out.print(t)
+        return
     t = Table(title=f"objects per class - {dataset}", title_justify="left")
     t.add_column("class")
     for name in splits:

@@ -55,7 +55,8 @@ def distill(
     defaults = student_defaults(t_ckpt)
     r = load.load(schema.Recipe, recipe, flags + extra, defaults=defaults)
     if r.name is None:
-        name = r.distill.labels.replace("+", "_") + ("" if r.distill.method == "none" else f"_{r.distill.method}")
+        name = r.distill.labels.replace("+", "_") + ("" if r.distill.method == "none" else
+                                                     "_" + r.distill.method.replace(",", "_"))
         r = r.model_copy(update={"name": name})
     summary = DistillTrainer(r, recipe_path=recipe, force=force).fit()
     report(summary, as_json)

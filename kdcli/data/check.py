@@ -48,6 +48,10 @@ def check(dataset_dir: Path, decode: bool = True) -> list[str]:
         data = _load(path, problems)
         if data is None:
             continue
+        if not classes and data["annotations"]:
+            problems.append(f"{path}: {len(data['annotations'])} annotations in a dataset without classes (an "
+                            "unlabelled pool holds images only)")
+            continue
         cats = [(c.get("id"), c.get("name")) for c in data["categories"]]
         if cats != [(i + 1, n) for i, n in enumerate(classes)]:
             problems.append(f"{path}: categories {cats} differ from dataset.yaml classes {classes} (ids from 1)")
@@ -124,8 +128,12 @@ def stats(dataset_dir: Path) -> dict[str, Any]:
         area = wh[:, 0] * wh[:, 1]
         counts = np.asarray(list(per_image.values()) or [0])
         pct = (5, 25, 50, 75, 95)
+        image_sides = [max(im["width"], im["height"]) for im in data["images"]]
         result["splits"][path.stem] = {
             "images": len(data["images"]),
+            "unlabeled": not classes,  # a pool made by `kdcli prepare images`: images, no annotations
+            "image_side_px": {f"p{p}": int(np.percentile(image_sides, p)) for p in (5, 50, 95)} if image_sides
+            else {},
             "empty_images": int((counts == 0).sum()) if data["images"] else 0,
             "objects": len(data["annotations"]),
             "objects_per_class": per_class,

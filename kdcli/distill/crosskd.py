@@ -27,7 +27,9 @@ Departures, each for a reason of this detector:
 - normaliser: the reference divides both terms by the number of ground-truth positives of its assigner; here it
   is the sum of the teacher's max class scores over the batch's anchors (what the reference's GFL config divides
   its box term by), clamped at 1, because a `soft` student has no assignment and an unlabelled image no ground
-  truth, and CrossKD must work on both.
+  truth, and CrossKD must work on both. Measured on the CPU study's teacher (16 training images, 27 boxes): the
+  sum is 615 where Mutual Guidance assigns 261 positives, so at equal weights the terms are ~2.4x smaller than
+  with the reference's normaliser (`crosskd.cls_weight` / `box_weight` scale them back).
 - widths: when student and teacher channels differ, a learnable 1x1 conv per level and branch maps the student's
   tower output to the teacher's width before `align_scale` (the reference assumes equal widths).
 """

@@ -1,5 +1,6 @@
 """The paper's Figure 2: per fold, one box per configuration over seeds, and an "average" group whose boxes are
-the per-seed means over folds. Tukey whiskers (1.5 IQR), outliers as points, every cell as a dot. A
+the per-seed means over folds (left out with a single fold, where it would repeat that fold's panel). Tukey
+whiskers (1.5 IQR), outliers as points, every cell as a dot. A
 configuration with a single cell (the quickstart) has no spread to box: its 95 % interval over test images is
 drawn instead, and the axis spans at least 5 points so that a difference of a tenth of a point does not fill it."""
 
@@ -21,7 +22,8 @@ def boxplot(study: dict[str, Any], metric: str, out_base: Path) -> list[Path]:
     """Write `<out_base>.png` and `.svg` for one study of a report summary."""
     configs = study["configs"]
     folds = study["folds"]
-    groups = [f"fold {f}" for f in folds] + ["average"]
+    average = len(folds) > 1
+    groups = [f"fold {f}" for f in folds] + (["average"] if average else [])
     cmap = plt.get_cmap("tab10" if len(configs) <= 10 else "tab20")
     width = 0.8 / max(len(configs), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) * max(1, len(configs)) * 0.35 + 2), 4.8))
@@ -29,7 +31,8 @@ def boxplot(study: dict[str, Any], metric: str, out_base: Path) -> list[Path]:
     for j, config in enumerate(configs):
         cells = {(f, s): v for f, s, v in study["values"][config]}
         data = [[v for (f, _), v in cells.items() if f == fold] for fold in folds]
-        data.append(list(stats.fold_means(cells).values()))
+        if average:
+            data.append(list(stats.fold_means(cells).values()))
         pos = [i + (j - (len(configs) - 1) / 2) * width for i in range(len(groups))]
         keep = [(p, d) for p, d in zip(pos, data) if d]
         if not keep:
@@ -55,8 +58,9 @@ def boxplot(study: dict[str, Any], metric: str, out_base: Path) -> list[Path]:
     ax.set_ylabel(f"{metric} ({study['split']} split)")
     seeds = study["seeds"]
     bars = ("\nbars: 95 % interval over test images" if any("ci95" in t for t in study["table"].values()) else "")
-    ax.set_title(f"{study['name']}: {metric} per fold over {len(seeds)} seed(s)\naverage = per-seed mean over "
-                 f"folds; whiskers 1.5 IQR{bars}", fontsize=9)
+    what = "average = per-seed mean over folds; " if average else ""
+    ax.set_title(f"{study['name']}: {metric} per fold over {len(seeds)} seed(s)\n{what}whiskers 1.5 IQR{bars}",
+                 fontsize=9)
     lo, hi = ax.get_ylim()
     if hi - lo < 0.05:
         mid = (lo + hi) / 2

@@ -115,6 +115,8 @@ def test_prepare_images_writes_an_unlabeled_split(pool_dir: Path, tmp_path: Path
     data = json.loads((pool_dir / "annotations" / "unlabeled.json").read_text())
     assert len(data["images"]) == 12 and data["annotations"] == [] and data["categories"] == []
     assert run("data", "check", str(pool_dir)).exit_code == 0
+    st = json.loads(run("data", "stats", str(pool_dir), "--json").output)["splits"]["unlabeled"]
+    assert st["unlabeled"] and st["images"] == 12 and st["image_side_px"]["p50"] == 96
     # tiles: a 3-band 16-bit TIFF scene of 200 x 120 cut into 96 px tiles with 20 % overlap -> columns 0, 76, 104
     import numpy as np
     import tifffile

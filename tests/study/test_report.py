@@ -174,3 +174,17 @@ def test_report_names_labels_and_pool_per_row_and_what_the_pool_adds(tmp_path: P
     assert "| hard+pdf@pool | hard+pdf | 2 | +3.00 |" in gains_md
     rows = {r["config"]: r for r in csv.DictReader((tmp_path / "rep" / "table.csv").read_text().splitlines())}
     assert rows["hard+pdf@pool"]["twin"] == "hard+pdf" and float(rows["hard+pdf@pool"]["twin_gain_mean"]) == 0.03
+
+
+def test_one_fold_box_plot_has_one_panel_not_an_identical_average(tmp_path: Path):
+    import matplotlib
+
+    one = {k: v for k, v in VALUES.items() if k[1] == 1}
+    d = write_study(tmp_path / "one", values=one)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text in the SVG
+        res = CliRunner().invoke(app, ["report", str(d)])
+        assert res.exit_code == 0, res.output
+        svg = (d / "boxplot.svg").read_text()
+        assert "fold 1" in svg and "average" not in svg
+        res = CliRunner().invoke(app, ["report", str(write_study(tmp_path / "two"))])
+        assert "average" in (tmp_path / "two" / "boxplot.svg").read_text()
