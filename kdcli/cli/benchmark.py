@@ -55,6 +55,14 @@ def benchmark(
     = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     save: Annotated[Path | None, typer.Option("--save", help="Write the results JSON here.")] = None,
+    suite: Annotated[str | None, typer.Option("--suite", help="Run a prepared suite instead: gpu (every GPU target "
+                                                             "in one call of at most 9 minutes on one H200: steps, "
+                                                             "a real epoch, first step, a cut study; see README).")]
+    = None,
+    suite_out: Annotated[Path | None, typer.Option("--out", help="With --suite: folder for its results "
+                                                                 "(summary.json first).")] = None,
+    tiny: Annotated[bool, typer.Option("--tiny", help="With --suite: the smallest sizes (a check on a CPU).")]
+    = False,
 ) -> None:
     """Parameters, FLOPs, inference latency (batch 1) and throughput, training-step time per image (share in
     assignment + losses, peak GPU memory), the distillation rows' overhead (--distill), and metric time against
@@ -62,6 +70,9 @@ def benchmark(
 
     Example: [bold]kdcli benchmark --models teacher.pt,student.pt --device 0 --amp bf16 --distill --json[/]
     """
+    if suite is not None:
+        _suite(suite, suite_out, device, amp, tiny, as_json)
+        return
     import torch
 
     from kdcli import paths
@@ -114,6 +125,29 @@ def benchmark(
         typer.echo(json.dumps(result))
         return
     _print(result, batch, dev, distill)
+
+
+def _suite(name: str, out_dir: Path | None, device: str, amp: str, tiny: bool, as_json: bool) -> None:
+    from kdcli.errors import KdcliError
+    from kdcli.study.suite import FULL, TINY, Suite
+
+    if name != "gpu":
+        raise KdcliError(f"--suite {name}: the one suite is gpu")
+    if out_dir is None:
+        raise KdcliError("--suite needs --out DIR (its results are written there stage by stage)")
+    result = Suite(out_dir, device, amp if amp != "off" or device == "cpu" else "bf16", TINY if tiny else FULL).run()
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    t = Table(title=f"suite gpu on {result['device']} ({result['elapsed_s']} s): {result['passed']} of "
+                    f"{result['measured']} targets met", title_justify="left")
+    for col in ("target", "value", "goal", "met"):
+        t.add_column(col, justify="left" if col == "target" else "right")
+    for x in result["targets"]:
+        met = "-" if x["pass"] is None else ("[green]yes[/]" if x["pass"] else "[red]no[/]")
+        t.add_row(x["target"], "-" if x["value"] is None else str(x["value"]), x["goal"], met)
+    out.print(t)
+    out.print(f"written: {out_dir}/summary.json, suite.json, study_table.md, study_gains.md", highlight=False)
 
 
 def _model(spec: str, imgsz: int | None):

@@ -8,6 +8,7 @@ suggest the closest valid key for a misspelt one.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -42,7 +43,13 @@ def find_recipe(name: str | Path) -> Path:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+    """safe_load that refuses a key given twice in one mapping (YAML would silently keep the last), with YAML 1.2's
+    booleans: only true and false, so `amp: off` and `train.amp=off` stay the word off (YAML 1.1, PyYAML's
+    default, reads off, no, yes and on as booleans)."""
+
+    yaml_implicit_resolvers = {
+        k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+        for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -54,6 +61,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"key '{key}' is given twice (first on line {seen[key]})", key_node.start_mark)
             seen[key] = line
         return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                       list("tTfF"))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -130,7 +141,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise KdcliError(f"bad override '{item}'", hint="write key=value, e.g. train.epochs=3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

@@ -157,8 +157,10 @@ def _flops(fn: Callable[[], None]) -> float:
 
 def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int, batch: int,
                   device: torch.device, amp: torch.dtype | None, num_classes: int = 8, anchor_size: float = 16.0,
-                  warmup: int = 2, repeats: int = 5) -> dict[str, Any]:
-    """Step time of each student row relative to the hard-label student on the same batch, and the FLOP ratio
+                  warmup: int = 2, repeats: int = 5, rows: list[tuple[str, str, bool]] | None = None
+                  ) -> dict[str, Any]:
+    """Step time of each student row (`rows`, default `distill_rows()`, the first being the hard student's)
+    relative to the first on the same batch, the peak GPU memory of each, and the FLOP ratio
     (student fwd+bwd + teacher fwd) / (student fwd+bwd), for the full and the truncated teacher. Each row runs
     through the same `Distiller.student_loss` as `kdcli distill`; a pooled row's step also takes `batch` pool
     images (no boxes), so its ratio is the cost of distilling on unlabelled images at ratio 1."""
@@ -199,7 +201,7 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
     teacher_trunc = _flops(lambda: teacher(images, head=False))
     rows = []
     base = None
-    for labels_mode, method, pool in distill_rows():
+    for labels_mode, method, pool in rows or distill_rows():
         step, head = make_step(labels_mode, method, pool)
         times, _ = _time(step, device, warmup, repeats)
         med = statistics.median(times)
@@ -211,7 +213,9 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
                                                                                                 else ""),
                      "teacher": "-" if not uses_teacher else ("full" if head else "backbone+neck"),
                      "images": batch * scale, "step_s": round(med, 4), "time_ratio": round(med / base, 3),
-                     "flop_ratio": round(scale * (student_flops + t_flops) / student_flops, 3)})
+                     "flop_ratio": round(scale * (student_flops + t_flops) / student_flops, 3),
+                     "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                     if device.type == "cuda" else None})
     return {"imgsz": imgsz, "batch": batch, "amp": str(amp).split(".")[-1] if amp else "off",
             "student_fwd_bwd_gflops": round(student_flops / 1e9, 2),
             "teacher_fwd_gflops": round(teacher_full / 1e9, 2),

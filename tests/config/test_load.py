@@ -125,3 +125,15 @@ def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path: Path):
     recipe.write_text("data:\n  path: x\ntrain:\n  epochs: 3\n  lr: 0.1\n  epochs: 5\n")
     with pytest.raises(KdcliError, match=r"r\.yaml:6: invalid YAML: key 'epochs' is given twice \(first on line 4\)"):
         load.load(Recipe, recipe)
+
+
+def test_off_and_no_stay_words_yaml_1_2_booleans(tmp_path):
+    """YAML 1.1 (PyYAML's default) reads off/no/yes/on as booleans: `train.amp=off` was refused as `False`."""
+    from kdcli.config import load
+    from kdcli.config.schema import Recipe
+
+    (tmp_path / "r.yaml").write_text("data: {path: x}\ntrain: {amp: off, ema: true}\n")
+    r = load.load(Recipe, tmp_path / "r.yaml")
+    assert r.train.amp == "off" and r.train.ema is True
+    assert load.load(Recipe, tmp_path / "r.yaml", ["train.amp=off", "train.ema=false"]).train.ema is False
+    assert load.parse_override("name=no") == ("name", "no")
