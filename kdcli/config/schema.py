@@ -200,6 +200,10 @@ class DistillBase(Strict):
     unlabeled_ratio: float = Field(1.0, gt=0, le=16, description="unlabelled images per labelled image in a step")
     pseudo_conf: float = Field(0.5, gt=0, lt=1, description="on unlabelled images, terms that read boxes (defeat, "
                                                             "fgd) take the teacher's detections above this score")
+    pool_view: Literal["same", "strong"] = Field("same", description="the student's view of the pool's images: the "
+                                                                     "teacher's, or photometrically jittered "
+                                                                     "(brightness, contrast, saturation, grey, noise,"
+                                                                     " blur; same geometry)")
     adapter_kernel: int = Field(3, ge=1, description="kernel of the per-level student->teacher adapter conv "
                                                      "(paper: 3x3)")
     teacher_min_map: float = Field(0.05, ge=0, le=1, description="refuse a teacher whose val mAP50 is below this")

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from kdcli.models.detector import DetectorOutput
 
 REGISTRY: dict[str, type[DistillMethod]] = {}
-INFRASTRUCTURE = {"base", "adapters", "distiller"}  # modules of the package that hold no method
+INFRASTRUCTURE = {"base", "adapters", "distiller", "views"}  # modules of the package that hold no method
 
 
 def register(cls: type[DistillMethod]) -> type[DistillMethod]:

@@ -14,6 +14,8 @@ sees the labelled images only, every distillation term sees them all, and a term
 (`needs_boxes`: DeFeat, FGD) gets the teacher's confident detections (score > `distill.pseudo_conf`) as the boxes
 of an unlabelled image: DeFeat's and FGD's foreground is where objects are, and on an unlabelled image the
 teacher's detections are the best estimate of that (leaving such images out would waste the pool for them).
+With `distill.pool_view=strong` the student sees a photometrically jittered copy of each unlabelled image, the
+teacher the image itself (`views.py`).
 """
 
 from __future__ import annotations
@@ -114,10 +116,17 @@ class Distiller:
         """One step's terms: the student's forward (with the head taps a method reads), the hard loss on the
         labelled images when the labels include `hard`, the distillation terms on every image, and `total`."""
         active = self.is_active(epoch)
-        out = student(batch["images"], tap=self.tap if active else None)
+        labeled = batch.get("labeled")
+        images = batch["images"]
+        if self.cfg.pool_view == "strong" and labeled is not None and not all(labeled):
+            from kdcli.distill.views import strong
+
+            pool = torch.tensor([not k for k in labeled], device=images.device)
+            images = images.float().clone()
+            images[pool] = strong(images[pool])
+        out = student(images, tap=self.tap if active else None)
         terms: dict[str, torch.Tensor] = {}
         if "hard" in self.cfg.labels:
-            labeled = batch.get("labeled")
             if labeled is None or all(labeled):
                 hard = hard_loss(out, batch["boxes"], batch["labels"])
             else:

@@ -185,3 +185,21 @@ def test_bad_pools_are_one_clear_line(case: str, tiny_checkpoint: Path, tmp_path
     assert r.exit_code == 2, r.output
     assert fragment in r.output and "Traceback" not in r.output and "internal error" not in r.output
     assert not (tmp_path / "runs").exists() and not (tmp_path / "p").exists()  # nothing half-written
+
+
+def test_strong_pool_view_jitters_the_students_pool_images_only(tiny_checkpoint: Path, tmp_path: Path):
+    t = DistillTrainer(_recipe(tiny_checkpoint, labels="soft", unlabeled="rest", pool_view="strong").model_copy(
+        update={"data": _recipe(tiny_checkpoint).data.model_copy(update={"label_fraction": 0.5})}),
+        run_dir=tmp_path / "d")
+    t.setup()
+    batch = t.preprocess(next(iter(t.train_loader(0))), 0)
+    seen = {}
+    student, teacher = t.model.forward, t.teacher.forward
+    t.model.forward = lambda images, **kw: (seen.setdefault("student", images), student(images, **kw))[1]
+    t.teacher.forward = lambda images, **kw: (seen.setdefault("teacher", images), teacher(images, **kw))[1]
+    torch.manual_seed(0)
+    t.compute_loss(batch)
+    s, te = seen["student"].float(), seen["teacher"].float()
+    assert torch.equal(te, batch["images"].float())  # the teacher sees the images as they are
+    assert torch.equal(s[:2], te[:2])  # labelled images: the same view
+    assert (s[2:] - te[2:]).abs().mean() > 1 and s.min() >= 0 and s.max() <= 255  # pool: jittered, still 0-255
