@@ -1,8 +1,9 @@
 """A study: its directory, the grid of cells (configuration x fold x seed) and the recipe of each cell.
 
 A study directory keeps the resolved grid (`study.yaml`), the ledgers, one run dir per cell under `runs/` and one
-log per cell under `logs/`. Growing the grid (more configs, folds or seeds) reuses finished cells; changing what a
-cell trains (recipes, dataset, overrides) is refused, since finished cells would no longer match.
+log per cell under `logs/`. Growing the grid (more configs, folds, seeds or new variants) reuses finished cells;
+changing what a cell trains (recipes, dataset, overrides, an existing variant) is refused, since finished cells
+would no longer match.
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ class Study:
         old = load.read_yaml(path)
         new = load.dump(self.cfg)
         changed = [k for k in new if k not in GRID_KEYS and old.get(k) != new[k]]
+        kept = old.get("variants") or {}
+        if "variants" in changed and all(new["variants"].get(v) == o for v, o in kept.items()):
+            changed.remove("variants")  # new variants only: the finished cells still match
         if changed:
             raise KdcliError(f"{path}: this study was run with a different {changed[0]} "
                              f"({old.get(changed[0])!r} -> {new[changed[0]]!r})",

@@ -173,3 +173,18 @@ def test_cell_command_carries_device_and_workers(tmp_path: Path, vedai25: Path):
     assert "workers: 0" in args
     progress = json.loads((tmp_path / "s" / "runs" / "teacher-f1-s0" / "progress.json").read_text())
     assert progress["epoch"] == 1 and progress["images_per_s"] > 0
+
+
+def test_new_variants_grow_a_study_changed_ones_are_refused(tmp_path: Path, vedai25: Path):
+    from kdcli.errors import KdcliError
+    from kdcli.study.grid import Study
+
+    recipe = tiny_study(tmp_path, vedai25, "teacher, hard, soft@pool",
+                        extra="variants: {pool: [distill.unlabeled=rest, data.label_fraction=0.5]}\n")
+    out = tmp_path / "v"
+    Study.open(recipe, out).save()
+    grown = Study.open(out, overrides=["variants={pool: [distill.unlabeled=rest, data.label_fraction=0.5], "
+                                       "strong: [distill.pool_view=strong]}", "configs=[teacher, soft@strong]"])
+    assert [c.config for c in grown.cells()] == ["teacher", "soft@strong"]
+    with pytest.raises(KdcliError, match="different variants"):
+        Study.open(out, overrides=["variants={pool: [distill.unlabeled=rest]}"])
