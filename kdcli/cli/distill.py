@@ -18,7 +18,8 @@ def distill(
                                                       "teacher's checkpoint).")] = None,
     overrides: Overrides = None,
     teacher: Annotated[Path | None, typer.Option("--teacher", "-t", help="Teacher checkpoint (best.pt).")] = None,
-    method: Annotated[str | None, typer.Option("--method", help="Feature imitation, one or more of: none, {methods}.",
+    method: Annotated[str | None, typer.Option("--method", help="Terms beside the labels: none, or comma-separated "
+                                                                "(e.g. crosskd,pkd) one or more of: {methods}.",
                                               show_default="the recipe's, else none")] = None,
     labels: Annotated[str | None, typer.Option("--labels", help=f"Labels: {', '.join(schema.LABELS)}.",
                                               show_default="the recipe's, else hard")] = None,
