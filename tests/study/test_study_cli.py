@@ -136,13 +136,20 @@ def test_quickstart_reduced(tmp_path: Path):
 
 
 @pytest.mark.parametrize("recipe, cells, teachers", [("study/vedai25_paper", 200, 20), ("study/synthetic", 40, 4),
-                                                    ("study/synthetic_gpu", 24, 4)])
+                                                    ("study/synthetic_gpu", 24, 4),
+                                                    ("study/synthetic_unlabeled", 6, 1)])
 def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tmp_path: Path):
     from kdcli.config.schema import PAPER_CONFIGS
     from kdcli.study.grid import Study
 
     s = Study.open(recipe, tmp_path / "s")
-    assert s.cfg.configs == (PAPER_CONFIGS[:6] if recipe.endswith("gpu") else PAPER_CONFIGS)
+    expected = {"study/synthetic_gpu": PAPER_CONFIGS[:6],
+                "study/synthetic_unlabeled": ["teacher", "hard", "hard@full", "hard+soft", "hard+soft@pool",
+                                              "soft@pool"]}.get(recipe, PAPER_CONFIGS)
+    assert s.cfg.configs == expected
+    for cell in s.cells():  # every cell's recipe loads (variants included)
+        if cell.is_teacher:
+            s.teacher_recipe(cell)
     assert len(s.cells()) == cells and sum(c.is_teacher for c in s.cells()) == teachers
     assert Path(s.cfg.teacher).is_file() and Path(s.cfg.student).is_file()
 
