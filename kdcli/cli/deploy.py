@@ -70,7 +70,9 @@ def predict(
                                                         "written aside and swapped in at the end).")] = False,
 ) -> None:
     """Detect objects in images or whole scenes. Writes predictions.json (COCO results), images.json, a
-    GeoJSON per image (pixel coordinates; map coordinates too for a georeferenced TIFF) and drawn PNGs.
+    GeoJSON per image (pixel coordinates; for a georeferenced TIFF also <stem>.map.geojson in its CRS and
+    <stem>.wgs84.geojson in WGS84 lon/lat) and drawn PNGs. Scenes are read window by window (bounded memory;
+    PNG/JPEG are decoded whole): install kdcli[geo] (rasterio) for any GeoTIFF and CRS.
 
     Example: [bold]kdcli predict best.pt scene.tif --slice 512 --overlap 0.2 --bands 3,2,1[/]
     """
@@ -121,6 +123,7 @@ def predict(
         task = bar.add_task("predict", total=total)
         for _, path, raster in rasters:
             det = predictor.predict(raster, lambda n: bar.advance(task, n))
+            raster.close()
             results.append((path, raster, det))
     target = out_dir or unique_run_dir(paths.runs_root() / "predict", Path(weights).parent.parent.name or "predict")
     with atomic_dir(target.resolve(), force=target.exists()) as tmp:  # an existing target passed _check_out

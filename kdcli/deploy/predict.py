@@ -1,8 +1,10 @@
 """`kdcli predict`: a checkpoint on images, folders, globs or whole scenes, optionally sliced into overlapping
 windows run in batches; detections mapped back to scene pixels and merged across seams.
 
-Memory stays bounded on a 10 000 x 10 000 scene: windows are read one batch at a time (from a memmap when the
-TIFF allows it), each window keeps at most `max_det` detections, and the drawn picture is downscaled.
+Memory stays bounded on a scene of any size: windows are read from disk one batch at a time (`Raster.read`:
+GDAL, or tifffile's per-strip/tile decode; PNG/JPEG are decoded whole), each window keeps at most `max_det`
+detections, and the drawing is a decimated read. A georeferenced scene's boxes are written in its own CRS
+(`<stem>.map.geojson`, as before) and in WGS84 longitude/latitude as RFC 7946 asks (`<stem>.wgs84.geojson`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from torchvision.ops import batched_nms
 
 from kdcli import atomic
 from kdcli.config.schema import ModelConfig
-from kdcli.data.rasters import IMAGE_SUFFIXES, Raster
+from kdcli.console import err
+from kdcli.data.rasters import GEO_HINT, IMAGE_SUFFIXES, Raster, optional_rasterio, warn_once
 from kdcli.data.tiling import windows
 from kdcli.data.transforms import eval_transform, input_scale
 from kdcli.deploy.slicing import drop_cut_boxes, merge, to_scene
@@ -179,48 +182,61 @@ def coco_results(image_id: int, det: Detections) -> list[dict[str, Any]]:
             for b, s, c in zip(det.boxes, det.scores, det.labels)]
 
 
-def geojson(det: Detections, classes: list[str], raster: Raster | None = None) -> dict[str, Any]:
-    """Boxes as polygons in pixel coordinates (y down), or in the raster's map coordinates when given."""
-    feats = []
-    for b, s, c in zip(det.boxes, det.scores, det.labels):
-        xs = np.array([b[0], b[2], b[2], b[0], b[0]], np.float64)
-        ys = np.array([b[1], b[1], b[3], b[3], b[1]], np.float64)
-        if raster is not None:
-            xs, ys = raster.to_map(xs, ys)
-        feats.append({"type": "Feature", "properties": {"class": classes[int(c)], "score": round(float(s), 5)},
-                      "geometry": {"type": "Polygon", "coordinates": [[[float(x), float(y)] for x, y in zip(xs, ys)]]}})
+def geojson(det: Detections, classes: list[str], raster: Raster | None = None, frame: str = "pixel") -> dict[str, Any]:
+    """Boxes as polygons in pixel coordinates (y down), or through `raster` in its map coordinates (`map`, with
+    its CRS named) or in WGS84 longitude/latitude (`wgs84`, RFC 7946: no CRS member, rings counter-clockwise)."""
+    b = det.boxes.astype(np.float64).reshape(-1, 4)
+    xs, ys = b[:, [0, 2, 2, 0, 0]], b[:, [1, 1, 3, 3, 1]]
+    if raster is not None and frame != "pixel":
+        xs, ys = raster.to_map(xs, ys) if frame == "map" else raster.to_wgs84(xs, ys)
+        a, bb, _, d, e, _ = raster.transform  # type: ignore[misc]
+        if a * e - bb * d < 0:  # a north-up image (y down) turns the pixel ring clockwise on the map
+            xs, ys = xs[:, ::-1], ys[:, ::-1]
+    feats = [{"type": "Feature", "properties": {"class": classes[int(c)], "score": round(float(s), 5)},
+              "geometry": {"type": "Polygon", "coordinates": [[[float(x), float(y)] for x, y in zip(rx, ry)]]}}
+             for rx, ry, s, c in zip(xs, ys, det.scores, det.labels)]
     out: dict[str, Any] = {"type": "FeatureCollection", "features": feats}
-    if raster is not None and raster.epsg:
+    if raster is not None and frame == "map" and raster.epsg:
         out["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{raster.epsg}"}}
+    elif raster is not None and frame == "map" and raster.crs:
+        out["crs_wkt"] = raster.crs  # no EPSG code: the WKT, as a foreign member
     return out
 
 
 def drawing(raster: Raster, det: Detections, classes: list[str], min_score: float = 0.0) -> Image.Image:
-    """The scene (downscaled to at most DRAW_MAX_SIDE) with the boxes scoring at least `min_score`, in class
-    colours with their scores."""
-    f = min(1.0, DRAW_MAX_SIDE / max(raster.width, raster.height))
-    step = max(1, int(round(1 / f)))
-    image = raster.read(0, 0, raster.width, raster.height) if step == 1 else \
-        _strided(raster, step)
+    """The scene (a decimated read, at most about DRAW_MAX_SIDE a side) with the boxes scoring at least
+    `min_score`, in class colours with their scores."""
+    step = max(1, int(round(max(raster.width, raster.height) / DRAW_MAX_SIDE)))
+    image = raster.read_decimated(step)
     scale = image.shape[1] / raster.width
     keep = det.scores >= min_score
     return draw(image, det.boxes[keep] * scale, det.labels[keep], classes, det.scores[keep])
 
 
-def _strided(raster: Raster, step: int) -> np.ndarray:
-    """A downscaled copy read in horizontal strips (bounded memory)."""
-    rows = []
-    strip = step * 256
-    for y0 in range(0, raster.height, strip):
-        rows.append(raster.read(0, y0, raster.width, min(raster.height, y0 + strip))[::step, ::step])
-    return np.concatenate(rows, 0)
+def _map_outputs(out_dir: Path, stem: str, raster: Raster, det: Detections, classes: list[str]) -> list[Path]:
+    """<stem>.map.geojson (the scene's CRS) and <stem>.wgs84.geojson; a warning line says what could not be."""
+    if raster.transform is None:
+        return []
+    atomic.write_text(out_dir / f"{stem}.map.geojson", json.dumps(geojson(det, classes, raster, "map")))
+    if raster.crs is None:
+        err.print(f"[yellow]warning:[/] {raster.path}: a pixel -> map transform but no CRS kdcli could read: "
+                  f"{stem}.map.geojson names none, and no WGS84 GeoJSON is written"
+                  + ("" if optional_rasterio() else f" ({GEO_HINT} reads any CRS)"), highlight=False, soft_wrap=True)
+        return [out_dir / f"{stem}.map.geojson"]
+    try:
+        wgs84 = geojson(det, classes, raster, "wgs84")
+    except KdcliError as e:
+        warn_once(f"wgs84:{e.message.split(': ', 1)[-1]}", f"{e}: no WGS84 GeoJSON, only {stem}.map.geojson")
+        return [out_dir / f"{stem}.map.geojson"]
+    atomic.write_text(out_dir / f"{stem}.wgs84.geojson", json.dumps(wgs84))
+    return [out_dir / f"{stem}.map.geojson", out_dir / f"{stem}.wgs84.geojson"]
 
 
 def write_outputs(out_dir: Path, results: list[tuple[Path, Raster, Detections]], classes: list[str],
                   draw_conf: float | None = 0.25) -> list[Path]:
-    """predictions.json (COCO results), images.json (ids, file names, sizes), one GeoJSON per image (and a
-    map-coordinate one for georeferenced TIFFs), one drawn PNG per image (boxes scoring >= draw_conf; None: no
-    PNG)."""
+    """predictions.json (COCO results), images.json (ids, file names, sizes), one GeoJSON per image in pixels
+    (and, for a georeferenced scene, in its CRS and in WGS84), one drawn PNG per image (boxes scoring >= draw_conf;
+    None: no PNG)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     coco, images, files = [], [], []
     stems: dict[str, int] = {}
@@ -232,11 +248,10 @@ def write_outputs(out_dir: Path, results: list[tuple[Path, Raster, Detections]],
         stem = path.stem if n == 0 else f"{path.stem}_{n}"
         atomic.write_text(out_dir / f"{stem}.geojson", json.dumps(geojson(det, classes)))
         files.append(out_dir / f"{stem}.geojson")
-        if raster.transform is not None:
-            atomic.write_text(out_dir / f"{stem}.map.geojson", json.dumps(geojson(det, classes, raster)))
-            files.append(out_dir / f"{stem}.map.geojson")
+        files += _map_outputs(out_dir, stem, raster, det, classes)
         if draw_conf is not None:
             drawing(raster, det, classes, draw_conf).save(out_dir / f"{stem}.png")
+            raster.close()
             files.append(out_dir / f"{stem}.png")
     atomic.write_json(out_dir / "predictions.json", coco)
     atomic.write_json(out_dir / "images.json", {"images": images,

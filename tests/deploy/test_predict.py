@@ -137,10 +137,10 @@ def test_float_tiff_with_nodata_nan_is_scaled_without_numpy_warnings(tmp_path: P
     assert all(np.isfinite(v) for pair in r.scale for v in pair)
     assert win.dtype == np.uint8 and (win[:16] == 0).all() and win[16:].max() > 200
     err = capsys.readouterr().err
-    assert "25.0 % of the sampled pixels are NaN or infinite" in " ".join(err.split())
+    assert "25.0 % of the sampled pixels are nodata (NaN, infinite or masked)" in " ".join(err.split())
     arr[..., 1] = np.nan
     tifffile.imwrite(tmp_path / "g.tif", arr, photometric="rgb")
-    with pytest.raises(KdcliError, match=r"band\(s\) 2 hold no finite value"):
+    with pytest.raises(KdcliError, match=r"band\(s\) 2 hold no valid value"):
         open_raster(tmp_path / "g.tif")
 
 

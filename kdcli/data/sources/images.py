@@ -78,6 +78,7 @@ def prepare(src: Path, out: Path, tile: int = 0, overlap: float = 0.2, bands: st
                 pil_image().fromarray(raster.read(x0, y0, x1, y1)).save(tmp / dst, compress_level=1)
                 b.add_image(len(b.images) + 1, dst, x1 - x0, y1 - y0,
                             origin={"scene": str(rel), "x0": x0, "y0": y0})
+            raster.close()  # tiles read window by window (GDAL or tifffile); the file let go here
         if not b.images:
             raise KdcliError(f"{src}: none of the {len(files)} images could be read", hint="see --skip-bad-images")
         splits, _ = coco.write_splits(tmp, {SPLIT: b})
