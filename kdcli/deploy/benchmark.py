@@ -199,7 +199,7 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
     student_flops = _flops(lambda: loss_fn(student(images), boxes, labels)["total"].backward())
     teacher_full = _flops(lambda: teacher(images))
     teacher_trunc = _flops(lambda: teacher(images, head=False))
-    rows = []
+    measured = []
     base = None
     for labels_mode, method, pool in rows or distill_rows():
         step, head = make_step(labels_mode, method, pool)
@@ -209,7 +209,7 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
         uses_teacher = labels_mode != "hard" or method != "none"
         t_flops = (teacher_full if head else teacher_trunc) if uses_teacher else 0.0
         scale = 2 if pool else 1  # a pooled step runs student and teacher on twice the images
-        rows.append({"row": (labels_mode if method == "none" else f"{labels_mode}+{method}") + ("@pool" if pool
+        measured.append({"row": (labels_mode if method == "none" else f"{labels_mode}+{method}") + ("@pool" if pool
                                                                                                 else ""),
                      "teacher": "-" if not uses_teacher else ("full" if head else "backbone+neck"),
                      "images": batch * scale, "step_s": round(med, 4), "time_ratio": round(med / base, 3),
@@ -220,7 +220,7 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
             "student_fwd_bwd_gflops": round(student_flops / 1e9, 2),
             "teacher_fwd_gflops": round(teacher_full / 1e9, 2),
             "teacher_backbone_neck_gflops": round(teacher_trunc / 1e9, 2),
-            "truncation_saving": round(1 - teacher_trunc / teacher_full, 3), "rows": rows}
+            "truncation_saving": round(1 - teacher_trunc / teacher_full, 3), "rows": measured}
 
 
 def _stats(times: list[float]) -> dict[str, float]:
