@@ -1,5 +1,6 @@
 """`kdcli benchmark`: what a teacher and a student cost — size, FLOPs, inference latency and throughput, training
-step (and each distillation method's overhead), metric time — with torchvision's RetinaNet as reference."""
+step (and each distillation method's overhead), metric time — with torchvision's RetinaNet as reference; with
+--formats, a trained model's deployment formats side by side (size, mAP50, latency at batch 1 on this CPU)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kdcli import atomic
@@ -26,7 +28,10 @@ def benchmark(
     batch: Annotated[int, typer.Option("--batch", min=2, help="Images per step.")] = 4,
     device: Annotated[str, typer.Option("--device", help="cpu or a GPU index.")] = "cpu",
     amp: Annotated[str, typer.Option("--amp", help="off, bf16 or fp16 (CUDA only).")] = "off",
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed steps (after 2 warm-up steps).")] = 5,
+    repeats: Annotated[int | None, typer.Option("--repeats", min=1, help="Timed steps (after 2 warm-up steps; "
+                                                                         "with --formats, timed forward passes after "
+                                                                         "5).", show_default="5; --formats 50")]
+    = None,
     reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Also time torchvision's "
                                                                                "retinanet_resnet50_fpn.")] = True,
     distill: Annotated[bool, typer.Option("--distill", help="Also time the distillation rows against the hard "
@@ -43,7 +48,9 @@ def benchmark(
     eval_images: Annotated[int, typer.Option("--eval-images", min=1, help="Images in the metric timing.")] = 500,
     data: Annotated[str | None, typer.Option("--data", help="A dataset dir: also run one real training epoch of "
                                                            "each model through the loader (images/s end to end, "
-                                                           "next to the step figure).")] = None,
+                                                           "next to the step figure); with --formats, the dataset "
+                                                           "to score on.",
+                                             show_default="none; with --formats, the checkpoint's")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="With --data: loader workers.")] = 4,
     epoch_batches: Annotated[int | None, typer.Option("--epoch-batches", min=1, help="With --data: stop the epoch "
                                                                                       "after this many batches.")]
@@ -53,6 +60,13 @@ def benchmark(
     compile_: Annotated[bool, typer.Option("--compile", help="Time kdcli's models compiled with torch.compile "
                                                              "(recipe: train.compile; compilation not timed).")]
     = False,
+    formats: Annotated[str | None, typer.Option("--formats", help="Instead: each --model checkpoint in these "
+                                                                 "deployment formats (torch, onnx, onnx-fp16, "
+                                                                 "onnx-int8, onnx-int8-per-tensor), one table per "
+                                                                 "model: file size, mAP50 on --split, latency at "
+                                                                 "batch 1 on this CPU (ONNX Runtime; PyTorch for "
+                                                                 "torch).")] = None,
+    split: Annotated[str, typer.Option("--split", help="With --formats: the split to score.")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     save: Annotated[Path | None, typer.Option("--save", help="Write the results JSON here.")] = None,
     suite: Annotated[str | None, typer.Option("--suite", help="Run a prepared suite instead: gpu (every GPU target "
@@ -67,12 +81,20 @@ def benchmark(
     """Parameters, FLOPs, inference latency (batch 1) and throughput, training-step time per image (share in
     assignment + losses, peak GPU memory), the distillation rows' overhead (--distill), and metric time against
     pycocotools; torchvision's RetinaNet as a reference row. Warm-up, then the median and spread of repeats.
+    With --formats: a trained model exported to each format, one row each (size, mAP50, latency at batch 1 on this
+    CPU); a format that fails is a row with its error.
 
     Example: [bold]kdcli benchmark --models teacher.pt,student.pt --device 0 --amp bf16 --distill --json[/]
+
+    Example: [bold]kdcli benchmark --formats torch,onnx,onnx-int8 --model best.pt --data DIR --json[/]
     """
     if suite is not None:
         _suite(suite, suite_out, device, amp, tiny, as_json)
         return
+    if formats is not None:
+        _formats(formats, models, data, split, batch, workers, repeats or 50, as_json, save)
+        return
+    repeats = repeats or 5
     import torch
 
     from kdcli import paths
@@ -148,6 +170,54 @@ def _suite(name: str, out_dir: Path | None, device: str, amp: str, tiny: bool, a
         t.add_row(x["target"], "-" if x["value"] is None else str(x["value"]), x["goal"], met)
     out.print(t)
     out.print(f"written: {out_dir}/summary.json, suite.json, study_table.md, study_gains.md", highlight=False)
+
+
+def _formats(names: str, models: list[str] | None, data: str | None, split: str, batch: int, workers: int,
+             repeats: int, as_json: bool, save: Path | None) -> None:
+    from kdcli import paths
+    from kdcli.deploy import formats as F
+    from kdcli.deploy.benchmark import machine
+    from kdcli.errors import KdcliError
+
+    chosen = F.parse_formats(names)
+    specs = [x for m in (models or []) for x in m.split(",") if x]
+    if not specs or any(not s.endswith(".pt") for s in specs):
+        raise KdcliError("--formats measures trained models: give their checkpoints", hint="--model best.pt")
+    dataset = str(paths.resolve_dataset(data)) if data else None
+    result: dict = {"machine": machine(), "formats": chosen, "models": []}
+    for spec in specs:
+        err.print(f"{spec}: {', '.join(chosen)} ...")
+        result["models"].append(F.benchmark(spec, chosen, split, dataset, batch, workers, repeats))
+        if save:  # written as each model is measured: a long study keeps what it has
+            atomic.write_json(save, result, indent=2)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for m in result["models"]:
+        out.print(f"[bold]{escape(m['model'])}[/] ({m['backbone']}, {m['params_m']:.2f} M parameters, {m['imgsz']} px) "
+                  f"on {escape(Path(m['dataset']).name)}/{m['split']}; latency: one forward pass at batch 1, "
+                  f"{result['machine']['threads']} threads, load average {m['load_average'][0]:.1f}",
+                  highlight=False, soft_wrap=True)
+        t = Table()
+        for col in ("format", "MB", "mAP50", "mAP50-95", "ms", "p90 ms", "speedup", "parity"):
+            t.add_column(col, justify="left" if col in ("format", "parity") else "right", no_wrap=col == "format")
+        for r in m["rows"]:
+            lat = r.get("latency_b1", {})
+            p = r.get("parity", {})
+            parity = "error" if "error" in r else "-" if not p else \
+                (f"{p['agreement']:.0%}, " if "agreement" in p else "") + f"{p['max_abs_diff']:.2g}"
+            t.add_row(r["format"], *(f"{r[k]:.2f}" if k in r else "-" for k in ("size_mb",)),
+                      *(f"{r[k]:.4f}" if k in r else "-" for k in ("mAP50", "mAP50-95")),
+                      *(f"{lat[k]:.1f}" if k in lat else "-" for k in ("median_ms", "p90_ms")),
+                      f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-", parity)
+        out.print(t)
+        for r in m["rows"]:
+            if "error" in r:
+                out.print(f"[red]{r['format']}[/]: {escape(r['error'])}", highlight=False, soft_wrap=True)
+        out.print("parity: share of detections found by both and max |score difference| against PyTorch; "
+                  "speedup: latency of torch / latency of the format", highlight=False, soft_wrap=True)
+    if save:
+        out.print(f"written: {save}", highlight=False)
 
 
 def _model(spec: str, imgsz: int | None):

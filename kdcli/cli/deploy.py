@@ -178,37 +178,55 @@ def export(
     fmt: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
     out_file: Annotated[Path | None, typer.Option("--out", help="Output file.",
                                                      show_default="beside the checkpoint: best.onnx, "
-                                                                  "best.torchscript")] = None,
+                                                                  "best.int8.onnx, best.torchscript")] = None,
     nms: Annotated[bool, typer.Option("--nms/--no-nms", help="NMS inside the graph (ONNX): detections [N, 7] "
                                                              "instead of boxes + scores per anchor.")] = False,
     half: Annotated[bool, typer.Option("--half", help="FP16 weights and inputs.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="INT8 (ONNX): ONNX Runtime static quantization, QDQ, "
+                                                      "calibrated on --calib.")] = False,
+    calib: Annotated[str | None, typer.Option("--calib", help="With --int8: a folder of images like the model's "
+                                                              "input, or a split of the checkpoint's dataset.",
+                                              show_default="the checkpoint's train split")] = None,
+    calib_images: Annotated[int, typer.Option("--calib-images", min=1, help="With --int8: calibration images at "
+                                                                             "most (evenly spaced).")] = 200,
+    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="With --int8: one weight scale "
+                                                                                 "per output channel, or per "
+                                                                                 "tensor.")] = True,
     tolerance: Annotated[float | None, typer.Option("--tolerance", help="Largest accepted |score difference| "
-                                                                        "against PyTorch.",
-                                                        show_default="1e-3, FP16 2e-2")] = None,
+                                                                        "against PyTorch (INT8: of matched "
+                                                                        "detections).",
+                                                        show_default="1e-3, FP16 2e-2, INT8 0.1")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Export a checkpoint for deployment (dynamic batch), with class names, input size and normalisation as
-    metadata, then run the file on images of its dataset next to PyTorch (random pixels, said so, when the dataset
-    is not on this machine) and fail beyond a tolerance.
+    """Export a checkpoint for deployment (dynamic batch), with class names, input size, normalisation and its
+    dataset as metadata, then run the file on images of its dataset next to PyTorch (random pixels, said so, when
+    the dataset is not on this machine) and fail beyond a tolerance. `kdcli val model.onnx` evaluates the file.
 
-    Example: [bold]kdcli export runs/distill/hard_pdf/weights/best.pt --format onnx --nms[/]
+    Example: [bold]kdcli export runs/distill/hard_pdf/weights/best.pt --format onnx --int8 --calib train[/]
     """
     import json
 
     from kdcli.deploy.export import export as run_export
 
-    suffix = {"onnx": ".onnx", "torchscript": ".torchscript"}.get(fmt)
+    suffix = {"onnx": ".int8.onnx" if int8 else ".onnx", "torchscript": ".torchscript"}.get(fmt)
     if suffix is None:
         raise KdcliError(f"--format {fmt}: use onnx or torchscript")
+    if calib is not None and not int8:
+        raise KdcliError("--calib calibrates an INT8 export", hint="add --int8")
     target = out_file or Path(weights).with_suffix(suffix)
     if target.is_dir():
         raise KdcliError(f"--out {target}: a folder; give the output file's name")
     ensure_dir_possible(target.parent, "output folder")
-    res = run_export(weights, fmt, target, nms, half, tolerance)
+    res = run_export(weights, fmt, target, nms, half, tolerance, int8, calib, calib_images, per_channel)
     if as_json:
         typer.echo(json.dumps(res))
         return
+    if int8:
+        check = (f"{res['detections_compared']} detections scoring >= {res['min_score']:g}, {res['agreement']:.0%} "
+                 f"found by both, max |score difference| {res['max_abs_diff']:.3f} (tolerance "
+                 f"{res['tolerance']:g}); calibrated on {escape(res['quantization']['calibrated_on'])}")
+    else:
+        check = f"max |score difference| {res['max_abs_diff']:.2e} (tolerance {res['tolerance']:.0e})"
     out.print(f"[green]exported[/] {escape(res['file'])} ({fmt}, {res['precision']}, NMS "
               f"{'inside' if nms else 'outside'} the graph); parity on {res['inputs']} images "
-              f"({escape(res['inputs_from'])}): max |score difference| {res['max_abs_diff']:.2e} (tolerance "
-              f"{res['tolerance']:.0e})", highlight=False, soft_wrap=True)
+              f"({escape(res['inputs_from'])}): {check}", highlight=False, soft_wrap=True)

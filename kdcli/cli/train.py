@@ -95,25 +95,27 @@ class ValConfig(Strict):
 
 
 def val(
-    weights: Annotated[Path, typer.Argument(help="Checkpoint (.pt) to evaluate.")],
+    weights: Annotated[Path, typer.Argument(help="Checkpoint (.pt), or ONNX model from `kdcli export` (.onnx, run "
+                                                 "by ONNX Runtime), to evaluate.")],
     overrides: Overrides = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON on stdout.")] = False,
 ) -> None:
-    """Evaluate a checkpoint: mAP50 (VOC-style all-point AP at IoU 0.5, the headline), COCO AP50 and AP50:95,
-    AP at extra IoU thresholds, per class. Dataset, fold and classes come from the checkpoint.
+    """Evaluate a checkpoint or an exported ONNX model (FP32, FP16 or INT8): mAP50 (VOC-style all-point AP at IoU
+    0.5, the headline), COCO AP50 and AP50:95, AP at extra IoU thresholds, per class. Dataset, fold and classes come
+    from the checkpoint (from an ONNX model's metadata).
 
     Example: [bold]kdcli val runs/train/teacher/weights/best.pt split=test[/]
     """
     from kdcli.data import coco
+    from kdcli.deploy.formats import evaluate_model
     from kdcli.engine.plots import prediction_grid
     from kdcli.engine.trainer import unique_run_dir
-    from kdcli.engine.validator import evaluate_checkpoint
 
     cfg = load.load(ValConfig, None, list(overrides or []))
     dataset = paths.resolve_dataset(cfg.data) if cfg.data else None
-    result, samples = evaluate_checkpoint(weights, cfg.split, dataset, cfg.fold, cfg.batch, cfg.workers, cfg.device,
-                                          {"conf": cfg.conf, "nms_iou": cfg.nms_iou, "max_det": cfg.max_det},
-                                          cfg.iou_thresholds, cfg.coco_backend)
+    result, samples = evaluate_model(weights, cfg.split, dataset, cfg.fold, cfg.batch, cfg.workers, cfg.device,
+                                     {"conf": cfg.conf, "nms_iou": cfg.nms_iou, "max_det": cfg.max_det},
+                                     cfg.iou_thresholds, cfg.coco_backend)
     dataset_dir, fold, classes = Path(result["dataset"]), result["fold"], [r["class"] for r in result["per_class"]]
     run_dir = unique_run_dir(paths.runs_root() / "val", cfg.name or Path(weights).parent.parent.name or "val")
     run_dir.mkdir(parents=True)
@@ -145,7 +147,9 @@ def val(
 
 
 def info_model(
-    models: Annotated[list[str], typer.Argument(help="One or two recipes or checkpoints (teacher first).")],
+    models: Annotated[list[str], typer.Argument(help="One or two recipes or checkpoints (teacher first), then "
+                                                     "key=value overrides for the recipes (e.g. "
+                                                     "model.backbone=mobilenet_v3_large).")],
     imgsz: Annotated[int | None, typer.Option("--imgsz", help="Input size for FLOPs.",
                                               show_default="the recipe's")]
     = None,
@@ -158,14 +162,20 @@ def info_model(
     A recipe names its trunk with model.backbone: {backbones}.
 
     Example: [bold]kdcli info model recipes/models/teacher_r50_pafpn.yaml recipes/models/student_r18_fpn.yaml[/]
+
+    Example: [bold]kdcli info model models/student_r18_fpn model.backbone=mobilenet_v3_large --imgsz 128[/]
     """
     from kdcli.engine.info import describe
 
-    if not 1 <= len(models) <= 2:
+    specs, overrides = split_overrides(models)
+    if not 1 <= len(specs) <= 2:
         raise KdcliError("give one or two models")
+    if overrides and any(s.endswith(".pt") for s in specs):
+        raise KdcliError(f"{overrides[0]}: overrides change a recipe, not a trained checkpoint",
+                         hint="give a model or train recipe")
     rows = []
-    for spec in models:
-        model, size = _model_for_info(spec, classes)
+    for spec in specs:
+        model, size = _model_for_info(spec, classes, overrides)
         rows.append({"model": Path(spec).stem, **describe(model, imgsz or size)})
     result: dict = {"models": rows}
     if len(rows) == 2:
@@ -189,7 +199,13 @@ def info_model(
                   highlight=False)
 
 
-def _model_for_info(spec: str, classes: int):
+def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """(models, key=value overrides) of a command line that lists both."""
+    over = [x for x in items if "=" in x and not Path(x).exists()]
+    return [x for x in items if x not in over], over
+
+
+def _model_for_info(spec: str, classes: int, overrides: list[str]):
     from kdcli.engine import checkpoint
     from kdcli.models.detector import build_detector
 
@@ -199,8 +215,8 @@ def _model_for_info(spec: str, classes: int):
     path = load.find_recipe(spec)
     raw = load.read_yaml(path)
     if "data" not in raw:  # a model recipe alone: no dataset needed to count parameters
-        r = load.load(schema.Recipe, path, defaults={"data": {"path": "-"}})
+        r = load.load(schema.Recipe, path, overrides, defaults={"data": {"path": "-"}})
     else:
-        r = load.load(schema.Recipe, path)
+        r = load.load(schema.Recipe, path, overrides)
     model_cfg = r.model.model_copy(update={"pretrained": False})
     return build_detector(model_cfg, classes, r.data.imgsz, r.data.anchor_size), r.data.imgsz

@@ -4,7 +4,8 @@ Headline `mAP50` = VOC-style all-point AP at IoU 0.5 (see `metrics`). COCO AP50 
 pycocotools (faster-coco-eval when installed; or kdcli's own implementation of the same protocol with
 `coco_backend="kdcli"`), with the detection cap raised to `max_det` per image; the backend is named in the
 output. VOC `difficult` objects are passed to the COCO evaluators as crowd regions, their only ignore
-mechanism (an approximation on VOC).
+mechanism (an approximation on VOC). The model is a torch module or any `Detect` function (an exported file run by
+its runtime: `kdcli.deploy.formats`), scored by the same code.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import io
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ from kdcli.config.schema import ModelConfig
 from kdcli.engine import metrics as M
 from kdcli.errors import KdcliError
 from kdcli.models.postprocess import postprocess
+
+Detect = Callable[[torch.Tensor], list[dict[str, torch.Tensor]]]  # uint8 images -> per image boxes, scores, labels
 
 
 def coco_backend(preferred: str = "auto") -> str:
@@ -36,20 +39,32 @@ def coco_backend(preferred: str = "auto") -> str:
         return "pycocotools"
 
 
+def torch_detect(model: torch.nn.Module, cfg: ModelConfig, device: torch.device,
+                 amp_dtype: torch.dtype | None = None) -> Detect:
+    """`model` on `device` (under autocast with `amp_dtype`), postprocessed with `cfg`."""
+    model.eval()
+
+    def detect(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(images)
+        return postprocess(out, cfg, tuple(images.shape[-2:]))
+
+    return detect
+
+
 @torch.no_grad()
-def predict_loader(model: torch.nn.Module, loader: DataLoader, cfg: ModelConfig, device: torch.device,
+def predict_loader(model: torch.nn.Module | Detect, loader: DataLoader, cfg: ModelConfig, device: torch.device,
                    amp_dtype: torch.dtype | None = None, max_images: int | None = None
                    ) -> tuple[M.Detections, list[dict[str, Any]]]:
-    """Detections over a loader in original-image pixels, and the first few raw samples for drawing."""
-    model.eval()
+    """Detections over a loader in original-image pixels, and the first few raw samples for drawing. A torch
+    `model` runs through `torch_detect`; a `Detect` function postprocesses itself."""
+    detect = torch_detect(model, cfg, device, amp_dtype) if isinstance(model, torch.nn.Module) else model
     ids, labels, scores, boxes = [], [], [], []
     samples: list[dict[str, Any]] = []
     seen = 0
     for batch in loader:
-        images = batch["images"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(images)
-        dets = postprocess(out, cfg, tuple(images.shape[-2:]))
+        dets = detect(batch["images"])
         for i, d in enumerate(dets):
             sx, sy = batch["scales"][i]
             b = d["boxes"].float().cpu().numpy() / np.array([sx, sy, sx, sy])
@@ -158,7 +173,7 @@ def _num(v: float) -> float | None:
     return None if np.isnan(v) else round(float(v), 6)
 
 
-def evaluate(model: torch.nn.Module, loader: DataLoader, gt_json: dict[str, Any], classes: list[str],
+def evaluate(model: torch.nn.Module | Detect, loader: DataLoader, gt_json: dict[str, Any], classes: list[str],
              cfg: ModelConfig, device: torch.device, iou_thresholds: list[float], backend: str = "auto",
              amp_dtype: torch.dtype | None = None, ci_resamples: int = 0
              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -178,27 +193,39 @@ def evaluate_checkpoint(weights: str | Path, split: str = "test", dataset: str |
     """Evaluate a checkpoint on a split of its own dataset and fold (or of `dataset`/`fold`): `kdcli val` and the
     cells of a study, with the bootstrap interval of mAP50 over images. `overrides` may change the postprocess
     keys conf, nms_iou, max_det."""
-    from kdcli.data import coco
-    from kdcli.data.dataset import DetectionDataset, collate
     from kdcli.engine import checkpoint, distributed
 
     ckpt = checkpoint.load(weights)
     model = checkpoint.model_from_checkpoint(ckpt, str(weights))
-    d, m = ckpt.data, ckpt.model
-    dataset_dir = Path(dataset) if dataset is not None else Path(d.path)
-    if dataset is None and not dataset_dir.is_dir():
-        raise KdcliError(f"{weights}: its dataset dir {dataset_dir} no longer exists",
-                         hint="if it moved, pass the new place: kdcli val ... data=NEWDIR")
-    fold = fold if fold is not None else d.fold
-    if coco.read_dataset_yaml(dataset_dir)["classes"] != m.classes:
-        raise KdcliError(f"{dataset_dir}: classes differ from the checkpoint's {m.classes}")
     model_cfg = model.cfg.model_copy(update={k: v for k, v in (overrides or {}).items() if v is not None})
     dev = distributed.resolve_device(device)
     model.to(dev)
-    ds = DetectionDataset(dataset_dir, split, fold, m.imgsz, d.letterbox, channels=d.channels)
+    return evaluate_split(model, model_cfg, ckpt.model.classes, ckpt.model.imgsz, ckpt.data, weights, split, dataset,
+                          fold, batch, workers, dev, iou_thresholds, backend, ci_resamples)
+
+
+def evaluate_split(model: torch.nn.Module | Detect, cfg: ModelConfig, classes: list[str], imgsz: int, data: Any,
+                   weights: str | Path, split: str = "test", dataset: str | Path | None = None,
+                   fold: int | None = None, batch: int = 16, workers: int = 2, device: torch.device | None = None,
+                   iou_thresholds: list[float] | None = None, backend: str = "auto", ci_resamples: int = 1000
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate `model` (trained on `data`: a checkpoint's DataInfo, whose dir, fold, letterbox and channels it
+    was trained with) on `split` of that dataset dir and fold, or of `dataset`/`fold`."""
+    from kdcli.data import coco
+    from kdcli.data.dataset import DetectionDataset, collate
+
+    dataset_dir = Path(dataset) if dataset is not None else Path(data.path)
+    if dataset is None and not dataset_dir.is_dir():
+        raise KdcliError(f"{weights}: its dataset dir {dataset_dir} no longer exists",
+                         hint="if it moved, pass the new place: kdcli val ... data=NEWDIR")
+    fold = fold if fold is not None else data.fold
+    if coco.read_dataset_yaml(dataset_dir)["classes"] != classes:
+        raise KdcliError(f"{dataset_dir}: classes differ from the model's {classes}")
+    dev = device or torch.device("cpu")
+    ds = DetectionDataset(dataset_dir, split, fold, imgsz, data.letterbox, channels=data.channels)
     loader = DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate)
     amp = torch.bfloat16 if dev.type == "cuda" else None
-    result, samples = evaluate(model, loader, ds.coco, m.classes, model_cfg, dev,
+    result, samples = evaluate(model, loader, ds.coco, classes, cfg, dev,
                                [0.1, 0.25, 0.5, 0.75] if iou_thresholds is None else iou_thresholds, backend, amp,
                                ci_resamples)
     result.update({"weights": str(weights), "dataset": str(dataset_dir), "fold": fold, "split": split})

@@ -1,8 +1,14 @@
-"""Feature trunks from torchvision's ResNet family, returning C4 (layer3) and C5 (layer4).
+"""Feature trunks from torchvision, returning C4 and C5: ResNets (layer3, layer4) and edge networks (MobileNetV3,
+EfficientNet: their `features` split where the stride-32 stage starts).
 
-A trunk is one entry of `BACKBONES` (torchvision constructor, ImageNet weights, C4/C5 widths): `model.backbone`
-accepts exactly its names. With the stem max-pool removed (ScratchDet; the default), C4 and C5 sit at strides 8
-and 16, which keeps small vehicles visible; `maxpool=True` restores torchvision's strides 16 and 32.
+A trunk is one entry of `BACKBONES` (torchvision constructor, ImageNet weights, C4/C5 widths, and for an edge
+network the index of its first stride-32 block): `model.backbone` accepts exactly its names. With the stem max-pool
+removed (ScratchDet; the default), C4 and C5 sit at strides 8 and 16, which keeps small vehicles visible;
+`maxpool=True` restores torchvision's strides 16 and 32. An edge network has no max-pool: `maxpool=False` takes the
+stride out of its first downsampling block after the stem instead, the place the ResNet's max-pool holds, so that a
+student keeps the teacher's strides (distillation compares features level by level) and every ImageNet block, at
+twice the resolution, as the ResNet does (taking earlier stages instead would drop the stride-32 stage, which holds
+most of the weights).
 
 ImageNet weights: `pretrained` is a path to a torchvision `.pth` file, or `True` for torchvision's file in the
 torch hub cache, downloaded there (with a progress bar and torchvision's hash check) when it is missing, as
@@ -29,6 +35,12 @@ class Trunk:
     constructor: str  # torchvision.models.<constructor>
     weights: str  # torchvision.models.<weights>.IMAGENET1K_V1
     channels: tuple[int, int]  # C4, C5
+    c5_block: int | None = None  # edge networks: index in `features` of the first stride-32 block; None: a ResNet
+
+    @property
+    def classifier(self) -> str:
+        """State-dict prefix of the ImageNet classifier, which a detector does not use."""
+        return "fc." if self.c5_block is None else "classifier."
 
 
 BACKBONES = {
@@ -37,6 +49,9 @@ BACKBONES = {
     "resnet50": Trunk("resnet50", "ResNet50_Weights", (1024, 2048)),
     "resnet101": Trunk("resnet101", "ResNet101_Weights", (1024, 2048)),
     "resnext50_32x4d": Trunk("resnext50_32x4d", "ResNeXt50_32X4D_Weights", (1024, 2048)),
+    "mobilenet_v3_large": Trunk("mobilenet_v3_large", "MobileNet_V3_Large_Weights", (112, 960), c5_block=13),
+    "mobilenet_v3_small": Trunk("mobilenet_v3_small", "MobileNet_V3_Small_Weights", (48, 576), c5_block=9),
+    "efficientnet_b0": Trunk("efficientnet_b0", "EfficientNet_B0_Weights", (112, 1280), c5_block=6),
 }
 
 
@@ -102,8 +117,9 @@ def load_pretrained(net: nn.Module, name: str, pretrained: bool | str) -> None:
         raise KdcliError(f"ImageNet weights for {name} not found at {path}",
                          hint="set model.pretrained=true to use (and download) torchvision's file, or "
                               "model.pretrained=false to train from scratch")
-    state = {k: v for k, v in _read_state(path).items() if not k.startswith("fc.")}
-    own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    skip = BACKBONES[name].classifier
+    state = {k: v for k, v in _read_state(path).items() if not k.startswith(skip)}
+    own = {k: v for k, v in net.state_dict().items() if not k.startswith(skip)}
     # checked here, not by load_state_dict: its shape error is a multi-line list of every tensor
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     missing = [k for k in own if k not in state]
@@ -114,7 +130,7 @@ def load_pretrained(net: nn.Module, name: str, pretrained: bool | str) -> None:
         more = f" (and {len(wrong) - 1} more tensors of another shape)" if len(wrong) > 1 else ""
         raise KdcliError(f"{path}: not {name} weights: {k}: {list(state[k].shape)} in the file, "
                          f"{list(own[k].shape)} in {name}{more}",
-                         hint="kdcli's backbones take 3-band images" if k == "conv1.weight" else other)
+                         hint="kdcli's backbones take 3-band images" if k == next(iter(own)) else other)
     if missing or unexpected:
         parts = [f"{len(v)} {what} (e.g. {', '.join(v[:2])})"
                  for v, what in ((missing, "missing"), (unexpected, "unexpected")) if v]
@@ -122,22 +138,27 @@ def load_pretrained(net: nn.Module, name: str, pretrained: bool | str) -> None:
     net.load_state_dict(state, strict=False)
 
 
-class ResNetTrunk(nn.Module):
-    """Stem + layer1..4 of a torchvision ResNet; forward returns (C4, C5). `norm="gn"` swaps every BatchNorm for
-    GroupNorm (32 groups), for training from scratch on small batches (He et al., Rethinking ImageNet
-    Pre-training, 2019); ImageNet weights are BatchNorm weights, so it needs `pretrained=False`."""
+def build_trunk(name: str = "resnet18", pretrained: bool | str = False, maxpool: bool = False, norm: str = "bn"
+                ) -> ResNetTrunk | EdgeTrunk:
+    """The trunk `name` of the table. `norm="gn"` swaps every BatchNorm for GroupNorm (32 groups or fewer), for
+    training from scratch on small batches (He et al., Rethinking ImageNet Pre-training, 2019); ImageNet weights
+    are BatchNorm weights, so it needs `pretrained=False`."""
+    if norm == "gn" and pretrained:
+        raise KdcliError("model.backbone_norm=gn trains the backbone from scratch: ImageNet weights are "
+                         "BatchNorm weights", hint="set model.pretrained=false, or model.backbone_norm=bn")
+    trunk = BACKBONES[name]
+    layer = {"norm_layer": lambda c: norm_layer("gn", c)} if norm == "gn" else {}
+    net = getattr(torchvision.models, trunk.constructor)(weights=None, **layer)
+    if pretrained:
+        load_pretrained(net, name, pretrained)
+    return (ResNetTrunk if trunk.c5_block is None else EdgeTrunk)(net, trunk, maxpool)
 
-    def __init__(self, name: str = "resnet18", pretrained: bool | str = False, maxpool: bool = False,
-                 norm: str = "bn"):
+
+class ResNetTrunk(nn.Module):
+    """Stem + layer1..4 of a torchvision ResNet; forward returns (C4, C5)."""
+
+    def __init__(self, net: torchvision.models.ResNet, trunk: Trunk, maxpool: bool = False):
         super().__init__()
-        if norm == "gn" and pretrained:
-            raise KdcliError("model.backbone_norm=gn trains the backbone from scratch: ImageNet weights are "
-                             "BatchNorm weights", hint="set model.pretrained=false, or model.backbone_norm=bn")
-        layer = (lambda c: norm_layer("gn", c)) if norm == "gn" else None
-        trunk = BACKBONES[name]
-        net = getattr(torchvision.models, trunk.constructor)(weights=None, **({"norm_layer": layer} if layer else {}))
-        if pretrained:
-            load_pretrained(net, name, pretrained)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool if maxpool else nn.Identity())
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.out_channels = trunk.channels
@@ -146,3 +167,22 @@ class ResNetTrunk(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c4 = self.layer3(self.layer2(self.layer1(self.stem(x))))
         return c4, self.layer4(c4)
+
+
+class EdgeTrunk(nn.Module):
+    """A MobileNetV3 / EfficientNet `features` cut before its first stride-32 block: C4 = the end of the
+    stride-16 stage, C5 = the rest (the last 1x1 conv included: cheap at stride 32, and ImageNet-trained)."""
+
+    def __init__(self, net: nn.Module, trunk: Trunk, maxpool: bool = False):
+        super().__init__()
+        features = net.features
+        if not maxpool:  # the first stride-2 conv after the stem (a depthwise conv) goes to stride 1
+            conv = next(m for m in features[1:].modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2))
+            conv.stride = (1, 1)
+        self.c4, self.c5 = features[:trunk.c5_block], features[trunk.c5_block:]
+        self.out_channels = trunk.channels
+        self.strides = (16, 32) if maxpool else (8, 16)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c4 = self.c4(x)
+        return c4, self.c5(c4)

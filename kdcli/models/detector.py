@@ -1,4 +1,5 @@
-"""The one-stage detector: ResNet trunk -> CEM -> pyramid levels -> FPN/PAFPN -> shared head.
+"""The one-stage detector: trunk (ResNet, MobileNetV3, EfficientNet) -> CEM -> pyramid levels -> FPN/PAFPN ->
+shared head.
 
 `forward` returns a `DetectorOutput` that the loss, inference and distillation all read. It takes uint8 (or
 0-255 float) images and normalises them itself, so loaders stay uint8. `head=False` stops after the neck
@@ -15,7 +16,7 @@ from torch import nn
 
 from kdcli.config.schema import ModelConfig
 from kdcli.models.anchors import ANCHORS_PER_LOCATION, level_shapes, make_anchors
-from kdcli.models.backbones import ResNetTrunk
+from kdcli.models.backbones import build_trunk
 from kdcli.models.cem import CEM
 from kdcli.models.head import Head
 from kdcli.models.necks import NECKS, Levels
@@ -51,7 +52,7 @@ class Detector(nn.Module):
         super().__init__()
         self.cfg, self.num_classes, self.anchor_size = cfg, num_classes, anchor_size
         n_levels = cfg.levels or default_levels(imgsz)
-        self.backbone = ResNetTrunk(cfg.backbone, cfg.pretrained, cfg.maxpool, cfg.backbone_norm)
+        self.backbone = build_trunk(cfg.backbone, cfg.pretrained, cfg.maxpool, cfg.backbone_norm)
         c4, c5 = self.backbone.out_channels
         self.cem = CEM(c4, c5, cfg.channels, cfg.norm)
         self.levels = Levels(cfg.channels, n_levels, cfg.norm)

@@ -243,3 +243,52 @@ def test_benchmark_real_epoch_next_to_the_step(vedai25: Path, tmp_path: Path):
     assert e["images"] == 6 and e["images_per_s"] > 0 and e["epoch_s"] > 0
     assert 0 < e["first_step_s"] < e["command_s"]  # measured inside the fresh `kdcli train` process
     assert e["step_ratio"] == pytest.approx(row["images_per_s"] / e["images_per_s"], rel=0.02)
+
+
+def test_benchmark_formats_one_row_per_format_and_a_failing_format_is_a_row(tmp_path: Path, tiny_checkpoint: Path,
+                                                                           monkeypatch):
+    from kdcli.deploy import formats
+
+    monkeypatch.setitem(formats.FORMATS, "onnx-int8-nocalib",
+                        formats.Format(".onnx", {"fmt": "onnx", "int8": True, "calib": str(tmp_path / "none")}))
+    saved = tmp_path / "formats.json"
+    r = run("benchmark", "--formats", "torch,onnx,onnx-int8,onnx-int8-nocalib", "--model", str(tiny_checkpoint),
+            "--split", "val", "--repeats", "3", "--workers", "0", "--save", str(saved))
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.output.split())
+    assert "resnet18" in flat and "p90 ms" in r.output and "onnx-int8-nocalib" in flat
+    data = json.loads(saved.read_text())
+    (m,) = data["models"]
+    rows = {row["format"]: row for row in m["rows"]}
+    assert list(rows) == ["torch", "onnx", "onnx-int8", "onnx-int8-nocalib"] and m["split"] == "val"
+    for name in ("torch", "onnx", "onnx-int8"):
+        row = rows[name]
+        assert "error" not in row, row
+        assert row["size_mb"] > 0 and 0 <= row["mAP50"] <= 1 and row["images"] > 0
+        assert 0 < row["latency_b1"]["median_ms"] <= row["latency_b1"]["p90_ms"] and row["speedup_vs_torch"] > 0
+    assert rows["onnx"]["mAP50"] == pytest.approx(rows["torch"]["mAP50"], abs=1e-3)
+    assert rows["onnx-int8"]["size_mb"] < 0.35 * rows["onnx"]["size_mb"] and rows["torch"]["speedup_vs_torch"] == 1
+    assert rows["onnx-int8"]["parity"]["max_abs_diff"] <= rows["onnx-int8"]["parity"]["tolerance"]
+    assert "neither a folder nor a readable split" in rows["onnx-int8-nocalib"]["error"]
+    assert m["params_m"] > 0 and m["imgsz"] == 96 and data["machine"]["threads"] >= 1
+    r = run("benchmark", "--formats", "torch", "--model", str(tiny_checkpoint), "--split", "val", "--repeats", "2",
+            "--workers", "0", "--json")
+    assert r.exit_code == 0 and [row["format"] for row in json.loads(r.stdout)["models"][0]["rows"]] == ["torch"]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--formats", "torch,tflite", "--model", "x.pt"], "--formats torch,tflite: unknown format tflite"),
+    (["--formats", "onnx", "--model", "models/student_r18_fpn"], "--formats measures trained models"),
+    (["--formats", "onnx"], "--formats measures trained models"),
+])
+def test_benchmark_formats_bad_arguments(args: list[str], expected: str):
+    r = run("benchmark", *args)
+    assert r.exit_code == 2 and expected in " ".join(r.output.split()), r.output
+
+
+def test_benchmark_help_lists_every_format():
+    from kdcli.deploy.formats import FORMATS
+
+    r = runner.invoke(app, ["benchmark", "--help"], terminal_width=250)
+    flat = " ".join(r.output.replace("│", " ").split())
+    assert r.exit_code == 0 and f"({', '.join(FORMATS)})" in flat

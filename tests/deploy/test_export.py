@@ -96,3 +96,104 @@ def test_predict_runs_the_onnx_model_like_the_checkpoint(tmp_path: Path, overfit
     assert len(got["pt"]) == len(got["onnx"]) > 0
     for a, b in zip(got["pt"][:20], got["onnx"][:20]):
         assert a["score"] == pytest.approx(b["score"], abs=1e-3) and np.allclose(a["bbox"], b["bbox"], atol=0.05)
+
+
+# ---- INT8 -----------------------------------------------------------------------------------------------------------
+def test_int8_export_is_smaller_runs_passes_parity_and_val_scores_it(tmp_path: Path, tiny_checkpoint: Path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    fp32 = _export(tmp_path, tiny_checkpoint, "--out", str(tmp_path / "m.onnx"))
+    res = _export(tmp_path, tiny_checkpoint, "--int8", "--out", str(tmp_path / "m.int8.onnx"))
+    q = res["quantization"]
+    assert res["precision"] == "int8" and q["format"] == "QDQ" and q["weights"] == "int8 per channel"
+    assert q["calibrated_on"].endswith("fold01_train") and res["inputs_from"].endswith("fold01_val")
+    assert res["max_abs_diff"] <= res["tolerance"] == 0.1 and 0 <= res["agreement"] <= 1
+    size = Path(res["file"]).stat().st_size
+    assert size < 0.35 * Path(fp32["file"]).stat().st_size
+    model = onnx.load(res["file"])
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["kdcli_precision"] == "int8" and json.loads(meta["kdcli_data"])["fold"] == 1
+    sess = ort.InferenceSession(res["file"], providers=["CPUExecutionProvider"])
+    x = parity_inputs(checkpoint.load(tiny_checkpoint), 3)[0].float().numpy()
+    boxes, scores = sess.run(None, {"images": x})
+    assert boxes.shape[0] == scores.shape[0] == 3 and np.isfinite(scores).all() and (scores >= 0).all()
+    # `kdcli val` of the exported files: the checkpoint's dataset from their metadata, the same metrics
+    got = {}
+    for name in ("best.pt", "m.onnx", "m.int8.onnx"):
+        path = tiny_checkpoint if name == "best.pt" else tmp_path / name
+        r = CliRunner().invoke(app, ["val", str(path), "split=test", "coco_backend=kdcli", "--json"])
+        assert r.exit_code == 0, r.output
+        got[name] = json.loads(r.output.strip().splitlines()[-1])
+    assert got["m.int8.onnx"]["split"] == "test" and got["m.int8.onnx"]["fold"] == 1
+    assert got["m.int8.onnx"]["images"] == got["best.pt"]["images"] > 0 and 0 <= got["m.int8.onnx"]["mAP50"] <= 1
+    assert got["m.onnx"]["mAP50"] == pytest.approx(got["best.pt"]["mAP50"], abs=1e-3)
+    assert got["m.onnx"]["detections"] == pytest.approx(got["best.pt"]["detections"], rel=0.01)
+
+
+def test_int8_calibration_from_a_folder_with_nms_inside(tmp_path: Path, tiny_checkpoint: Path):
+    ckpt = checkpoint.load(tiny_checkpoint)
+    split = json.loads((Path(ckpt.data.path) / "annotations" / "fold01_train.json").read_text())
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for im in split["images"][:5]:
+        (calib / Path(im["file_name"]).name).symlink_to(Path(ckpt.data.path) / im["file_name"])
+    res = _export(tmp_path, tiny_checkpoint, "--int8", "--nms", "--calib", str(calib), "--calib-images", "3",
+                  "--per-tensor", "--out", str(tmp_path / "m.onnx"))
+    assert res["quantization"]["calibrated_on"] == f"3 images of {calib}"
+    assert res["quantization"]["weights"] == "int8 per tensor" and res["max_anchor_score_diff"] is None
+    sess = ort.InferenceSession(res["file"], providers=["CPUExecutionProvider"])
+    (det,) = sess.run(None, {"images": parity_inputs(ckpt, 2)[0].float().numpy()})
+    assert det.ndim == 2 and det.shape[1] == 7
+
+
+def test_int8_parity_compares_detections_object_by_object():
+    from types import SimpleNamespace
+
+    from kdcli.deploy.export import int8_parity
+
+    ref = torch.tensor([[0, 10, 10, 30, 30, 0.9, 0], [0, 50, 50, 70, 70, 0.3, 1], [1, 0, 0, 5, 5, 0.08, 0]])
+    new = np.array([[0, 11, 10, 30, 31, 0.85, 0], [0, 80, 80, 90, 90, 0.2, 0], [1, 0, 0, 5, 5, 0.06, 0]], np.float32)
+    res = int8_parity(ref, [new], True, SimpleNamespace(conf=0.05), (96, 96))
+    # by hand: PyTorch's 0.9 meets 0.85 (0.05); its 0.3 has no int8 twin (0.3 - conf 0.05 = 0.25); int8's 0.85
+    # meets 0.9 (0.05), its 0.2 has no PyTorch twin (0.15); the 0.08 / 0.06 pair scores below min_score 0.1
+    assert res["detections_compared"] == 4 and res["agreement"] == 0.5
+    assert res["max_score_diff"] == pytest.approx(0.25, abs=1e-4)
+    assert res["mean_score_diff"] == pytest.approx((0.05 + 0.25 + 0.05 + 0.15) / 4, abs=1e-4)
+
+
+def _no_files(folder: Path) -> bool:
+    return not any(p.is_file() for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("case", ["empty", "four_bands", "one_band", "torchscript", "calib_without_int8", "split",
+                                  "half"])
+def test_int8_bad_inputs_are_one_line_and_write_nothing(case: str, tmp_path: Path, tiny_checkpoint: Path):
+    import tifffile
+    from PIL import Image
+
+    calib, out_dir = tmp_path / "calib", tmp_path / "out"
+    calib.mkdir()
+    out_dir.mkdir()
+    if case == "four_bands":
+        Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(calib / "a.png")
+        tifffile.imwrite(calib / "b.tif", np.zeros((4, 96, 96), np.uint8), photometric="minisblack",
+                         planarconfig="separate")  # a 4-band (e.g. RGB + NIR) scene
+    if case == "one_band":
+        Image.fromarray(np.zeros((96, 96), np.uint8)).save(calib / "gray.png")
+    args, expected = {
+        "empty": (["--int8", "--calib", str(calib)], f"--calib {calib}: no image in the folder"),
+        "four_bands": (["--int8", "--calib", str(calib)], "b.tif has 4 band(s); the model takes 3 (rgb)"),
+        "one_band": (["--int8", "--calib", str(calib)], "gray.png has 1 band(s); the model takes 3 (rgb)"),
+        "torchscript": (["--int8", "--format", "torchscript"], "--int8 is ONNX Runtime's static quantization: "
+                                                                "not available for torchscript"),
+        "calib_without_int8": (["--calib", str(calib)], "--calib calibrates an INT8 export"),
+        "split": (["--int8", "--calib", "nosuchsplit"], "--calib nosuchsplit: neither a folder nor a readable split"),
+        "half": (["--int8", "--half"], "--int8 and --half: choose one precision"),
+    }[case]
+    r = CliRunner().invoke(app, ["export", str(tiny_checkpoint), *args, "--out", str(out_dir / "m.onnx")],
+                           terminal_width=300)
+    assert r.exit_code == 2, r.output
+    assert expected in " ".join(r.output.split()) and "Traceback" not in r.output
+    assert _no_files(out_dir)
