@@ -61,8 +61,7 @@ def benchmark(
                                                              "(recipe: train.compile; compilation not timed).")]
     = False,
     formats: Annotated[str | None, typer.Option("--formats", help="Instead: each --model checkpoint in these "
-                                                                 "deployment formats (torch, onnx, onnx-fp16, "
-                                                                 "onnx-int8, onnx-int8-per-tensor), one table per "
+                                                                 "deployment formats ({formats}), one table per "
                                                                  "model: file size, mAP50 on --split, latency at "
                                                                  "batch 1 on this CPU (ONNX Runtime; PyTorch for "
                                                                  "torch).")] = None,

@@ -1,9 +1,10 @@
 """Help texts that name a registry's entries, filled in when a command's `--help` is shown.
 
-`{methods}` becomes the feature-imitation methods of `kdcli.distill`, `{backbones}` the BACKBONES table
-of `kdcli.models.backbones`. Both registries import torch: reading them when the CLI is imported would add a
-second to every `kdcli` call, so a command whose help names them is built with `cls=ListingCommand` and reads
-them only to print its help. (Sources import nothing heavy: `kdcli prepare` lists them directly.)
+`{methods}` becomes the feature-imitation methods of `kdcli.distill`, `{backbones}` the BACKBONES table of
+`kdcli.models.backbones`, `{formats}` the FORMATS of `kdcli.deploy.formats`. These registries import torch:
+reading them when the CLI is imported would add a second to every `kdcli` call, so a command whose help names
+them is built with `cls=ListingCommand` and reads them only to print its help. (Sources import nothing heavy:
+`kdcli prepare` lists them directly.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ def backbone_list() -> str:
     return ", ".join(BACKBONES)
 
 
-LISTS: dict[str, Callable[[], str]] = {"{methods}": method_list, "{backbones}": backbone_list}
+def format_list() -> str:
+    from kdcli.deploy.formats import FORMATS
+
+    return ", ".join(FORMATS)
+
+
+LISTS: dict[str, Callable[[], str]] = {"{methods}": method_list, "{backbones}": backbone_list,
+                                       "{formats}": format_list}
 
 
 def fill(text: str | None) -> str | None:
@@ -36,8 +44,8 @@ def fill(text: str | None) -> str | None:
 
 
 class ListingCommand(TyperCommand):
-    """A command whose description and option helps may name `{methods}` or `{backbones}` (not in the first
-    line: the parent's command list shows that unfilled)."""
+    """A command whose description and option helps may name `{methods}`, `{backbones}` or `{formats}` (not in
+    the first line: the parent's command list shows that unfilled)."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         self.help = fill(self.help)

@@ -286,9 +286,10 @@ def test_benchmark_formats_bad_arguments(args: list[str], expected: str):
     assert r.exit_code == 2 and expected in " ".join(r.output.split()), r.output
 
 
-def test_benchmark_help_lists_every_format():
+def test_benchmark_help_lists_every_format(monkeypatch):
     from kdcli.deploy.formats import FORMATS
 
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps at the terminal width (and may break at a hyphen)
     r = runner.invoke(app, ["benchmark", "--help"], terminal_width=250)
     flat = " ".join(r.output.replace("│", " ").split())
     assert r.exit_code == 0 and f"({', '.join(FORMATS)})" in flat
