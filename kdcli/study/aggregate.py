@@ -122,13 +122,17 @@ def summarize(dirs: list[Path], metric: str | None = None, baseline: str = "hard
     for s in studies:
         values = values_by_config(s, metric)
         failed = sorted(f"{c}/f{f}/s{sd}" for (c, f, sd), r in s["records"].items() if r.get("status") != "ok")
-        expected = len(s["cfg"].configs) * len(s["cfg"].folds) * len(s["cfg"].seeds)
+        grid = s["cfg"]
+        expected = len(grid.configs) * len(grid.folds) * len(grid.seeds)
+        in_grid = sum(1 for k, v in values.items() if k in grid.configs
+                      for f, sd in v if f in grid.folds and sd in grid.seeds)
         nan = not_finite(s, metric)
         rows.append({
             "name": s["name"], "dirs": s["dirs"], "dataset": s["cfg"].dataset, "split": s["cfg"].split,
             "folds": sorted({f for v in values.values() for f, _ in v}),
             "seeds": sorted({sd for v in values.values() for _, sd in v}),
-            "cells_done": sum(len(v) for v in values.values()), "cells_expected": expected, "failed": failed,
+            "cells_done": in_grid, "cells_expected": expected, "failed": failed,
+            "cells_other": sum(len(v) for v in values.values()) - in_grid,  # of an earlier, other grid
             "not_finite": nan,
             "rows": [c for c in dict.fromkeys([*s["cfg"].configs, *values, *nan]) if c in values or c in nan],
             "configs": list(values),

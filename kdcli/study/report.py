@@ -88,7 +88,8 @@ def table_markdown(rep: dict[str, Any]) -> str:
                      "configuration with a single cell (one fold, one seed), where seeds give no spread.")
     for s in studies:
         notes.append(f"{s['name']}: folds {','.join(map(str, s['folds']))}, seeds {','.join(map(str, s['seeds']))}"
-                     f", {s['cells_done']}/{s['cells_expected']} cells" +
+                     f", {s['cells_done']}/{s['cells_expected']} cells of the grid" +
+                     (f" (and {s['cells_other']} of an earlier grid)" if s.get("cells_other") else "") +
                      (f", failed: {', '.join(s['failed'])}" if s["failed"] else "") +
                      (f"; {_nan_note(s, rep['metric'])}" if s["not_finite"] else ""))
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"

@@ -188,3 +188,14 @@ def test_one_fold_box_plot_has_one_panel_not_an_identical_average(tmp_path: Path
         assert "fold 1" in svg and "average" not in svg
         res = CliRunner().invoke(app, ["report", str(write_study(tmp_path / "two"))])
         assert "average" in (tmp_path / "two" / "boxplot.svg").read_text()
+
+
+def test_cells_of_an_earlier_larger_grid_are_counted_apart(tmp_path: Path):
+    d = write_study(tmp_path / "toy")
+    (d / "study.yaml").write_text("name: toy\nteacher: t.yaml\nstudent: s.yaml\nconfigs: [teacher, hard]\n"
+                                  "folds: [1]\nseeds: [0, 1]\n")  # the grid shrank after 18 cells were done
+    res = CliRunner().invoke(app, ["report", str(d), "--json"])
+    assert res.exit_code == 0, res.output
+    (s,) = json.loads(res.stdout)["studies"]
+    assert (s["cells_done"], s["cells_expected"], s["cells_other"]) == (4, 4, 14)
+    assert "4/4 cells of the grid (and 14 of an earlier grid)" in (d / "table.md").read_text()
