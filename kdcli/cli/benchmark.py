@@ -204,7 +204,8 @@ def _formats(names: str, models: list[str] | None, data: str | None, split: str,
             lat = r.get("latency_b1", {})
             p = r.get("parity", {})
             parity = "error" if "error" in r else "-" if not p else \
-                (f"{p['agreement']:.0%}, " if "agreement" in p else "") + f"{p['max_abs_diff']:.2g}"
+                (f"{p['agreement']:.0%}, " if "agreement" in p else "") + f"{p['checked_diff']:.2g}" + \
+                ("" if p["passed"] else " [red](over)[/]")
             t.add_row(r["format"], *(f"{r[k]:.2f}" if k in r else "-" for k in ("size_mb",)),
                       *(f"{r[k]:.4f}" if k in r else "-" for k in ("mAP50", "mAP50-95")),
                       *(f"{lat[k]:.1f}" if k in lat else "-" for k in ("median_ms", "p90_ms")),
@@ -213,8 +214,9 @@ def _formats(names: str, models: list[str] | None, data: str | None, split: str,
         for r in m["rows"]:
             if "error" in r:
                 out.print(f"[red]{r['format']}[/]: {escape(r['error'])}", highlight=False, soft_wrap=True)
-        out.print("parity: share of detections found by both and max |score difference| against PyTorch; "
-                  "speedup: latency of torch / latency of the format", highlight=False, soft_wrap=True)
+        out.print("parity: share of detections found by both, and |score difference| against PyTorch (max; INT8: "
+                  "95th percentile over detections), (over) when beyond the export's tolerance; speedup: latency "
+                  "of torch / latency of the format", highlight=False, soft_wrap=True)
     if save:
         out.print(f"written: {save}", highlight=False)
 

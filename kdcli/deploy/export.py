@@ -9,13 +9,16 @@ channels: what `kdcli val model.onnx` evaluates on) are stored as metadata.
 
 INT8 (`int8=True`, ONNX only): ONNX Runtime's static quantization of the float graph in QDQ form (what ONNX Runtime
 fuses into integer kernels; the form other runtimes read too): int8 weights, one scale per output channel by
-default (measured on a trained R18 student: the largest score change of a detection 0.014 against 0.067 per
-tensor, at the same speed; depthwise convolutions need it most), and uint8 activations (U8S8: ONNX Runtime's fast
+default (depthwise convolutions need it most), and uint8 activations (U8S8: ONNX Runtime's fast
 path on x86; S8S8 measured 2.6x slower on a VNNI CPU, slower than float for a MobileNet), their ranges calibrated
 (min-max) on images letterboxed as the model sees them: a folder of images of the model's band count, or a split of
 the checkpoint's dataset (default: its train split, at most `CALIB_IMAGES`, evenly spaced). Only the detector's
 own nodes are quantized: the box decoding, sigmoid and NMS stay float, so boxes keep sub-pixel precision. Its
-parity check compares detections rather than raw scores (`int8_parity`).
+parity check compares detections rather than raw scores (`int8_parity`). Measured on this CPU study's 12 trained
+students (R18, MobileNetV3-Large/Small; hard+pdf and hard+crosskd+pdf, folds 1-2): test mAP50 within -1.14..+0.89
+points of the float model, 95th percentile of the score difference 0.008-0.108, its maximum 0.04-0.46 (one
+detection near the threshold may move that much without changing the mAP, hence the percentile as the gate).
+Percentile and entropy calibration did no better on mAP (MobileNetV3-Large: 69.4 and 69.1 against 69.1 min-max).
 """
 
 from __future__ import annotations
@@ -66,7 +69,11 @@ class WithNMS(nn.Module):
 
 CALIB_IMAGES = 200  # calibration images at most: min-max ranges settle within a few hundred (ONNX Runtime's guide)
 INT8_MIN_SCORE = 0.1  # int8 parity compares detections scoring at least this in PyTorch (or in the int8 model)
-INT8_TOLERANCE = 0.1  # default largest |score difference| of an int8 detection (measured 0.014 on a trained R18)
+INT8_TOLERANCE = 0.15  # default 95th percentile of |score difference| over int8 detections (measured 0.008-0.108)
+
+
+def default_tolerance(half: bool = False, int8: bool = False) -> float:
+    return INT8_TOLERANCE if int8 else 2e-2 if half else 1e-3
 
 
 def metadata(ckpt: checkpoint.Checkpoint, nms: bool, precision: str) -> dict[str, str]:
@@ -192,7 +199,7 @@ def export(weights: str | Path, fmt: str, out: Path, nms: bool = False, half: bo
     with torch.no_grad():
         reference = net(x)
     precision = "int8" if int8 else "fp16" if half else "fp32"
-    tolerance = tolerance if tolerance is not None else (INT8_TOLERANCE if int8 else 2e-2 if half else 1e-3)
+    tolerance = tolerance if tolerance is not None else default_tolerance(half, int8)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = metadata(ckpt, nms, precision)
     result: dict[str, Any] = {}
@@ -202,17 +209,21 @@ def export(weights: str | Path, fmt: str, out: Path, nms: bool = False, half: bo
         meta["kdcli_quantization"] = json.dumps(settings)
         got = _onnx(net, x, out, nms, False, meta, (calibration[0], per_channel))
         result = {"quantization": settings, **int8_parity(reference, got, nms, cfg, (imgsz, imgsz))}
-        # no detection scored min_score (an untrained model): every anchor's scores, as in float
-        diff = result["max_score_diff"] if result["detections_compared"] else result["max_anchor_score_diff"] or 0.0
+        # the gate: the 95th percentile over detections (one detection near the threshold may move more without
+        # changing the mAP); no detection scored min_score (an untrained model): every anchor's scores, as in float
+        diff = result["p95_score_diff"] if result["detections_compared"] else result["max_anchor_score_diff"] or 0.0
     elif fmt == "onnx":
         diff = _parity(reference, _onnx(net, x, out, nms, half, meta), nms)
     else:
         diff = _parity(reference, _torchscript(net, x, out, half, meta), nms)
     result = {"file": str(out), "format": fmt, "nms": nms, "precision": precision, "inputs": int(x.shape[0]),
-              "inputs_from": source, "max_abs_diff": diff, "tolerance": tolerance, **result, **meta}
+              "inputs_from": source, "checked_diff": diff,
+              "max_abs_diff": result["max_score_diff"] if result.get("detections_compared") else diff,
+              "tolerance": tolerance, **result, **meta}
     if diff > tolerance:
-        what = f" of detections scoring >= {INT8_MIN_SCORE:g}" if int8 and result["detections_compared"] else ""
-        raise KdcliError(f"{out}: parity check failed: max |difference|{what} {diff:.3g} > {tolerance:.3g} on "
+        what = (f" (95th percentile over detections scoring >= {INT8_MIN_SCORE:g})"
+                if int8 and result["detections_compared"] else " max")
+        raise KdcliError(f"{out}: parity check failed: |difference|{what} {diff:.3g} > {tolerance:.3g} on "
                          f"{x.shape[0]} images ({source})", hint="the exported file is kept for inspection",
                          exit_code=FAILED)
     return result
@@ -253,11 +264,11 @@ def int8_parity(reference: Any, got: list[np.ndarray], nms: bool, cfg: Any, size
     every detection scoring at least `min_score` in either model is matched to the other model's detection of
     the same class and image with the highest IoU (at least 0.5); its |score difference| is taken against that
     detection, or against `conf` when the other model has none (it scored below the threshold there).
-    `max_score_diff` is the largest of these, `agreement` the share matched. The detections are what a user
+    `max_score_diff` is the largest of these, `p95_score_diff` their 95th percentile (the export's gate),
+    `agreement` the share matched. The detections are what a user
     sees; raw per-anchor scores (`max_anchor_score_diff`, the float exports' gate) also count anchors no one keeps,
     and NMS may keep a neighbouring anchor of the same object in int8, which a per-anchor comparison would count
-    as a miss. The default tolerance 0.1 sits 7x above the largest difference measured on a trained R18 student
-    (0.014, per-channel weights) and below what a broken calibration gives (see tests/deploy/test_export.py)."""
+    as a miss."""
     from torchvision.ops import box_iou
 
     if nms:
@@ -280,6 +291,7 @@ def int8_parity(reference: Any, got: list[np.ndarray], nms: bool, cfg: Any, size
             diffs.append((mine[:, 5] - other).abs())
     d = torch.cat(diffs) if diffs else torch.zeros(0)
     return {"max_score_diff": round(float(d.max()) if len(d) else 0.0, 4),
+            "p95_score_diff": round(float(torch.quantile(d, 0.95)) if len(d) else 0.0, 4),
             "mean_score_diff": round(float(d.mean()) if len(d) else 0.0, 4),
             "detections_compared": int(len(d)), "agreement": round(matched / len(d), 4) if len(d) else 1.0,
             "min_score": min_score, "max_anchor_score_diff": None if nms else

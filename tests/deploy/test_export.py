@@ -107,7 +107,7 @@ def test_int8_export_is_smaller_runs_passes_parity_and_val_scores_it(tmp_path: P
     q = res["quantization"]
     assert res["precision"] == "int8" and q["format"] == "QDQ" and q["weights"] == "int8 per channel"
     assert q["calibrated_on"].endswith("fold01_train") and res["inputs_from"].endswith("fold01_val")
-    assert res["max_abs_diff"] <= res["tolerance"] == 0.1 and 0 <= res["agreement"] <= 1
+    assert res["checked_diff"] <= res["tolerance"] == 0.15 and 0 <= res["agreement"] <= 1
     size = Path(res["file"]).stat().st_size
     assert size < 0.35 * Path(fp32["file"]).stat().st_size
     model = onnx.load(res["file"])
@@ -160,6 +160,8 @@ def test_int8_parity_compares_detections_object_by_object():
     # meets 0.9 (0.05), its 0.2 has no PyTorch twin (0.15); the 0.08 / 0.06 pair scores below min_score 0.1
     assert res["detections_compared"] == 4 and res["agreement"] == 0.5
     assert res["max_score_diff"] == pytest.approx(0.25, abs=1e-4)
+    # the gate: 95th percentile of 0.05, 0.05, 0.15, 0.25 with linear interpolation: 0.15 + 0.85 x 0.10
+    assert res["p95_score_diff"] == pytest.approx(0.235, abs=1e-4)
     assert res["mean_score_diff"] == pytest.approx((0.05 + 0.25 + 0.05 + 0.15) / 4, abs=1e-4)
 
 
