@@ -145,13 +145,15 @@ def test_report_names_labels_and_pool_per_row_and_what_the_pool_adds(tmp_path: P
     d = tmp_path / "pool"
     d.mkdir()
     (d / "study.yaml").write_text("name: pool\nteacher: t.yaml\nstudent: s.yaml\n"
-                                  "configs: [teacher, hard, hard+pdf, hard+pdf@pool]\nfolds: [1, 2]\nseeds: [0]\n"
+                                  "configs: [teacher, hard, hard+pdf, hard+pdf@pool, soft@pool]\n"
+                                  "folds: [1, 2]\nseeds: [0]\n"
                                   "variants: {pool: [distill.unlabeled=rest]}\n")
     gains = {1: 0.04, 2: 0.02}  # what the pool adds to hard+pdf, per fold
     lines = []
     for f in (1, 2):
         for c, v, frac, pool in (("teacher", 0.8, 1.0, None), ("hard", 0.5, 0.25, None),
-                                 ("hard+pdf", 0.55, 0.25, None), ("hard+pdf@pool", 0.55 + gains[f], 0.25, "rest")):
+                                 ("hard+pdf", 0.55, 0.25, None), ("hard+pdf@pool", 0.55 + gains[f], 0.25, "rest"),
+                                 ("soft@pool", 0.52, 0.25, "rest")):
             lines.append(json.dumps({"config": c, "fold": f, "seed": 0, "status": "ok", "finished": "2026-01-01",
                                      "metrics": {"mAP50": v, "mAP50-95": v, "coco_AP50": v, "val_mAP50": v},
                                      "data": {"label_fraction": frac, "labeled_images": int(400 * frac),
@@ -163,6 +165,7 @@ def test_report_names_labels_and_pool_per_row_and_what_the_pool_adds(tmp_path: P
     assert s["data"]["hard"] == {"labels": "25 % (100 images)", "pool": "none"}
     assert s["data"]["hard+pdf@pool"]["pool"] == "rest (300 images)"
     assert s["data"]["teacher"]["labels"] == "100 % (400 images)"
+    assert s["data"]["soft@pool"] == {"labels": "none (soft targets only)", "pool": "rest (300 images)"}
     tw = s["twin_gains"]["hard+pdf@pool"]
     assert tw["twin"] == "hard+pdf" and tw["pairs"] == 2 and tw["mean_gain"] == pytest.approx(0.03)
     res = CliRunner().invoke(app, ["report", str(d), "--out", str(tmp_path / "rep")])
