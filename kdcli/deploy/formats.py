@@ -81,9 +81,11 @@ def evaluate_model(path: str | Path, *args: Any, **kwargs: Any) -> tuple[dict[st
     return (evaluate_onnx if str(path).endswith(".onnx") else evaluate_checkpoint)(path, *args, **kwargs)
 
 
-def latency(path: Path, image: np.ndarray, repeats: int = 50, warmup: int = 5) -> dict[str, float]:
+def latency(path: Path, image: np.ndarray, repeats: int = 50, warmup: int = 5,
+            model: torch.nn.Module | None = None) -> dict[str, float]:
     """Median and 90th percentile of one forward pass at batch 1 (no pre- or postprocessing), PyTorch for a
-    checkpoint, ONNX Runtime (CPU, as many threads as PyTorch) for an ONNX file."""
+    checkpoint (`model`, when the caller has it built), ONNX Runtime (CPU, as many threads as PyTorch) for an ONNX
+    file."""
     if str(path).endswith(".onnx"):
         import onnxruntime as ort
 
@@ -98,12 +100,12 @@ def latency(path: Path, image: np.ndarray, repeats: int = 50, warmup: int = 5) -
     else:
         from kdcli.engine import checkpoint
 
-        model = checkpoint.model_from_checkpoint(checkpoint.load(path), str(path)).eval()
+        net = (model or checkpoint.model_from_checkpoint(checkpoint.load(path), str(path))).eval()
         x = torch.from_numpy(image[None].astype(np.float32))
 
         def step() -> None:
             with torch.no_grad():
-                model(x)
+                net(x)
 
     for _ in range(warmup):
         step()
@@ -121,16 +123,16 @@ def benchmark(weights: str | Path, formats: list[str], split: str = "test", data
     """One row per format of the checkpoint `weights`: file size, mAP50 / mAP50-95 on `split` (of the checkpoint's
     dataset, or of `dataset`), latency at batch 1 on this CPU, the export's parity figures; a format that fails is
     a row with its error. Exports are written to a temporary folder and removed."""
+    from kdcli.data.dataset import DetectionDataset
     from kdcli.deploy.export import default_tolerance, export, parity_inputs
     from kdcli.engine import checkpoint
-
-    from kdcli.data.dataset import DetectionDataset
 
     ckpt = checkpoint.load(weights)
     d = ckpt.data
     DetectionDataset(dataset or d.path, split, d.fold, ckpt.model.imgsz, d.letterbox, channels=d.channels)  # readable
     image = parity_inputs(ckpt, 1, Path(dataset) if dataset else None)[0][0].numpy()
-    params = sum(p.numel() for p in checkpoint.model_from_checkpoint(ckpt, str(weights)).parameters())
+    model = checkpoint.model_from_checkpoint(ckpt, str(weights))  # built once: parameters and torch latency
+    params = sum(p.numel() for p in model.parameters())
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kdcli-formats-") as tmp:
         for name in formats:
@@ -150,7 +152,8 @@ def benchmark(weights: str | Path, formats: list[str], split: str = "test", data
                 metrics, _ = evaluate_model(path, split, dataset, None, batch, workers, "cpu", None, [], "auto", 0)
                 row.update({"size_mb": round(path.stat().st_size / 2**20, 2), "mAP50": round(metrics["mAP50"], 4),
                             "mAP50-95": round(metrics["mAP50-95"], 4), "images": metrics["images"],
-                            "latency_b1": latency(path, image, repeats)})
+                            "latency_b1": latency(path, image, repeats,
+                                                  model=model if spec.export is None else None)})
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # noqa: BLE001 - a failing format is a row with its error, as in Ultralytics
