@@ -66,6 +66,9 @@ def benchmark(
                                                                  "batch 1 on this CPU (ONNX Runtime; PyTorch for "
                                                                  "torch).")] = None,
     split: Annotated[str, typer.Option("--split", help="With --formats: the split to score.")] = "test",
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for PyTorch and ONNX Runtime "
+                                                                         "(an edge device's core count).",
+                                                show_default="PyTorch's: every core of this machine")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     save: Annotated[Path | None, typer.Option("--save", help="Write the results JSON here.")] = None,
     suite: Annotated[str | None, typer.Option("--suite", help="Run a prepared suite instead: gpu (every GPU target "
@@ -87,6 +90,10 @@ def benchmark(
 
     Example: [bold]kdcli benchmark --formats torch,onnx,onnx-int8 --model best.pt --data DIR --json[/]
     """
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     if suite is not None:
         _suite(suite, suite_out, device, amp, tiny, as_json)
         return

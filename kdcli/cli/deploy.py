@@ -218,6 +218,11 @@ def export(
         raise KdcliError(f"--out {target}: a folder; give the output file's name")
     ensure_dir_possible(target.parent, "output folder")
     res = run_export(weights, fmt, target, nms, half, tolerance, int8, calib, calib_images, per_channel)
+    if res.get("float_groupnorms"):
+        err.print(f"[yellow]note[/]: {res['float_groupnorms']} GroupNorm layers (model.norm / model.backbone_norm = "
+                  "gn) cannot be folded into their convolutions: they run in float between the int8 layers, so INT8 "
+                  "gains little speed; a model trained with BatchNorm (the default, bn) folds it away",
+                  highlight=False, soft_wrap=True)
     if as_json:
         typer.echo(json.dumps(res))
         return

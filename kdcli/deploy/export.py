@@ -208,7 +208,11 @@ def export(weights: str | Path, fmt: str, out: Path, nms: bool = False, half: bo
                     "activations": "uint8 per tensor", "calibration": "min-max", "calibrated_on": calibration[1]}
         meta["kdcli_quantization"] = json.dumps(settings)
         got = _onnx(net, x, out, nms, False, meta, (calibration[0], per_channel))
-        result = {"quantization": settings, **int8_parity(reference, got, nms, cfg, (imgsz, imgsz))}
+        # GroupNorm cannot be folded into the convolution before it (BatchNorm can): each stays a float island
+        # between int8 layers, which costs the speed INT8 is for (README: Measured on this CPU)
+        groupnorms = sum(isinstance(m, nn.GroupNorm) for m in model.modules())
+        result = {"quantization": settings, "float_groupnorms": groupnorms,
+                  **int8_parity(reference, got, nms, cfg, (imgsz, imgsz))}
         # the gate: the 95th percentile over detections (one detection near the threshold may move more without
         # changing the mAP); no detection scored min_score (an untrained model): every anchor's scores, as in float
         diff = result["p95_score_diff"] if result["detections_compared"] else result["max_anchor_score_diff"] or 0.0

@@ -148,6 +148,28 @@ def test_int8_calibration_from_a_folder_with_nms_inside(tmp_path: Path, tiny_che
     assert det.ndim == 2 and det.shape[1] == 7
 
 
+def test_int8_says_groupnorm_stays_float(tmp_path: Path, tiny_checkpoint: Path):
+    """GroupNorm cannot be folded into a convolution: an INT8 export of such a model counts its float GroupNorms
+    and says what that costs; the BatchNorm checkpoint has none and no note."""
+    from kdcli.config.schema import ModelConfig
+    from kdcli.models.detector import build_detector
+
+    raw = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    cfg = {**raw["model"]["config"], "norm": "gn", "backbone_norm": "gn", "pretrained": False}
+    net = build_detector(ModelConfig(**cfg), len(raw["model"]["classes"]), raw["model"]["imgsz"],
+                         raw["model"]["anchor_size"])
+    expected = sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+    gn = tmp_path / "gn.pt"
+    torch.save({**raw, "model": {**raw["model"], "config": cfg}, "weights": net.state_dict()}, gn)
+    runner = CliRunner()
+    got = runner.invoke(app, ["export", str(gn), "--int8", "--tolerance", "1", "--json"])
+    assert got.exit_code == 0, got.output
+    assert expected > 20 and json.loads(got.stdout)["float_groupnorms"] == expected
+    assert f"note: {expected} GroupNorm layers" in " ".join(got.stderr.split())
+    bn = runner.invoke(app, ["export", str(tiny_checkpoint), "--int8", "--out", str(tmp_path / "bn.onnx"), "--json"])
+    assert bn.exit_code == 0 and json.loads(bn.stdout)["float_groupnorms"] == 0 and "GroupNorm" not in bn.stderr
+
+
 def test_int8_parity_compares_detections_object_by_object():
     from types import SimpleNamespace
 
