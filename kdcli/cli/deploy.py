@@ -64,6 +64,9 @@ def predict(
                                                      show_default="a new $KDCLI_RUNS/predict/<name>")]
     = None,
     draw_images: Annotated[bool, typer.Option("--draw/--no-draw", help="Write drawn PNGs.")] = True,
+    maps: Annotated[bool, typer.Option("--map/--no-map", help="For a georeferenced scene, also GeoJSON in its CRS "
+                                                             "and in WGS84 (--no-map: pixel coordinates only).")]
+    = True,
     draw_conf: Annotated[float, typer.Option("--draw-conf", help="Draw boxes scoring at least this.")] = 0.25,
     yes: Annotated[bool, typer.Option("--yes", "-y", help=f"Run even past {MAX_WINDOWS} windows.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier predict's --out (the new outputs are "
@@ -77,7 +80,7 @@ def predict(
     Example: [bold]kdcli predict best.pt scene.tif --slice 512 --overlap 0.2 --bands 3,2,1[/]
     """
     from kdcli.data import coco
-    from kdcli.data.rasters import open_raster, parse_bands
+    from kdcli.data.rasters import GEO_HINT, open_raster, optional_rasterio, parse_bands
     from kdcli.deploy.predict import Predictor, expand_sources, write_outputs
     from kdcli.engine import checkpoint, distributed
     from kdcli.engine.trainer import unique_run_dir
@@ -110,6 +113,14 @@ def predict(
     else:
         items = [(i, p) for i, p in enumerate(expand_sources(sources or []), start=1)]
     rasters = [(i, p, open_raster(p, band_list, (pct[0], pct[1]), normalize)) for i, p in items]
+    unknown = [p for _, p, r in rasters if r.transform is not None and r.crs is None] if maps else []
+    if unknown:  # before any window runs: map and WGS84 coordinates need the CRS
+        more = f" (and {len(unknown) - 1} more scene(s))" if len(unknown) > 1 else ""
+        raise KdcliError(f"{unknown[0]}: georeferenced (a pixel -> map transform) but its CRS is unknown to kdcli, "
+                         f"so no map or WGS84 coordinates{more}",
+                         hint="give the file its CRS (gdal_edit.py -a_srs EPSG:CODE FILE)"
+                              + ("" if optional_rasterio() else f", {GEO_HINT} (reads a CRS given as WKT)")
+                              + ", or pass --no-map for pixel coordinates only")
     total = sum(len(predictor.windows(r)) for _, _, r in rasters)
     if total > MAX_WINDOWS and not yes:
         stride = max(1, round((slice_size or 0) * (1 - overlap)))
@@ -128,7 +139,7 @@ def predict(
     target = out_dir or unique_run_dir(paths.runs_root() / "predict", Path(weights).parent.parent.name or "predict")
     with atomic_dir(target.resolve(), force=target.exists()) as tmp:  # an existing target passed _check_out
         files = [target / f.relative_to(tmp) for f in
-                 write_outputs(tmp, results, predictor.classes, draw_conf if draw_images else None)]
+                 write_outputs(tmp, results, predictor.classes, draw_conf if draw_images else None, maps)]
         scores = _evaluate(gt, [i for i, _, _ in rasters], results, predictor, tmp) if gt is not None else None
     n = sum(len(det.scores) for _, _, det in results)
     out.print(f"[green]{n} detections[/] in {len(results)} image(s), {total} window(s) -> {target}", highlight=False)

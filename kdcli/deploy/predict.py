@@ -23,8 +23,7 @@ from torchvision.ops import batched_nms
 
 from kdcli import atomic
 from kdcli.config.schema import ModelConfig
-from kdcli.console import err
-from kdcli.data.rasters import GEO_HINT, IMAGE_SUFFIXES, Raster, optional_rasterio, warn_once
+from kdcli.data.rasters import IMAGE_SUFFIXES, Raster, warn_once
 from kdcli.data.tiling import windows
 from kdcli.data.transforms import eval_transform, input_scale
 from kdcli.deploy.slicing import drop_cut_boxes, merge, to_scene
@@ -214,15 +213,11 @@ def drawing(raster: Raster, det: Detections, classes: list[str], min_score: floa
 
 
 def _map_outputs(out_dir: Path, stem: str, raster: Raster, det: Detections, classes: list[str]) -> list[Path]:
-    """<stem>.map.geojson (the scene's CRS) and <stem>.wgs84.geojson; a warning line says what could not be."""
+    """<stem>.map.geojson (the scene's CRS: known, the caller checked) and <stem>.wgs84.geojson; a warning line
+    says when the WGS84 conversion could not be made."""
     if raster.transform is None:
         return []
     atomic.write_text(out_dir / f"{stem}.map.geojson", json.dumps(geojson(det, classes, raster, "map")))
-    if raster.crs is None:
-        err.print(f"[yellow]warning:[/] {raster.path}: a pixel -> map transform but no CRS kdcli could read: "
-                  f"{stem}.map.geojson names none, and no WGS84 GeoJSON is written"
-                  + ("" if optional_rasterio() else f" ({GEO_HINT} reads any CRS)"), highlight=False, soft_wrap=True)
-        return [out_dir / f"{stem}.map.geojson"]
     try:
         wgs84 = geojson(det, classes, raster, "wgs84")
     except KdcliError as e:
@@ -233,10 +228,10 @@ def _map_outputs(out_dir: Path, stem: str, raster: Raster, det: Detections, clas
 
 
 def write_outputs(out_dir: Path, results: list[tuple[Path, Raster, Detections]], classes: list[str],
-                  draw_conf: float | None = 0.25) -> list[Path]:
+                  draw_conf: float | None = 0.25, maps: bool = True) -> list[Path]:
     """predictions.json (COCO results), images.json (ids, file names, sizes), one GeoJSON per image in pixels
-    (and, for a georeferenced scene, in its CRS and in WGS84), one drawn PNG per image (boxes scoring >= draw_conf;
-    None: no PNG)."""
+    (and with `maps`, for a georeferenced scene, in its CRS and in WGS84), one drawn PNG per image (boxes scoring
+    >= draw_conf; None: no PNG)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     coco, images, files = [], [], []
     stems: dict[str, int] = {}
@@ -248,7 +243,7 @@ def write_outputs(out_dir: Path, results: list[tuple[Path, Raster, Detections]],
         stem = path.stem if n == 0 else f"{path.stem}_{n}"
         atomic.write_text(out_dir / f"{stem}.geojson", json.dumps(geojson(det, classes)))
         files.append(out_dir / f"{stem}.geojson")
-        files += _map_outputs(out_dir, stem, raster, det, classes)
+        files += _map_outputs(out_dir, stem, raster, det, classes) if maps else []
         if draw_conf is not None:
             drawing(raster, det, classes, draw_conf).save(out_dir / f"{stem}.png")
             raster.close()

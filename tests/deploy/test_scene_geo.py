@@ -118,7 +118,7 @@ def test_without_rasterio_the_epsg_code_is_read_from_the_geokeys(tmp_path: Path,
     assert any(np.allclose(p, [9.0, 0.0], atol=1e-9) for p in _ring(geojson(BOX, ["car"], r, "wgs84")))
 
 
-def test_predict_writes_native_and_wgs84_geojson_and_says_when_it_cannot(tmp_path: Path, tiny_checkpoint: Path):
+def test_predict_writes_native_and_wgs84_geojson_and_refuses_an_unknown_crs(tmp_path: Path, tiny_checkpoint: Path):
     Affine = pytest.importorskip("affine").Affine  # comes with rasterio
 
     scenes = tmp_path / "scenes"
@@ -126,17 +126,25 @@ def test_predict_writes_native_and_wgs84_geojson_and_says_when_it_cannot(tmp_pat
     _write(scenes / "utm.tif", "EPSG:32632", Affine(0.5, 0, 499995.0, 0, -0.5, 5.0))
     _tifffile_geotiff(scenes / "nocrs.tif", geokeys=False)  # a transform but no CRS
     out = tmp_path / "pred"
-    res = CliRunner().invoke(app, ["predict", str(tiny_checkpoint), str(scenes), "--conf", "0", "--out", str(out),
-                                   "--no-draw"], terminal_width=200)
-    assert res.exit_code == 0, res.output
-    names = sorted(p.name for p in out.iterdir())
-    assert names == ["images.json", "nocrs.geojson", "nocrs.map.geojson", "predictions.json", "utm.geojson",
-                     "utm.map.geojson", "utm.wgs84.geojson"]
+    args = ["predict", str(tiny_checkpoint), "--conf", "0", "--out", str(out), "--no-draw"]
+    # a georeferenced scene whose CRS is unknown: one line, exit 2, before any window runs, nothing written
+    res = CliRunner().invoke(app, [*args[:2], str(scenes), *args[2:]], terminal_width=200)
+    assert res.exit_code == 2 and not out.exists() and "Traceback" not in res.output
     flat = " ".join(res.output.split())
-    assert "nocrs.tif: a pixel -> map transform but no CRS kdcli could read" in flat
-    assert flat.count("warning:") == 1
+    assert "nocrs.tif: georeferenced (a pixel -> map transform) but its CRS is unknown to kdcli" in flat
+    assert "--no-map" in flat
+    # --no-map: pixel coordinates only, for every scene
+    res = CliRunner().invoke(app, [*args[:2], str(scenes), *args[2:], "--no-map"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["images.json", "nocrs.geojson", "predictions.json",
+                                                     "utm.geojson"]
+    # a known CRS: the pixel, native-CRS and WGS84 GeoJSON
+    res = CliRunner().invoke(app, [*args[:2], str(scenes / "utm.tif"), *args[2:], "--force"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["images.json", "predictions.json", "utm.geojson",
+                                                     "utm.map.geojson", "utm.wgs84.geojson"]
+    assert "warning" not in res.output
     pixel, native, wgs84 = (json.loads((out / f"utm{s}.geojson").read_text()) for s in ("", ".map", ".wgs84"))
     assert len(pixel["features"]) == len(native["features"]) == len(wgs84["features"]) > 0
     lon, lat = np.array([f["geometry"]["coordinates"][0] for f in wgs84["features"]]).reshape(-1, 2).T
     assert (np.abs(lon - 9) < 1e-3).all() and (np.abs(lat) < 1e-3).all()  # a 32 m scene at (9 E, 0 N)
-    assert "crs" not in json.loads((out / "nocrs.map.geojson").read_text())
