@@ -101,7 +101,7 @@ def data_used(study: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if not d:
             continue
         entry = seen.setdefault(config, {"labels": set(), "pool": set()})
-        used = config == "teacher" or "hard" in config.partition("@")[0].split("+")
+        used = config == "teacher" or "hard" in StudyConfig.labels_method(config.partition("@")[0])[0].split("+")
         entry["labels"].add(f"{100 * d['label_fraction']:g} % ({d['labeled_images']} images)" if used else
                             "none (soft targets only)")
         entry["pool"].add(f"{d['unlabeled']} ({d['unlabeled_images']} images)" if d.get("unlabeled") else "none")
