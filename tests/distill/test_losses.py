@@ -57,6 +57,28 @@ def test_soft_terms_equal_the_joint_focal_form_mean_over_everything():
     assert terms["soft_box"].item() == pytest.approx(sum(box) / len(box), rel=1e-5)  # mean over anchors x 4
 
 
+def test_score_weighted_soft_terms_weigh_each_target_by_the_teachers_certainty():
+    g = torch.Generator().manual_seed(1)
+    s_cls, t_cls = torch.randn(2, 3, 2, generator=g), torch.randn(2, 3, 2, generator=g) * 2
+    s_box, t_box = torch.randn(2, 3, 4, generator=g) * 0.3, torch.randn(2, 3, 4, generator=g) * 0.3
+    terms = Soft(_section("soft", score_weighted=True)).loss(_out([], s_cls, s_box), _out([], t_cls, t_box), {})
+    num = den = 0.0
+    for x, y in zip(_flat(s_cls), _flat(t_cls)):
+        p, t = _sig(x), _sig(y)
+        w = (0.25 * t + 0.75 * (1 - t)) * ((1 - p) * t + p * (1 - t))
+        num += abs(2 * t - 1) * w * -(t * math.log(p) + (1 - t) * math.log(1 - p))
+        den += abs(2 * t - 1)
+    assert terms["soft_cls"].item() == pytest.approx(5e3 * num / den, rel=1e-5)
+    anchors = [(_flat(s_box[b, a]), _flat(t_box[b, a]), max(_sig(v) for v in _flat(t_cls[b, a])))
+               for b in range(2) for a in range(3)]
+    box = sum(w * sum(_bl1(u - v) for u, v in zip(s, t)) / 4 for s, t, w in anchors) / sum(w for *_, w in anchors)
+    assert terms["soft_box"].item() == pytest.approx(box, rel=1e-5)
+    # a teacher at 0.5 everywhere is sure of nothing: no class signal, rather than a division by zero
+    unsure = Soft(_section("soft", score_weighted=True)).loss(_out([], s_cls, s_box),
+                                                              _out([], torch.zeros_like(t_cls), t_box), {})
+    assert unsure["soft_cls"].item() == 0.0
+
+
 def test_soft_class_term_optimum_stays_near_the_teacher_score():
     """methods.md: for a teacher score of 0.95 the split form's optimum is 0.74; the joint form's is near 0.99."""
     p = torch.linspace(0.5, 0.999, 2000)
