@@ -161,8 +161,8 @@ def report(
     = None,
     metric: Annotated[str | None, typer.Option("--metric", help="mAP50, mAP50-95, coco_AP50 or val_mAP50.",
                                                   show_default="the study's")] = None,
-    baseline: Annotated[str, typer.Option("--baseline", help="Configuration the gains are measured against.")]
-    = "hard",
+    baseline: Annotated[str | None, typer.Option("--baseline", help="Configuration the gains are measured against.",
+                                                 show_default="the study's `baseline`, else hard")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Paper-style tables (each cell: median over seeds of the mean over folds, with the min-max spread),

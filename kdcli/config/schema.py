@@ -291,6 +291,8 @@ class StudyConfig(Strict):
     student_overrides: list[str] = Field(default_factory=list, description="key=value for the students only")
     split: str = Field("test", description="split every cell is evaluated on for the tables")
     metric: str = Field("mAP50", description="headline metric of tables and plots")
+    baseline: str = Field("hard", description="row `kdcli report` measures gains against, e.g. hard@long for a "
+                                              "hard student given a longer schedule than the distilled rows")
 
     @field_validator("configs")
     @classmethod
@@ -330,6 +332,12 @@ class StudyConfig(Strict):
         if not v:
             raise ValueError("must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _baseline_is_a_row(self) -> StudyConfig:
+        if self.baseline != "hard" and self.baseline not in self.configs:  # hard: the default, maybe not run
+            raise ValueError(f"baseline '{self.baseline}' is not one of the configs ({', '.join(self.configs)})")
+        return self
 
     @staticmethod
     def labels_method(config: str) -> tuple[str, str]:

@@ -114,10 +114,12 @@ def twin_gains(values: dict[str, dict[tuple[int, int], float]]) -> dict[str, dic
             for c, v in values.items() if "@" in c and c.partition("@")[0] in values}
 
 
-def summarize(dirs: list[Path], metric: str | None = None, baseline: str = "hard") -> dict[str, Any]:
-    """Everything a report shows, as plain data (also the --json output)."""
+def summarize(dirs: list[Path], metric: str | None = None, baseline: str | None = None) -> dict[str, Any]:
+    """Everything a report shows, as plain data (also the --json output). Metric and baseline default to the
+    first study's."""
     studies = load_studies(dirs)
     metric = metric or studies[0]["cfg"].metric
+    asked, baseline = baseline, baseline or studies[0]["cfg"].baseline
     if metric not in METRICS:
         raise KdcliError(f"unknown metric '{metric}'", hint=f"choose one of {', '.join(METRICS)}")
     rows = []
@@ -147,6 +149,11 @@ def summarize(dirs: list[Path], metric: str | None = None, baseline: str = "hard
             "data": data_used(s),
             "values": {c: [[f, sd, x] for (f, sd), x in sorted(v.items())] for c, v in values.items()},
         })
+    if asked and rows and not any(asked in r["values"] for r in rows) and any(r["values"] for r in rows):
+        raise KdcliError(f"--baseline {asked}: no finished cell of that configuration in "
+                         + ", ".join(r["name"] for r in rows),
+                         hint="rows with finished cells: "
+                         + ", ".join(dict.fromkeys(c for r in rows for c in r["values"])))
     if not any(r["values"] for r in rows):
         nan = sum(len(v) for r in rows for v in r["not_finite"].values())
         if nan:

@@ -19,7 +19,7 @@ from kdcli.config.schema import StudyConfig
 from kdcli.errors import KdcliError
 
 STUDY_FILE = "study.yaml"
-GRID_KEYS = ("configs", "folds", "seeds")  # may change between runs of one study dir
+GRID_KEYS = ("configs", "folds", "seeds", "baseline")  # may change between runs of one study dir
 
 
 @dataclass(frozen=True, order=True)

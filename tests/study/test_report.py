@@ -100,6 +100,25 @@ def test_report_errors(tmp_path: Path):
     assert res.exit_code == 2 and "unknown metric" in res.output
 
 
+def test_the_baseline_comes_from_the_study_or_the_option_and_must_be_a_row(tmp_path: Path):
+    d = write_study(tmp_path / "toy")
+    (d / "study.yaml").write_text((d / "study.yaml").read_text() + "baseline: hard+pdf\n")
+    res = CliRunner().invoke(app, ["report", str(d), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    g = rep["studies"][0]["gains"]
+    assert rep["baseline"] == "hard+pdf" and set(g) == {"teacher", "hard"}
+    diffs = [VALUES[("hard", f, sd)] - VALUES[("hard+pdf", f, sd)] for f in (1, 2) for sd in (0, 1, 2)]
+    assert g["hard"]["mean_gain"] == pytest.approx(np.mean(diffs))
+    res = CliRunner().invoke(app, ["report", str(d), "--baseline", "hard", "--json"])  # the option wins
+    assert json.loads(res.stdout)["baseline"] == "hard"
+    res = CliRunner().invoke(app, ["report", str(d), "--baseline", "hard@long"])
+    assert res.exit_code == 2 and "--baseline hard@long: no finished cell" in res.output
+    (d / "study.yaml").write_text((d / "study.yaml").read_text().replace("hard+pdf\n", "hard@long\n"))
+    res = CliRunner().invoke(app, ["report", str(d)])
+    assert res.exit_code == 2 and "baseline 'hard@long' is not one of the configs" in res.output
+
+
 def test_report_skips_ledger_lines_of_the_wrong_shape(tmp_path: Path):
     d = write_study(tmp_path / "toy")
     bad = ['{"config": 5}', "[1, 2]", '"hard"',
