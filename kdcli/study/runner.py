@@ -53,6 +53,12 @@ def _teacher_weights(study: Study, cell: Cell) -> Path:
     return Path(rec["weights"])
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _trainer(study: Study, cell: Cell, device: str | None, workers: int | None = None):
     """The trainer of a cell: resumed from its last.pt when a previous attempt left one, else fresh (an earlier
     run dir without last.pt is moved aside, never deleted)."""
@@ -91,7 +97,8 @@ def run_cell(study: Study, cell: Cell, ledger: Ledger, device: str | None = None
 
     started, t0 = _now(), time.time()
     base = {"config": cell.config, "fold": cell.fold, "seed": cell.seed, "run_dir": str(study.run_dir(cell)),
-            "log": str(study.log_path(cell)), "started": started, "host": platform.node(), "versions": _versions()}
+            "log": str(study.log_path(cell)), "started": started, "host": platform.node(), "versions": _versions(),
+            "threads": _torch_threads()}
     try:
         trainer = _trainer(study, cell, device, workers)
         summary = trainer.fit()
@@ -199,22 +206,21 @@ def write_plan(study: Study) -> dict[str, Path]:
 class _Pool:
     """Child processes of the grid, one per slot (a GPU index, or a CPU job)."""
 
-    def __init__(self, study: Study, slots: list[str | None], threads: int | None, workers: int | None = None):
+    def __init__(self, study: Study, slots: list[str | None], workers: int | None = None):
         self.study = study
         self.free = list(slots)
-        self.threads = threads
         self.workers = workers
         self.running: dict[Cell, tuple[subprocess.Popen, str | None, float, Any]] = {}
 
-    def launch(self, cell: Cell) -> None:
+    def launch(self, cell: Cell, threads: int | None) -> None:
         slot = self.free.pop(0)
         env = dict(os.environ)
         device = None
         if slot is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot
             device = "0"
-        if self.threads:
-            env.setdefault("OMP_NUM_THREADS", str(self.threads))
+        if threads:
+            env.setdefault("OMP_NUM_THREADS", str(threads))
         log_path = self.study.log_path(cell)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed when the child is reaped
@@ -263,6 +269,13 @@ def share_out(jobs: int, devices: list[str] | None, per_device: int, cpus: int
     return slots, threads, workers
 
 
+def cpu_threads(cpus: int, busy: int) -> int:
+    """Threads of a CPU cell started with `busy` cells running (itself included): a lone cell, such as the one
+    teacher of a one-fold study whose students wait for it, gets every core rather than its share of --jobs (a cell
+    that becomes ready while it runs then shares the cores with it until it ends)."""
+    return max(1, cpus // max(1, busy))
+
+
 def run_grid(study: Study, jobs: int = 1, devices: list[str] | None = None, skip_failed: bool = False,
              per_device: int = 1) -> int:
     """Run every unfinished cell; returns the number of cells that failed (or could not run) in this run.
@@ -271,7 +284,7 @@ def run_grid(study: Study, jobs: int = 1, devices: list[str] | None = None, skip
     st = status(study, skip_failed)
     ledger = Ledger(study.dir / "ledger.jsonl")
     slots, threads, workers = share_out(jobs, devices, per_device, os.cpu_count() or 1)
-    pool = _Pool(study, slots, threads, workers)
+    pool = _Pool(study, slots, workers)
     pending = list(st.todo)
     records = dict(st.records)
     failed_now: list[Cell] = []
@@ -316,8 +329,9 @@ def run_grid(study: Study, jobs: int = 1, devices: list[str] | None = None, skip
                         failed_now.append(cell)
                         bar.console.print(f"[red]failed[/] {cell.id}: {rec.get('error')}  (log: "
                                           f"{study.log_path(cell)})", highlight=False, soft_wrap=True)
+                ready = []
                 for cell in list(pending):
-                    if stopping["flag"] or not pool.free:
+                    if stopping["flag"] or len(ready) == len(pool.free):
                         break
                     if not cell.is_teacher:
                         t = records.get(cell.teacher().key)
@@ -328,8 +342,12 @@ def run_grid(study: Study, jobs: int = 1, devices: list[str] | None = None, skip
                                 blocked.append(cell)
                                 bar.advance(task)
                             continue
+                    ready.append(cell)
+                busy = len(pool.running) + len(ready)
+                for cell in ready:
                     pending.remove(cell)
-                    pool.launch(cell)
+                    pool.launch(cell, cpu_threads(os.cpu_count() or 1, busy) if devices is None and len(slots) > 1
+                                else threads)
                 rate = sum(_images_per_s(study.run_dir(c)) for c in pool.running)
                 bar.update(task, now=", ".join(c.id for c in pool.running) + (f"  {rate:.0f} img/s" if rate else ""))
                 time.sleep(0.2)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def ledger_lines(d: Path) -> list[str]:
     return (d / "ledger.jsonl").read_text().splitlines()
 
 
-def test_grid_failed_cell_resume_and_cut_ledger(tmp_path: Path, vedai25: Path):
+def test_grid_failed_cell_resume_and_cut_ledger(tmp_path: Path, vedai25: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     bad = tiny_study(tmp_path, vedai25, "teacher, hard, hard+pfd")
     for extra in ([], ["--dry-run"]):  # a misspelt method stops the study at load, before any teacher trains
         res = CliRunner().invoke(app, ["study", str(bad), "--out", str(tmp_path / "bad"), *extra])
@@ -43,9 +45,11 @@ def test_grid_failed_cell_resume_and_cut_ledger(tmp_path: Path, vedai25: Path):
     corrupt = out / "runs" / "soft-f1-s0" / "weights" / "last.pt"  # a cell whose checkpoint is unreadable
     corrupt.parent.mkdir(parents=True)
     corrupt.write_bytes(b"not a checkpoint")
-    res = CliRunner().invoke(app, ["study", str(recipe), "--out", str(out)])
+    res = CliRunner().invoke(app, ["study", str(recipe), "--out", str(out), "--jobs", "2"])
     assert res.exit_code == 1 and "1 cells failed" in res.output  # the bad cell fails, the grid goes on
     recs = study_records(out)
+    cpus = os.cpu_count() or 1  # the lone teacher got every core, the students ran two at a time
+    assert recs[("teacher", 1, 0)]["threads"] == cpus and recs[("hard", 1, 0)]["threads"] == max(1, cpus // 2)
     assert {k: r["status"] for k, r in recs.items()} == {
         ("teacher", 1, 0): "ok", ("hard", 1, 0): "ok", ("hard+pdf", 1, 0): "ok", ("hard+crosskd+pkd@pool", 1, 0): "ok",
         ("soft", 1, 0): "failed"}
