@@ -141,15 +141,16 @@ def test_quickstart_reduced(tmp_path: Path):
 
 @pytest.mark.parametrize("recipe, cells, teachers", [("study/vedai25_paper", 200, 20), ("study/synthetic", 40, 4),
                                                     ("study/synthetic_gpu", 24, 4),
-                                                    ("study/synthetic_unlabeled", 6, 1)])
+                                                    ("study/synthetic_unlabeled", 8, 1)])
 def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tmp_path: Path):
     from kdcli.config.schema import PAPER_CONFIGS
     from kdcli.study.grid import Study
 
     s = Study.open(recipe, tmp_path / "s")
     expected = {"study/synthetic_gpu": PAPER_CONFIGS[:6],
-                "study/synthetic_unlabeled": ["teacher", "hard", "hard@full", "hard+soft", "hard+soft@pool",
-                                              "soft@pool"]}.get(recipe, PAPER_CONFIGS)
+                "study/synthetic_unlabeled": ["teacher", "hard", "hard@long", "hard@full", "hard+soft",
+                                              "hard+soft@pool", "hard+crosskd+pdf@pool", "soft@pool"]
+                }.get(recipe, PAPER_CONFIGS)
     assert s.cfg.configs == expected
     for cell in s.cells():  # every cell's recipe loads (variants included)
         if cell.is_teacher:
