@@ -149,7 +149,7 @@ def summarize(dirs: list[Path], metric: str | None = None, baseline: str | None 
             "data": data_used(s),
             "values": {c: [[f, sd, x] for (f, sd), x in sorted(v.items())] for c, v in values.items()},
         })
-    if asked and rows and not any(asked in r["values"] for r in rows) and any(r["values"] for r in rows):
+    if asked and any(r["values"] for r in rows) and not any(asked in r["values"] for r in rows):
         raise KdcliError(f"--baseline {asked}: no finished cell of that configuration in "
                          + ", ".join(r["name"] for r in rows),
                          hint="rows with finished cells: "

@@ -53,12 +53,6 @@ def _teacher_weights(study: Study, cell: Cell) -> Path:
     return Path(rec["weights"])
 
 
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def _trainer(study: Study, cell: Cell, device: str | None, workers: int | None = None):
     """The trainer of a cell: resumed from its last.pt when a previous attempt left one, else fresh (an earlier
     run dir without last.pt is moved aside, never deleted)."""
@@ -93,12 +87,14 @@ def _trainer(study: Study, cell: Cell, device: str | None, workers: int | None =
 def run_cell(study: Study, cell: Cell, ledger: Ledger, device: str | None = None, workers: int | None = None) -> int:
     """Train or distil one cell, evaluate its best.pt on the study's split, append the record. Returns the exit
     code: 0 ok, 1 failed (recorded), 130 interrupted (not recorded: the next run resumes it)."""
+    import torch
+
     from kdcli.engine.validator import evaluate_checkpoint
 
     started, t0 = _now(), time.time()
     base = {"config": cell.config, "fold": cell.fold, "seed": cell.seed, "run_dir": str(study.run_dir(cell)),
             "log": str(study.log_path(cell)), "started": started, "host": platform.node(), "versions": _versions(),
-            "threads": _torch_threads()}
+            "threads": torch.get_num_threads()}
     try:
         trainer = _trainer(study, cell, device, workers)
         summary = trainer.fit()
@@ -283,7 +279,8 @@ def run_grid(study: Study, jobs: int = 1, devices: list[str] | None = None, skip
     are shared out between the cells running at once."""
     st = status(study, skip_failed)
     ledger = Ledger(study.dir / "ledger.jsonl")
-    slots, threads, workers = share_out(jobs, devices, per_device, os.cpu_count() or 1)
+    cpus = os.cpu_count() or 1
+    slots, threads, workers = share_out(jobs, devices, per_device, cpus)
     pool = _Pool(study, slots, workers)
     pending = list(st.todo)
     records = dict(st.records)
@@ -346,7 +343,7 @@ def run_grid(study: Study, jobs: int = 1, devices: list[str] | None = None, skip
                 busy = len(pool.running) + len(ready)
                 for cell in ready:
                     pending.remove(cell)
-                    pool.launch(cell, cpu_threads(os.cpu_count() or 1, busy) if devices is None and len(slots) > 1
+                    pool.launch(cell, cpu_threads(cpus, busy) if devices is None and len(slots) > 1
                                 else threads)
                 rate = sum(_images_per_s(study.run_dir(c)) for c in pool.running)
                 bar.update(task, now=", ".join(c.id for c in pool.running) + (f"  {rate:.0f} img/s" if rate else ""))
