@@ -141,7 +141,8 @@ def test_quickstart_reduced(tmp_path: Path):
 
 @pytest.mark.parametrize("recipe, cells, teachers", [("study/vedai25_paper", 200, 20), ("study/synthetic", 40, 4),
                                                     ("study/synthetic_gpu", 24, 4),
-                                                    ("study/synthetic_unlabeled", 8, 1)])
+                                                    ("study/synthetic_unlabeled", 8, 1),
+                                                    ("study/synthetic_unlabeled_same", 8, 1)])
 def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tmp_path: Path):
     from kdcli.config.schema import PAPER_CONFIGS
     from kdcli.study.grid import Study
@@ -149,7 +150,9 @@ def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tm
     s = Study.open(recipe, tmp_path / "s")
     expected = {"study/synthetic_gpu": PAPER_CONFIGS[:6],
                 "study/synthetic_unlabeled": ["teacher", "hard", "hard@long", "hard@full", "hard+soft",
-                                              "hard+soft@pool", "hard+crosskd+pdf@pool", "soft@pool"]
+                                              "hard+soft@pool", "hard+crosskd+pdf@pool", "soft@pool"],
+                "study/synthetic_unlabeled_same": ["teacher", "hard", "hard@long", "hard+soft", "hard+soft@pool",
+                                                   "hard+soft@strong", "hard+soft@weighted", "hard+crosskd+pdf@pool"],
                 }.get(recipe, PAPER_CONFIGS)
     assert s.cfg.configs == expected
     for cell in s.cells():  # every cell's recipe loads (variants included)
