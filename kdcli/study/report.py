@@ -52,6 +52,11 @@ def _p(w: dict[str, Any]) -> str:
     return f"{w['p']:.3g}"
 
 
+def _ci(g: dict[str, Any]) -> str:
+    """A gain's interval in points, or why there is none."""
+    return f"[{100 * g['ci95'][0]:+.2f}, {100 * g['ci95'][1]:+.2f}]" if g["ci95"] else "- (1 pair)"
+
+
 def _data(rep: dict[str, Any], config: str, key: str) -> str:
     """What a row trained on (`labels` or `pool`) over the studies; "-" where no record says."""
     seen = list(dict.fromkeys(s.get("data", {}).get(config, {}).get(key) for s in rep["studies"]))
@@ -107,7 +112,7 @@ def gains_markdown(rep: dict[str, Any]) -> str:
                 continue
             w = g["wilcoxon"]
             out_lines.append(f"| {c} | {g['pairs']} | {100 * g['mean_gain']:+.2f} | "
-                             f"[{100 * g['ci95'][0]:+.2f}, {100 * g['ci95'][1]:+.2f}] | {_p(w)} | {w['method']} | "
+                             f"{_ci(g)} | {_p(w)} | {w['method']} | "
                              f"{100 * g['win_rate']:.0f} % |")
         out_lines.append("")
         if s.get("twin_gains"):
@@ -117,7 +122,7 @@ def gains_markdown(rep: dict[str, Any]) -> str:
             for c, g in s["twin_gains"].items():
                 if g.get("pairs"):
                     out_lines.append(f"| {c} | {g['twin']} | {g['pairs']} | {100 * g['mean_gain']:+.2f} | "
-                                     f"[{100 * g['ci95'][0]:+.2f}, {100 * g['ci95'][1]:+.2f}] | "
+                                     f"{_ci(g)} | "
                                      f"{_p(g['wilcoxon'])} | {100 * g['win_rate']:.0f} % |")
             out_lines.append("")
     out_lines.append("Pairs: cells of the same fold and seed (a student and the hard student share their teacher). "
@@ -144,6 +149,11 @@ def table_latex(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bounds(g: dict[str, Any]) -> list[Any]:
+    """A gain's interval for the CSV: two numbers, or two empty fields for a single pair."""
+    return [round(x, 6) for x in g["ci95"]] if g["ci95"] else ["", ""]
+
+
 def table_csv(rep: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -156,18 +166,17 @@ def table_csv(rep: dict[str, Any]) -> str:
             nan = len(s["not_finite"].get(c, []))
             data = s.get("data", {}).get(c, {})
             tw = s.get("twin_gains", {}).get(c, {})
-            twin = [tw["twin"], *(round(x, 6) for x in (tw["mean_gain"], *tw["ci95"]))] if tw.get("pairs") \
-                else [""] * 4
+            twin = [tw["twin"], round(tw["mean_gain"], 6), *_bounds(tw)] if tw.get("pairs") else [""] * 4
             tail = [nan, data.get("labels", ""), data.get("pool", ""), *twin]
             if c not in s["table"]:  # only NaN cells: no numbers
                 w.writerow([s["name"], c, rep["metric"], *[""] * 6, 0, *[""] * 8, *tail])
                 continue
             t, g = s["table"][c], s["gains"].get(c, {})
-            gain = [g["mean_gain"], *g["ci95"], g["wilcoxon"]["p"], g["wilcoxon"]["method"], g["win_rate"]] \
-                if g.get("pairs") else [""] * 6
+            gain = [round(g["mean_gain"], 6), *_bounds(g), round(g["wilcoxon"]["p"], 6), g["wilcoxon"]["method"],
+                    round(g["win_rate"], 6)] if g.get("pairs") else [""] * 6
             w.writerow([s["name"], c, rep["metric"], *(round(t[k], 6) for k in ("median", "min", "max", "q1", "q3")),
                         t["seeds"], t["cells"], *([round(x, 6) for x in t["ci95"]] if "ci95" in t else ["", ""]),
-                        *(round(x, 6) if isinstance(x, float) else x for x in gain), *tail])
+                        *gain, *tail])
     return buf.getvalue()
 
 
@@ -217,7 +226,7 @@ def print_report(rep: dict[str, Any]) -> None:
         for c, x in s["gains"].items():
             if x.get("pairs"):
                 g.add_row(c, str(x["pairs"]), f"{100 * x['mean_gain']:+.2f}",
-                          f"[{100 * x['ci95'][0]:+.2f}, {100 * x['ci95'][1]:+.2f}]", _p(x["wilcoxon"]),
+                          _ci(x), _p(x["wilcoxon"]),
                           f"{100 * x['win_rate']:.0f} %")
         out.print(g)
         twins = {c: x for c, x in s.get("twin_gains", {}).items() if x.get("pairs")}
@@ -228,6 +237,6 @@ def print_report(rep: dict[str, Any]) -> None:
                 g.add_column(col, justify="left" if col in ("configuration", "over") else "right")
             for c, x in twins.items():
                 g.add_row(c, x["twin"], str(x["pairs"]), f"{100 * x['mean_gain']:+.2f}",
-                          f"[{100 * x['ci95'][0]:+.2f}, {100 * x['ci95'][1]:+.2f}]", _p(x["wilcoxon"]),
+                          _ci(x), _p(x["wilcoxon"]),
                           f"{100 * x['win_rate']:.0f} %")
             out.print(g)

@@ -88,12 +88,14 @@ def wilcoxon_signed_rank(diffs: list[float]) -> dict[str, Any]:
 
 def compare(config: dict[tuple[int, int], float], baseline: dict[tuple[int, int], float], seed: int = 0
             ) -> dict[str, Any]:
-    """Gain of a configuration over the baseline, paired by (fold, seed)."""
+    """Gain of a configuration over the baseline, paired by (fold, seed). A single pair gives no interval
+    (`ci95` None): resampling one difference only repeats it."""
     keys = sorted(set(config) & set(baseline))
     diffs = [config[k] - baseline[k] for k in keys]
     if not diffs:
         return {"pairs": 0}
     mean, lo, hi = paired_bootstrap(diffs, seed=seed)
-    return {"pairs": len(diffs), "mean_gain": mean, "ci95": [lo, hi], "wilcoxon": wilcoxon_signed_rank(diffs),
+    return {"pairs": len(diffs), "mean_gain": mean, "ci95": [lo, hi] if len(diffs) > 1 else None,
+            "wilcoxon": wilcoxon_signed_rank(diffs),
             "win_rate": float(np.mean([x > 0 for x in diffs]))}
 

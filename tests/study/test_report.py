@@ -221,3 +221,17 @@ def test_cells_of_an_earlier_larger_grid_are_counted_apart(tmp_path: Path):
     (s,) = json.loads(res.stdout)["studies"]
     assert (s["cells_done"], s["cells_expected"], s["cells_other"]) == (4, 4, 14)
     assert "4/4 cells of the grid (and 14 of an earlier grid)" in (d / "table.md").read_text()
+
+
+def test_a_single_pair_gives_a_gain_without_an_interval(tmp_path: Path):
+    """Resampling one difference only repeats it: the gain has no interval, not a [g, g] one."""
+    one = {k: v for k, v in VALUES.items() if k[1:] == (1, 0)}
+    d = write_study(tmp_path / "one", values=one)
+    res = CliRunner().invoke(app, ["report", str(d), "--json"])
+    assert res.exit_code == 0, res.output
+    g = json.loads(res.stdout)["studies"][0]["gains"]["hard+pdf"]
+    assert g["pairs"] == 1 and g["mean_gain"] == pytest.approx(0.03) and g["ci95"] is None
+    assert "| hard+pdf | 1 | +3.00 | - (1 pair) |" in (d / "gains.md").read_text()
+    row = next(r for r in csv.DictReader((d / "table.csv").read_text().splitlines()) if r["config"] == "hard+pdf")
+    assert float(row["gain_mean"]) == pytest.approx(0.03) and row["gain_ci_low"] == row["gain_ci_high"] == ""
+    assert "- (1 pair)" in CliRunner().invoke(app, ["report", str(d)]).stdout
