@@ -149,9 +149,9 @@ def table_latex(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _bounds(g: dict[str, Any]) -> list[Any]:
-    """A gain's interval for the CSV: two numbers, or two empty fields for a single pair."""
-    return [round(x, 6) for x in g["ci95"]] if g["ci95"] else ["", ""]
+def _bounds(ci: list[float] | None) -> list[Any]:
+    """An interval for the CSV: two numbers, or two empty fields where there is none."""
+    return [round(x, 6) for x in ci] if ci else ["", ""]
 
 
 def table_csv(rep: dict[str, Any]) -> str:
@@ -166,16 +166,16 @@ def table_csv(rep: dict[str, Any]) -> str:
             nan = len(s["not_finite"].get(c, []))
             data = s.get("data", {}).get(c, {})
             tw = s.get("twin_gains", {}).get(c, {})
-            twin = [tw["twin"], round(tw["mean_gain"], 6), *_bounds(tw)] if tw.get("pairs") else [""] * 4
+            twin = [tw["twin"], round(tw["mean_gain"], 6), *_bounds(tw["ci95"])] if tw.get("pairs") else [""] * 4
             tail = [nan, data.get("labels", ""), data.get("pool", ""), *twin]
             if c not in s["table"]:  # only NaN cells: no numbers
                 w.writerow([s["name"], c, rep["metric"], *[""] * 6, 0, *[""] * 8, *tail])
                 continue
             t, g = s["table"][c], s["gains"].get(c, {})
-            gain = [round(g["mean_gain"], 6), *_bounds(g), round(g["wilcoxon"]["p"], 6), g["wilcoxon"]["method"],
-                    round(g["win_rate"], 6)] if g.get("pairs") else [""] * 6
+            gain = [round(g["mean_gain"], 6), *_bounds(g["ci95"]), round(g["wilcoxon"]["p"], 6),
+                    g["wilcoxon"]["method"], round(g["win_rate"], 6)] if g.get("pairs") else [""] * 6
             w.writerow([s["name"], c, rep["metric"], *(round(t[k], 6) for k in ("median", "min", "max", "q1", "q3")),
-                        t["seeds"], t["cells"], *([round(x, 6) for x in t["ci95"]] if "ci95" in t else ["", ""]),
+                        t["seeds"], t["cells"], *_bounds(t.get("ci95")),
                         *gain, *tail])
     return buf.getvalue()
 

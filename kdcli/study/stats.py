@@ -94,8 +94,8 @@ def compare(config: dict[tuple[int, int], float], baseline: dict[tuple[int, int]
     diffs = [config[k] - baseline[k] for k in keys]
     if not diffs:
         return {"pairs": 0}
-    mean, lo, hi = paired_bootstrap(diffs, seed=seed)
-    return {"pairs": len(diffs), "mean_gain": mean, "ci95": [lo, hi] if len(diffs) > 1 else None,
+    ci = list(paired_bootstrap(diffs, seed=seed)[1:]) if len(diffs) > 1 else None
+    return {"pairs": len(diffs), "mean_gain": float(np.mean(diffs)), "ci95": ci,
             "wilcoxon": wilcoxon_signed_rank(diffs),
             "win_rate": float(np.mean([x > 0 for x in diffs]))}
 
