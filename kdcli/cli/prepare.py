@@ -44,11 +44,14 @@ def _summary(meta: dict[str, Any], out_dir: Path) -> None:
     if splits:
         t = Table(title="splits", title_justify="left")
         t.add_column("split")
-        for col in ("images", "objects"):
+        grouped = any("groups" in s for s in splits.values())
+        for col in ("images", "objects", *(("groups",) if grouped else ())):
             t.add_column(col, justify="right")
         for name, s in splits.items():
-            t.add_row(name, str(s["images"]), str(s["objects"]))
+            t.add_row(name, str(s["images"]), str(s["objects"]), *((str(s.get("groups", "")),) if grouped else ()))
         err.print(t)
+    if meta.get("split_rule", {}).get("rule"):
+        err.print(f"split rule: {escape(meta['split_rule']['rule'])}", highlight=False, soft_wrap=True)
     if meta.get("dropped"):
         t = Table(title="dropped / clipped / skipped", title_justify="left")
         t.add_column("what")

@@ -1,7 +1,8 @@
 """Any COCO detection dataset a user brings: annotations JSON + image folder -> a kdcli dataset dir.
 
 Categories are renumbered 1..K in their given order (names kept); crowd boxes are dropped and counted; a val
-split is carved from train when no val JSON is given.
+split is carved from train when no val JSON is given (by group with `--group`, and `--folds`/`--fold-by` write
+folds: see `kdcli.data.groups`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import Any
 from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
+from kdcli.data.groups import OPTIONS as SPLIT_OPTIONS
+from kdcli.data.groups import SplitRule, carve
 from kdcli.data.images import place
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, calling, register
-from kdcli.data.sources.common import finite_box, fitted_box, probed_size, val_split
+from kdcli.data.sources.common import finite_box, fitted_box, probed_size
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -113,7 +116,7 @@ def _convert(data: dict[str, Any], path: Path, images_dir: Path, tmp: Path, clas
             tally.add("declared image size differs from the file (file wins)", im["file_name"])
         dst = f"{coco.IMAGES}/{im['file_name']}"
         place(src_img, tmp / dst, mode)
-        b.add_image(next_id, dst, width, height, source_id=im["id"])
+        b.add_image(next_id, dst, width, height, source_id=im["id"], source_file=str(src_img))
         for n, a in by_image.get(im["id"], []):
             bbox = _bbox(a["bbox"], f"{path}: annotations[{n}].bbox")
             if not finite_box(bbox, tally, f"{path.name}: annotations[{n}]"):
@@ -134,8 +137,9 @@ def _convert(data: dict[str, Any], path: Path, images_dir: Path, tmp: Path, clas
 
 
 def prepare(src: Path, images_dir: Path, out: Path, val: Path | None = None, val_fraction: float = 0.1,
-            seed: int = 0, images: str = "link", force: bool = False,
-            skip_bad_images: bool = False) -> dict[str, Any]:
+            seed: int = 0, images: str = "link", force: bool = False, skip_bad_images: bool = False,
+            group: str | None = None, group_file: Path | None = None, folds: int = 0,
+            fold_by: str | None = None) -> dict[str, Any]:
     train_data = _load(src)
     if not images_dir.is_dir():
         raise KdcliError(f"{images_dir}: image folder not found", hint="give --images DIR")
@@ -145,20 +149,26 @@ def prepare(src: Path, images_dir: Path, out: Path, val: Path | None = None, val
         full = coco.CocoBuilder(classes, f"{src.name}")
         next_id = _convert(train_data, src, images_dir, tmp, classes, cat_index, full, tally, images,
                            skip_bad_images, 1)
+        declared = {"train": [im["id"] for im in full.images]}
         if val is not None:
             val_data = _load(val)
             if categories(val_data, val) != (classes, cat_index):
                 raise KdcliError(f"{val}: categories differ from {src}")
-            parts = {"train": full, "val": coco.CocoBuilder(classes, val.name)}
-            _convert(val_data, val, images_dir, tmp, classes, cat_index, parts["val"], tally, images,
-                     skip_bad_images, next_id)
-        else:
-            train_ids, val_ids = val_split([im["id"] for im in full.images], val_fraction, seed)
-            parts = {"train": coco.subset(full, set(train_ids), "train"),
-                     "val": coco.subset(full, set(val_ids), "val")}
+            given = coco.CocoBuilder(classes, val.name)
+            _convert(val_data, val, images_dir, tmp, classes, cat_index, given, tally, images, skip_bad_images,
+                     next_id)
+            declared["val"] = [im["id"] for im in given.images]
+            full.images += given.images
+            full.annotations += given.annotations
+        carved = carve({im["id"]: im["source_file"] for im in full.images},
+                       SplitRule(val_fraction, seed, group, group_file, folds, fold_by), declared)
+        names = {} if carved.folds else {"train": src.name, "val": val.name} if val is not None else {}
+        parts = {name: coco.subset(full, set(ids), names.get(name, name)) for name, ids in carved.parts.items()}
         splits, counts = coco.write_splits(tmp, parts)
+        carved.annotate(splits)
         meta = {"name": out.name, "source": "coco", "src": str(src.resolve()), "classes": classes,
-                "val_fraction": 0 if val else val_fraction, "seed": seed,
+                "val_fraction": 0 if val and not carved.folds else val_fraction, "seed": seed,
+                **({"folds": carved.folds} if carved.folds else {}), "split_rule": carved.provenance,
                 "images": sum(s["images"] for s in splits.values()), "splits": splits, "class_counts": counts,
                 "dropped": tally.as_dict()}
         coco.write_dataset_yaml(tmp, meta)
@@ -174,7 +184,8 @@ register(Source(
         Option("images_dir", Path, None, "Folder the JSON's file_name entries are relative to.", ("--images",),
                required=True),
         Option("val", Path | None, None, "COCO JSON of validation images (else carved from train)."),
-        Option("val_fraction", float, 0.1, "Share of images for val when no --val."), SEED, LINK, FORCE, SKIP_BAD),
+        Option("val_fraction", float, 0.1, "Share of images for val when no --val (with --fold-by: share of the "
+                                           "held-out unit)."), *SPLIT_OPTIONS, SEED, LINK, FORCE, SKIP_BAD),
     run=calling(prepare),
     out_name=lambda src, o: src.stem,
 ))

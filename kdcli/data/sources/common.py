@@ -103,15 +103,34 @@ def probed_size(path: Path, tally: Tally, skip_bad: bool, decode: bool = True, w
         return None
 
 
-def val_split(ids: list[Any], fraction: float, seed: int, salt: int = 0) -> tuple[list[Any], list[Any]]:
-    """(train, val): a seeded share `fraction` of `ids` goes to val (at least one when fraction > 0)."""
+def val_split(ids: list[Any], fraction: float, seed: int, salt: int = 0,
+              groups: dict[Any, str] | None = None) -> tuple[list[Any], list[Any]]:
+    """(train, val): a seeded share `fraction` of `ids` goes to val (at least one when fraction > 0).
+
+    With `groups` (id -> group, see `kdcli.data.groups`) whole groups move: the groups are shuffled and taken
+    in turn while each brings val's image count closer to `fraction` of the images, so no group straddles the
+    two parts (at least one group goes to val when fraction > 0, at least one stays)."""
     if not 0 <= fraction < 1:
         raise KdcliError(f"--val-fraction must be in [0, 1), got {fraction}")
-    n_val = 0 if fraction == 0 or len(ids) < 2 else max(1, round(fraction * len(ids)))
-    order = sorted(ids)
-    random.Random(seed * 1_000_003 + salt).shuffle(order)
-    val = set(order[:n_val])
-    return [i for i in ids if i not in val], [i for i in ids if i in val]
+    rng = random.Random(seed * 1_000_003 + salt)
+    if groups is None:
+        n_val = 0 if fraction == 0 or len(ids) < 2 else max(1, round(fraction * len(ids)))
+        order = sorted(ids)
+        rng.shuffle(order)
+        val = set(order[:n_val])
+        return [i for i in ids if i not in val], [i for i in ids if i in val]
+    size = Counter(groups[i] for i in ids)
+    keys = sorted(size)
+    rng.shuffle(keys)
+    target, taken, chosen = fraction * len(ids), 0, set()
+    if fraction > 0 and len(keys) > 1:
+        for key in keys:
+            if abs(taken + size[key] - target) < abs(taken - target) and len(chosen) < len(keys) - 1:
+                chosen.add(key)
+                taken += size[key]
+        if not chosen:  # every group is more than twice the target: the smallest one
+            chosen.add(min(keys, key=lambda k: (size[k], k)))
+    return [i for i in ids if groups[i] not in chosen], [i for i in ids if groups[i] in chosen]
 
 
 def parse_int_list(text: str, what: str) -> list[int]:

@@ -4,10 +4,10 @@ Raw layout: `images/*.png` and `labelTxt/*.txt` (or `train/` and `val/` folders 
 split). A label file may start with `imagesource:...` and `gsd:...` lines, then one object per line:
 `x1 y1 x2 y2 x3 y3 x4 y4 class difficult`. Objects become the horizontal box enclosing their polygon, clipped to
 the image; `difficult` is kept in the annotations and ignored by evaluation, as VOC's. Images are split into
-train/val *before* tiling (`--val-fraction`, unless the official split folders exist), then cut into 1024 px
-windows overlapping by 200 px (the DOTA devkit's defaults); a box cut by a window edge is kept when at least
-`--min-visible` (0.7: the devkit's threshold) of it is inside. The devkit keeps every empty window; here a
-seeded share of empty training windows (`--keep-empty`) is kept, as for xView, and every val window.
+train/val *before* tiling (`--val-fraction`, by group with `--group`, unless the official split folders exist),
+then cut into 1024 px windows overlapping by 200 px (the DOTA devkit's defaults); a box cut by a window edge is
+kept when at least `--min-visible` (0.7: the devkit's threshold) of it is inside. The devkit keeps every empty
+window; here a seeded share of empty training windows (`--keep-empty`) is kept, as for xView, and every val window.
 `val_scenes` holds the untiled val images for whole-image evaluation (`kdcli predict --split val_scenes`).
 """
 
@@ -19,8 +19,9 @@ from typing import Any
 from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
+from kdcli.data.groups import GROUP, GROUP_FILE, SplitRule, carve
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
-from kdcli.data.sources.common import SYNTHETIC_MARKER, finite_box, fitted_box, probed_size, val_split
+from kdcli.data.sources.common import SYNTHETIC_MARKER, finite_box, fitted_box, probed_size
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -93,9 +94,10 @@ def check_source(src: Path) -> dict[str, Path]:
 
 def prepare(src: Path, out: Path, tile: int = 1024, overlap: float = 200 / 1024, min_visible: float = 0.7,
             classes: str = "vehicles", val_fraction: float = 0.1, seed: int = 0, keep_empty: float = 0.1,
-            workers: int = 0, images: str = "link", force: bool = False,
-            skip_bad_images: bool = False) -> dict[str, Any]:
-    """Convert raw DOTA into a tiled dataset dir at `out`; returns the dataset.yaml content."""
+            workers: int = 0, images: str = "link", force: bool = False, skip_bad_images: bool = False,
+            group: str | None = None, group_file: Path | None = None) -> dict[str, Any]:
+    """Convert raw DOTA into a tiled dataset dir at `out`; returns the dataset.yaml content. Images (before
+    tiling) are split by `kdcli.data.groups.carve`: by group with `group`/`group_file`."""
     import numpy as np
 
     from kdcli.data.tiling import SceneJob, add_tiles, run_jobs, tile_scene, untiled_scenes
@@ -128,11 +130,11 @@ def prepare(src: Path, out: Path, tile: int = 1024, overlap: float = 200 / 1024,
         raise KdcliError(f"{src}: no DOTA image found")
     found = {name for _, _, objs, _, _ in read.values() for name, _, _ in objs}
     keep = PRESETS.get(classes) or [c for c in CLASSES if c in found]
-    if "all" in folders:
-        train_scenes, val_scenes = val_split(sorted(read), val_fraction, seed)
-    else:
-        train_scenes = sorted(s for s, r in read.items() if r[0] == "train")
-        val_scenes = sorted(s for s, r in read.items() if r[0] == "val")
+    declared = ({"train": sorted(read)} if "all" in folders else
+                {p: sorted(s for s, r in read.items() if r[0] == p) for p in ("train", "val")})
+    carved = carve({s: str(r[1]) for s, r in read.items()}, SplitRule(val_fraction, seed, group, group_file),
+                   declared)
+    train_scenes, val_scenes = sorted(carved.parts["train"]), sorted(carved.parts["val"])
     split_of = {**dict.fromkeys(train_scenes, "train"), **dict.fromkeys(val_scenes, "val")}
 
     with atomic_dir(out, force) as tmp:
@@ -163,11 +165,13 @@ def prepare(src: Path, out: Path, tile: int = 1024, overlap: float = 200 / 1024,
                                 tmp, images, keep, "DOTA val images (untiled)",
                                 {s: {"gsd": r[4]} for s, r in read.items() if r[4]})
         splits, counts = coco.write_splits(tmp, {**builders, "val_scenes": scenes}, difficult=True)
+        carved.annotate(splits)
         meta = {
             "name": out.name, "source": "dota", "src": str(src.resolve()),
             "synthetic": (src / SYNTHETIC_MARKER).is_file(), "classes": keep, "preset": classes,
             "tile": tile, "overlap": overlap, "min_visible": min_visible, "keep_empty": keep_empty,
             "val_fraction": val_fraction if "all" in folders else None, "seed": seed,
+            "split_rule": carved.provenance,
             "scenes": {"train": train_scenes, "val": val_scenes},
             "images": sum(len(b.images) for b in builders.values()), "splits": splits, "class_counts": counts,
             "dropped": tally.as_dict(),
@@ -190,6 +194,7 @@ register(Source(
         Option("min_visible", float, 0.7, "Keep a box cut by a tile edge when at least this share of it is inside."),
         Option("classes", str, "vehicles", "Preset: vehicles (small-vehicle, large-vehicle) or all."),
         Option("val_fraction", float, 0.1, "Share of images (not tiles) for val, when there is no val/ folder."),
+        GROUP, GROUP_FILE,
         SEED, Option("keep_empty", float, 0.1, "Share of empty training tiles kept."),
         Option("workers", int, 0, "Processes tiling images in parallel."), LINK, FORCE, SKIP_BAD),
     run=calling(prepare),

@@ -13,7 +13,8 @@ Label lines: `class cx cy w h` normalised to [0, 1]; `class x1 y1 ... xn yn` (or
 segmentation polygons) become their enclosing box. Bad lines (wrong field count, non-numbers, NaN or inf, values
 outside [0, 1], unknown class) are dropped and counted with file:line, an image without a label file is an image
 without objects, and a label file without an image is counted (an image list among the labels apart). A val split
-is carved from train when there is none.
+is carved from train when there is none; `--group`/`--group-file` carve it by group, `--folds`/`--fold-by` pool
+every split and write folds (see `kdcli.data.groups`: no group straddles splits).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ import yaml
 from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
+from kdcli.data.groups import OPTIONS as SPLIT_OPTIONS
+from kdcli.data.groups import SplitRule, carve
 from kdcli.data.images import place
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
 from kdcli.data.sources.common import (IMAGE_SUFFIXES, SYNTHETIC_MARKER, finite_box, fitted_box, probed_size,
-                                       val_split, walk_images)
+                                       walk_images)
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -221,9 +224,11 @@ def parse_label(line: str, where: str, n_classes: int, tally: Tally) -> tuple[in
 
 
 def prepare(src: Path, out: Path, names: Path | None = None, classes: str = "all", val_fraction: float = 0.1,
-            seed: int = 0, images: str = "link", force: bool = False,
-            skip_bad_images: bool = False) -> dict[str, Any]:
-    """Convert a YOLO dataset into a dataset dir; returns the dataset.yaml content."""
+            seed: int = 0, images: str = "link", force: bool = False, skip_bad_images: bool = False,
+            group: str | None = None, group_file: Path | None = None, folds: int = 0,
+            fold_by: str | None = None) -> dict[str, Any]:
+    """Convert a YOLO dataset into a dataset dir; returns the dataset.yaml content. Val (or folds) are carved by
+    `kdcli.data.groups.carve`: by group with `group`/`group_file`, so that no group straddles splits."""
     layout = read_layout(src, names)
     names, split_images = layout.classes, layout.splits
     keep = list(names) if classes == "all" else [c.strip() for c in classes.split(",") if c.strip()]
@@ -284,15 +289,23 @@ def prepare(src: Path, out: Path, names: Path | None = None, classes: str = "all
             tally.add("label file without an image (not used)", str(orphans[0]), n=len(orphans))
         if not any(b.images for b in builders.values()):
             raise KdcliError(f"{src}: no usable image")
-        parts = dict(builders)
-        if "val" not in parts:
-            train_ids, val_ids = val_split([im["id"] for im in builders["train"].images], val_fraction, seed)
-            parts["train"] = coco.subset(builders["train"], set(train_ids), "YOLO train")
-            parts["val"] = coco.subset(builders["train"], set(val_ids), "YOLO val (carved from train)")
+        full = coco.CocoBuilder(keep, "YOLO")
+        for b in builders.values():
+            full.images += b.images
+            full.annotations += b.annotations
+        rule = SplitRule(val_fraction, seed, group, group_file, folds, fold_by)
+        carved = carve({im["id"]: im["yolo_file"] for im in full.images}, rule,
+                       {s: [im["id"] for im in b.images] for s, b in builders.items()})
+        carved_val = "val" not in builders and not carved.folds
+        note = {"val": " (carved from train)"} if carved_val else {}
+        parts = {name: coco.subset(full, set(ids), f"YOLO {name}{note.get(name, '')}")
+                 for name, ids in carved.parts.items()}
         splits, counts = coco.write_splits(tmp, parts)
+        carved.annotate(splits)
         meta = {"name": out.name, "source": "yolo", "src": str(src.resolve()), "declared_by": str(layout.declared_by),
                 "synthetic": (src / SYNTHETIC_MARKER).is_file(), "classes": keep, "preset": classes,
-                "val_fraction": 0 if "val" in split_images else val_fraction, "seed": seed,
+                "val_fraction": val_fraction if carved_val or carved.folds else 0, "seed": seed,
+                **({"folds": carved.folds} if carved.folds else {}), "split_rule": carved.provenance,
                 "images": next_id - 1, "splits": splits, "class_counts": counts, "dropped": tally.as_dict()}
         coco.write_dataset_yaml(tmp, meta)
     return meta
@@ -307,8 +320,9 @@ register(Source(
     options=(
         Option("names", Path | None, None, "Class names, one per line (a plain folder of images + labels)."),
         Option("classes", str, "all", "Classes to keep: all, or names separated by commas."),
-        Option("val_fraction", float, 0.1, "Share of train images for val when the dataset has no val split."),
-        SEED, LINK, FORCE, SKIP_BAD),
+        Option("val_fraction", float, 0.1, "Share of train images for val when the dataset has no val split "
+                                           "(with --fold-by: share of the held-out unit)."),
+        *SPLIT_OPTIONS, SEED, LINK, FORCE, SKIP_BAD),
     run=calling(prepare),
     out_name=lambda src, o: (src.parent if src.suffix in (".yaml", ".yml") else src).name or "yolo",
     synthetic=Synthetic("kdcli.data.synthetic.yolo", images=60, size=256),
