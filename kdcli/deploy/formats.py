@@ -64,7 +64,17 @@ def evaluate_onnx(path: str | Path, split: str = "test", dataset: str | Path | N
     runner = Predictor(path, dev, over.get("conf"), over.get("nms_iou"), over.get("max_det"))
     meta = runner.session.get_modelmeta().custom_metadata_map
     if "kdcli_data" in meta:
-        data = DataInfo.model_validate_json(meta["kdcli_data"])
+        from pydantic import ValidationError
+
+        from kdcli.deploy.predict import bad_metadata
+
+        try:
+            data = DataInfo.model_validate_json(meta["kdcli_data"])
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise bad_metadata(path, "kdcli_data", meta["kdcli_data"], "its dataset (dir, fold, splits) as JSON"
+                            + (f" ({where}: {first['msg']})" if where else f" ({first['msg']})")) from None
     elif dataset is not None:
         data = DataInfo(path=str(dataset), fold=fold)
     else:

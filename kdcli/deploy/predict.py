@@ -53,6 +53,76 @@ def _onnx_session(path: str | Path, device: torch.device):
     return sess, meta
 
 
+def with_overrides(cfg: ModelConfig, over: dict[str, Any]) -> ModelConfig:
+    """`cfg` with the postprocess settings given on the command line, checked (a score threshold of 5 keeps
+    nothing, silently)."""
+    from pydantic import ValidationError
+
+    if not over:
+        return cfg
+    try:
+        return ModelConfig.model_validate({**cfg.model_dump(), **over})
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = str(first["loc"][0]) if first["loc"] else "postprocess"
+        option = {"conf": "--conf", "nms_iou": "--iou", "max_det": "--max-det"}.get(key, key)
+        raise KdcliError(f"{option} {over.get(key)}: {first['msg']}") from None
+
+
+REEXPORT = "export the checkpoint again: kdcli export CKPT --format onnx"
+
+
+def bad_metadata(path: str | Path, key: str, value: str | None, what: str) -> KdcliError:
+    if value is None:
+        return KdcliError(f"{path}: its kdcli metadata lacks {key} ({what})", hint=REEXPORT)
+    shown = value if len(value) <= 60 else value[:57] + "..."
+    return KdcliError(f"{path}: metadata {key} = {shown!r} is not {what}", hint=REEXPORT)
+
+
+def onnx_metadata(path: str | Path, sess: Any, meta: dict[str, str], over: dict[str, Any]
+                  ) -> tuple[ModelConfig, list[str], int, bool]:
+    """(postprocess settings with `over` applied, class names, input size, fp16 input) from an exported model's
+    metadata, each key checked against the graph: a missing or garbled key is one error naming the file and the
+    key, not a crash on the first image."""
+    from pydantic import ValidationError
+
+    def parsed(key: str, what: str) -> Any:
+        try:
+            return json.loads(meta[key])
+        except KeyError:
+            raise bad_metadata(path, key, None, what) from None
+        except ValueError:
+            raise bad_metadata(path, key, meta[key], what) from None
+
+    classes = parsed("kdcli_classes", "a JSON list of class names")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise bad_metadata(path, "kdcli_classes", meta["kdcli_classes"], "a JSON list of class names")
+    raw = meta.get("kdcli_imgsz")
+    try:
+        imgsz = int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise bad_metadata(path, "kdcli_imgsz", raw, "an image size (a positive integer)") from None
+    graph = sess.get_inputs()[0]
+    sides = [d for d in graph.shape[2:] if isinstance(d, int)]
+    if imgsz <= 0 or any(d != imgsz for d in sides):
+        raise bad_metadata(path, "kdcli_imgsz", raw, "an image size (a positive integer)" if imgsz <= 0 else
+                        f"the size of the graph's input ({'x'.join(map(str, graph.shape[2:]))})")
+    post = parsed("kdcli_postprocess", "a JSON object of postprocess settings")
+    try:
+        cfg = ModelConfig.model_validate(post)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(map(str, first["loc"])) or "settings"
+        raise bad_metadata(path, "kdcli_postprocess", meta["kdcli_postprocess"],
+                        f"valid postprocess settings ({field}: {first['msg']})") from None
+    outputs = sess.get_outputs()
+    width = outputs[1].shape[-1] if len(outputs) == 2 and outputs[1].shape else None
+    if isinstance(width, int) and width != len(classes):
+        raise bad_metadata(path, "kdcli_classes", meta["kdcli_classes"],
+                        f"the graph's {width} classes ({len(classes)} names)")
+    return with_overrides(cfg, over), classes, imgsz, graph.type == "tensor(float16)"
+
+
 def expand_sources(sources: list[str]) -> list[Path]:
     """Files, folders (their images, sorted) and glob patterns -> image paths, each once."""
     out: list[Path] = []
@@ -87,19 +157,17 @@ class Predictor:
         over = {k: v for k, v in (("conf", conf), ("nms_iou", iou), ("max_det", max_det)) if v is not None}
         if str(weights).endswith(".onnx"):
             self.session, meta = _onnx_session(weights, device)
-            self.cfg = ModelConfig.model_validate({**json.loads(meta["kdcli_postprocess"]), **over})
-            self.classes = json.loads(meta["kdcli_classes"])
-            self.imgsz, self.letterbox = int(meta["kdcli_imgsz"]), True
-            self.half = meta.get("kdcli_precision") == "fp16"
+            self.cfg, self.classes, self.imgsz, self.half = onnx_metadata(weights, self.session, meta, over)
+            self.letterbox = True
         else:
             ckpt = checkpoint.load(weights)
             self.session = None
             self.model = checkpoint.model_from_checkpoint(ckpt, str(weights)).to(device).eval()
-            self.cfg = self.model.cfg.model_copy(update=over)
+            self.cfg = with_overrides(self.model.cfg, over)
             self.classes = ckpt.model.classes
             self.imgsz = ckpt.model.imgsz
             self.letterbox = ckpt.data.letterbox
-        self.device = device
+        self.device, self.weights = device, weights
         self.slice, self.overlap, self.merge_method, self.batch = slice_size, overlap, merge_method, batch
         self.keep_cut = keep_cut
         self.transform = eval_transform(self.imgsz, self.letterbox)
@@ -112,6 +180,11 @@ class Predictor:
             return postprocess(self.model(images.to(self.device)), self.cfg, tuple(images.shape[-2:]))
         feed = images.numpy().astype(np.float16 if self.half else np.float32)
         outs = self.session.run(None, {"images": feed})
+        classes = outs[1].shape[-1] if len(outs) == 2 else int(outs[0][:, 6].max()) + 1 if len(outs[0]) else 0
+        if classes > len(self.classes) or (len(outs) == 2 and classes != len(self.classes)):
+            raise bad_metadata(self.weights, "kdcli_classes", json.dumps(self.classes),
+                            f"the graph's classes ({len(self.classes)} given, the graph scores "
+                            f"{'at least ' if len(outs) == 1 else ''}{classes})")
         if len(outs) == 1:  # NMS inside the graph: rows (image, x0, y0, x1, y1, score, class)
             rows = torch.from_numpy(np.asarray(outs[0], np.float32))
             return [{"boxes": r[:, 1:5], "scores": r[:, 5], "labels": r[:, 6].long()}
