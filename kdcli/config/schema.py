@@ -84,14 +84,20 @@ class ModelConfig(Strict):
     neg_iou: float = Field(0.4, ge=0, le=1, description="iou assigner: negative below this (ignored between)")
     mg_sigma: float = Field(2.0, gt=0, description="mutual guidance: q_reg = IoU(anchor) * exp(p / sigma)")
     mg_topk: int = Field(15, ge=1, description="mutual guidance: k = sum of the top-k qualities")
-    cls_weight: float = Field(2.0, ge=0, description="weight of the quality focal loss")
+    cls_weight: float = Field(2.0, ge=0, description="weight of the class loss (cls_loss)")
     box_weight: float = Field(1.0, ge=0, description="weight of the balanced L1 box loss")
     bl1_alpha: float = Field(0.5, gt=0, description="balanced L1 alpha")
     bl1_gamma: float = Field(1.5, gt=0, description="balanced L1 gamma")
     bl1_beta: float = Field(0.11, gt=0, description="balanced L1 beta")
     qfl_beta: float = Field(2.0, ge=0, description="quality focal loss exponent on |t - p|")
-    focal_alpha: float = Field(0.25, ge=0, le=1, description="iou assigner: alpha balance of the focal loss on its "
-                                                             "binary targets (reference's FocalLoss)")
+    cls_loss: Literal["qfl", "focal"] = Field("qfl", description="class loss: qfl (quality focal loss, "
+                                              "|t - p|^qfl_beta x BCE; with the iou assigner on its binary targets, "
+                                              "an ignored anchor's own class entry left out, no alpha: the reference's "
+                                              "`--conf_loss gfc`, what the authors' students ran) or focal (binary "
+                                              "targets, QFL x the alpha balance alpha t + (1 - alpha)(1 - t), "
+                                              "focal_alpha; the reference's `fc` with qfl_beta 1, cls_weight 1)")
+    focal_alpha: float = Field(0.25, ge=0, le=1, description="cls_loss focal only: alpha balance on its binary "
+                                                             "targets (the reference's FocalLoss)")
     conf: float = Field(0.05, ge=0, le=1, description="inference: minimum max-class score")
     nms_iou: float = Field(0.5, gt=0, le=1, description="inference: NMS IoU threshold")
     class_agnostic_nms: bool = Field(True, description="inference: NMS across classes (True) or per class")

@@ -33,12 +33,23 @@ class DetectionLoss:
     """Assigns the anchors of the whole batch at once, then the class loss over every valid (anchor, class) entry
     (normalised by the classification positives) and Balanced L1 over the box positives (mean over the 4
     coordinates, weighted mean over anchors: mg weights by q_cls, iou weights 1), as the reference's MultiBoxLoss
-    reduces them. The class loss is QFL on mg's quality targets; on iou's binary targets it is the reference's
-    focal loss, QFL times the alpha balance (alpha t + (1 - alpha)(1 - t))."""
+    reduces them. The class loss (`model.cls_loss`) is by default QFL on the assigner's targets: mg's qualities, or
+    iou's binary targets with an ignored anchor's own class entry left out (the reference's `gfc`, which the
+    authors' students ran); `focal` is QFL on binary targets times the alpha balance (alpha t + (1 - alpha)(1 - t)),
+    the reference's `fc` (with its gamma 1 and weight 1 when qfl_beta and cls_weight are set to 1)."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int):
         self.cfg = cfg
         self.num_classes = num_classes
+
+    def class_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Element-wise class loss (`model.cls_loss`): `qfl` on the assigner's targets; `focal` on their binary
+        form (positive where the target is above 0), QFL times the alpha balance."""
+        cfg = self.cfg
+        if cfg.cls_loss == "qfl":
+            return quality_focal_loss(logits, target, cfg.qfl_beta)
+        t = (target > 0).to(logits.dtype)
+        return quality_focal_loss(logits, t, cfg.qfl_beta) * (cfg.focal_alpha * t + (1 - cfg.focal_alpha) * (1 - t))
 
     def assign(self, out: DetectorOutput, boxes: list[torch.Tensor], labels: list[torch.Tensor]) -> Assignment:
         cfg = self.cfg
@@ -54,10 +65,7 @@ class DetectionLoss:
         cfg = self.cfg
         cls_logits, deltas = out.cls_logits.float(), out.box_deltas.float()
         a = self.assign(out, boxes, labels)
-        qfl = quality_focal_loss(cls_logits, a.cls_target, cfg.qfl_beta)
-        if cfg.assigner == "iou":
-            qfl = qfl * (cfg.focal_alpha * a.cls_target + (1 - cfg.focal_alpha) * (1 - a.cls_target))
-        cls_loss = (qfl * a.cls_valid).sum() / a.num_pos.clamp(min=1)
+        cls_loss = (self.class_loss(cls_logits, a.cls_target) * a.cls_valid).sum() / a.num_pos.clamp(min=1)
         # every anchor is encoded (no host sync on the positives' count); non-positives weigh 0
         gt_deltas = encode(a.box_gt, out.anchors.expand_as(a.box_gt))
         bl1 = balanced_l1(deltas, gt_deltas, cfg.bl1_alpha, cfg.bl1_gamma, cfg.bl1_beta).mean(-1)

@@ -84,14 +84,78 @@ def test_detection_loss_iou_mean_over_positives_and_coordinates():
     assert terms["box"].item() == pytest.approx((1.5 + 1.5 / b - 0.055) / 8, rel=1e-5)  # 2 positives x 4
 
 
-def test_iou_class_loss_is_the_references_focal_loss_with_its_ignore_mask():
+def test_iou_class_loss_with_its_ignore_mask_qfl_by_default_focal_on_request():
     """Every p = 0.5. a0 on the GT (class 0): positive, binary target; a1 far: negative; a2 IoU 100/220 = 0.45,
-    in the ignore band: only its class-0 entry leaves the loss. Focal element: alpha_t x 0.5^2 x ln 2 with
-    alpha_t 0.25 for t = 1, 0.75 for t = 0. Sum = (0.0625 + 0.1875 | 2 x 0.1875 | 0.1875) ln 2, / 1 positive, x 2."""
+    in the ignore band: only its class-0 entry leaves the loss, so 5 of the 6 entries remain, 0.5^2 x ln 2 each,
+    / 1 positive, x 2 (qfl, the default). Focal: each element x alpha_t, 0.25 for t = 1, 0.75 for t = 0:
+    (0.0625 + 0.1875 | 2 x 0.1875 | 0.1875) ln 2, / 1 positive, x 2."""
     from kdcli.models.detector import DetectorOutput
 
     anchors = torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 22]])
     out = DetectorOutput([], anchors, [8], torch.zeros(1, 3, 2), torch.zeros(1, 3, 4))
-    terms = DetectionLoss(ModelConfig(assigner="iou"), 2)(out, [torch.tensor([[0.0, 0, 10, 10]])],
-                                                          [torch.tensor([0])])
-    assert terms["cls"].item() == pytest.approx(2 * 0.8125 * math.log(2), rel=1e-5)
+    gt, labels = [torch.tensor([[0.0, 0, 10, 10]])], [torch.tensor([0])]
+    assert ModelConfig().cls_loss == "qfl"
+    qfl = DetectionLoss(ModelConfig(assigner="iou"), 2)(out, gt, labels)
+    assert qfl["cls"].item() == pytest.approx(2 * 5 * 0.25 * math.log(2), rel=1e-5)
+    focal = DetectionLoss(ModelConfig(assigner="iou", cls_loss="focal"), 2)(out, gt, labels)
+    assert focal["cls"].item() == pytest.approx(2 * 0.8125 * math.log(2), rel=1e-5)
+
+
+def _reference_iou_class_loss(logits: torch.Tensor, label: torch.Tensor, ignored: torch.Tensor, form: str,
+                              gamma: float, weight: float, alpha: float = 0.25) -> float:
+    """The reference's class loss on iou targets, written out: one-hot labels per anchor (label -1: background),
+    an ignored anchor's own label entry left out; gfc: |t - p|^gamma x BCE; fc: alpha_t x |t - p|^gamma x BCE;
+    summed over the entries kept, / the number of target-1 entries, x weight. In float64, by the formula."""
+    x = logits.double()
+    p = 1 / (1 + torch.exp(-x))
+    t = torch.zeros_like(x)
+    keep = torch.ones_like(x, dtype=torch.bool)
+    for i, (c, ign) in enumerate(zip(label.tolist(), ignored.tolist())):
+        if c >= 0 and not ign:
+            t[i, c] = 1.0
+        if c >= 0 and ign:
+            keep[i, c] = False
+    bce = -(t * torch.log(p) + (1 - t) * torch.log(1 - p))
+    elem = (t - p).abs() ** gamma * bce
+    if form == "fc":
+        elem = elem * (alpha * t + (1 - alpha) * (1 - t))
+    return weight * elem[keep].sum().item() / (t[keep] == 1).sum().item()
+
+
+@pytest.mark.parametrize("cls_loss, gamma, weight", [("qfl", 2.0, 2.0), ("focal", 2.0, 2.0), ("focal", 1.0, 1.0)])
+def test_iou_class_loss_equals_the_references_forms_on_random_logits(cls_loss: str, gamma: float, weight: float):
+    """Two GTs of classes 0 and 2; six anchors: two positives of GT0 (IoU 1 and 100/120), one of GT1 (IoU 1), two in
+    the ignore band (IoU 100/220 with GT0 and GT1), one negative; random logits over 3 classes. qfl = the reference's
+    `gfc` (gamma 2, weight 2); focal = its `fc` (the reference's own gamma 1 and weight 1, and kdcli's 2 and 2)."""
+    from kdcli.models.detector import DetectorOutput
+
+    anchors = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 12], [0, 0, 10, 22], [100, 100, 110, 110],
+                            [50, 50, 60, 60], [50, 50, 60, 72]])
+    logits = torch.randn(1, 6, 3, generator=torch.Generator().manual_seed(0)) * 2
+    out = DetectorOutput([], anchors, [8], logits, torch.zeros(1, 6, 4))
+    gt, labels = [torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60]])], [torch.tensor([0, 2])]
+    cfg = ModelConfig(assigner="iou", cls_loss=cls_loss, qfl_beta=gamma, cls_weight=weight)
+    got = DetectionLoss(cfg, 3)(out, gt, labels)["cls"].item()
+    label, ignored = torch.tensor([0, 0, 0, -1, 2, 2]), torch.tensor([False, False, True, False, False, True])
+    want = _reference_iou_class_loss(logits[0], label, ignored, "gfc" if cls_loss == "qfl" else "fc", gamma, weight)
+    assert got == pytest.approx(want, rel=1e-5)
+    other = _reference_iou_class_loss(logits[0], label, ignored, "fc" if cls_loss == "qfl" else "gfc", gamma, weight)
+    assert got != pytest.approx(other, rel=1e-3)  # the two forms really differ on this batch
+
+
+def test_focal_on_mg_uses_binary_targets():
+    """cls_loss focal with mg: the quality targets become 1 on the classification positives (the reference's `fc`
+    under mutual guidance), so the loss equals QFL on those binary targets times the alpha balance."""
+    from kdcli.models.detector import DetectorOutput
+
+    anchors = torch.tensor([[0.0, 0, 10, 10], [5, 0, 15, 10], [50, 50, 60, 60]])
+    # a1 predicts (10/3, 0, 40/3, 10): IoU 0.5 with the GT, its quality target; a0 predicts far away
+    deltas = torch.tensor([[[30.0, 30, 0, 0], [-5 / 3, 0, 0, 0], [0, 0, 0, 0]]])
+    out = DetectorOutput([], anchors, [8], torch.zeros(1, 3, 2), deltas)
+    gt, labels = [torch.tensor([[0.0, 0, 10, 10]])], [torch.tensor([1])]
+    # qfl: a1's class-1 entry has t = 0.5 = p (no loss); the 5 other entries t = 0: 0.5^2 ln 2 each; / 1, x 2
+    qfl = DetectionLoss(ModelConfig(mg_topk=1), 2)(out, gt, labels)
+    assert qfl["cls"].item() == pytest.approx(2 * 5 * 0.25 * math.log(2), rel=1e-4)
+    # focal: that entry becomes t = 1 (alpha 0.25), the others keep t = 0 (alpha 0.75); each 0.5^2 ln 2
+    focal = DetectionLoss(ModelConfig(mg_topk=1, cls_loss="focal"), 2)(out, gt, labels)
+    assert focal["cls"].item() == pytest.approx(2 * (0.25 + 5 * 0.75) * 0.25 * math.log(2), rel=1e-5)
