@@ -295,9 +295,9 @@ def _print(result: dict, batch: int, dev, distill: bool) -> None:
         t = Table(title=f"distillation step vs hard student (same batch); teacher fwd {d['teacher_fwd_gflops']} "
                         f"GFLOPs, backbone+neck only {d['teacher_backbone_neck_gflops']} "
                         f"(saves {d['truncation_saving']:.0%})", title_justify="left")
-        for col in ("row", "teacher runs", "images", "step s", "time ratio", "FLOP ratio"):
-            t.add_column(col, justify="left" if col in ("row", "teacher runs") else "right")
+        for col in ("row", "teacher runs", "images", "step s", "time ratio", "FLOP ratio", "terms"):
+            t.add_column(col, justify="left" if col in ("row", "teacher runs", "terms") else "right")
         for r in d["rows"]:
             t.add_row(r["row"], r["teacher"], str(r["images"]), f"{r['step_s']:.3f}", f"{r['time_ratio']:.2f}",
-                      f"{r['flop_ratio']:.2f}")
+                      f"{r['flop_ratio']:.2f}", " ".join(r.get("terms", [])))
         out.print(t)

@@ -31,7 +31,8 @@ def distill(
 ) -> None:
     """Distil a teacher into a student. Without a recipe, the dataset dir, fold, classes and image size come
     from the teacher's checkpoint and the student is the paper's ResNet18 + FPN. Each loss term is its own
-    column in the progress line and results.csv; adapters are reported at start.
+    column in the progress line and results.csv, named after its method (cls, box, soft_cls, pdf, mse, defeat_fg,
+    ...: --method pdf,mse keeps both); adapters are reported at start.
 
     Example: [bold]kdcli distill --teacher t.pt --method defeat[/]
     """

@@ -178,23 +178,26 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
               "labels": labels + [torch.zeros(0, dtype=torch.long, device=device)] * batch,
               "labeled": [True] * batch + [False] * batch}
 
-    def make_step(labels_mode: str, method: str, pool: bool) -> tuple[Callable[[], dict[str, float]], bool]:
+    def make_step(labels_mode: str, method: str, pool: bool
+                  ) -> tuple[Callable[[], dict[str, float]], bool, list[str]]:
         cfg = DistillConfig(labels=labels_mode, method=method, unlabeled="rest" if pool else None)
         distiller = Distiller(cfg, teacher, student_cfg.channels)
         distiller.to(device).train()
         params = [p for m in [student, *distiller.trainable()] for p in m.parameters()]
         opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
         data = pooled if pool else plain
+        names: list[str] = []  # the step's terms (each method's own), filled by the first step
 
         def step() -> dict[str, float]:
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                total = distiller.student_loss(student, loss_fn, data)["total"]
-            total.backward()
+                terms = distiller.student_loss(student, loss_fn, data)
+            terms["total"].backward()
             opt.step()
+            names[:] = [k for k in terms if k != "total"]
             return {}
 
-        return step, distiller.teacher_head
+        return step, distiller.teacher_head, names
 
     student_flops = _flops(lambda: loss_fn(student(images), boxes, labels)["total"].backward())
     teacher_full = _flops(lambda: teacher(images))
@@ -202,7 +205,7 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
     measured = []
     base = None
     for labels_mode, method, pool in rows or distill_rows():
-        step, head = make_step(labels_mode, method, pool)
+        step, head, names = make_step(labels_mode, method, pool)
         times, _ = _time(step, device, warmup, repeats)
         med = statistics.median(times)
         base = base or med
@@ -212,6 +215,7 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
         measured.append({"row": (labels_mode if method == "none" else f"{labels_mode}+{method}") + ("@pool" if pool
                                                                                                 else ""),
                      "teacher": "-" if not uses_teacher else ("full" if head else "backbone+neck"),
+                     "terms": list(names),
                      "images": batch * scale, "step_s": round(med, 4), "time_ratio": round(med / base, 3),
                      "flop_ratio": round(scale * (student_flops + t_flops) / student_flops, 3),
                      "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)

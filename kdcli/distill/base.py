@@ -60,7 +60,9 @@ class DistillMethod(nn.Module):
     `needs_boxes`: whether `loss` reads `batch["boxes"]` (on unlabelled images the `Distiller` puts the teacher's
     confident detections there). `head_tap`: the head block whose tower inputs the method reads (the detector
     returns them with `tap`). A method may hold learnable parameters of its own: the `Distiller` trains them,
-    saves them in last.pt and leaves them out of best.pt. `loss` returns weighted terms, one logged column each."""
+    saves them in last.pt and leaves them out of best.pt. `loss` returns weighted terms, one logged column each,
+    each named after the method (`name` or `name_<part>`: `pdf`, `pdf_cls`), so that the terms of a combination
+    (`--method pdf,mse`) never share a key; the `Distiller` refuses a term named otherwise."""
 
     name: ClassVar[str] = ""
     config: ClassVar[type[Strict] | None] = None

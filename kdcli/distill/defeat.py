@@ -118,4 +118,4 @@ class DeFeat(DistillMethod):
         else:
             fg, bg = decoupled_level(student.features, teacher.features,
                                      level_masks(batch["boxes"], shapes, teacher.strides, c.level_base))
-        return {"feat_fg": w_fg * fg, "feat_bg": w_bg * bg}
+        return {"defeat_fg": w_fg * fg, "defeat_bg": w_bg * bg}

@@ -4,7 +4,8 @@ It owns the frozen teacher (`eval()` including BatchNorm for the whole run, no g
 and every checkpoint, run only as far as the terms need: backbone + neck when no term reads its head), the
 trainable side (adapters and any parameters of the methods themselves, as one module: on the device, in the
 optimizer through `trainable()`, saved in last.pt through `state_dict()`, wrapped for DDP), and the sum of the
-weighted terms, one logged column each. The training loop and `kdcli benchmark --distill` both use it:
+weighted terms, one logged column each (named after their method: `pdf`, `mse`, `defeat_fg`, ...; two terms
+never share a key, `merge_terms`). The training loop and `kdcli benchmark --distill` both use it:
 
     distiller = Distiller(cfg, teacher, student_channels)
     terms = distiller.student_loss(student, hard_loss, batch, epoch)   # {name: term, ..., "total": their sum}
@@ -32,6 +33,24 @@ from kdcli.distill.base import DistillMethod, discover
 from kdcli.models.detector import Detector, DetectorOutput
 
 
+HARD_TERMS = ("cls", "box")  # the hard loss's terms; "total" is the sum of them all
+
+
+def merge_terms(terms: dict[str, torch.Tensor], new: dict[str, torch.Tensor], source: str,
+                prefix: str | None = None) -> None:
+    """Add `new`, the terms of `source`, to `terms`. Each key is a logged column (`loss_<key>` in results.csv),
+    so two terms never share one: a key already there is an error, never an overwrite; with `prefix` (a method's
+    name) every key must be the name itself or start with it and `_` (`pdf`, `pdf_cls`)."""
+    for key in new:
+        if prefix is not None and key != prefix and not key.startswith(prefix + "_"):
+            raise ValueError(f"distillation method '{prefix}' returned a term '{key}': a method's terms are named "
+                             f"'{prefix}' or '{prefix}_<part>', so that each has its own column")
+        if key in terms or key == "total":
+            raise ValueError(f"{source} returned a term '{key}' that this step already has (from "
+                             f"{', '.join(terms)}): two terms would share one key and column")
+    terms.update(new)
+
+
 def method_names(labels: str, method: str) -> list[str]:
     """The registry entries a (labels, method) pair runs: `soft` for soft labels, then the feature methods."""
     return (["soft"] if "soft" in labels else []) + feature_methods(method)
@@ -53,7 +72,7 @@ class DistillTerms(nn.Module):
             views[kind] = replace(student, features=module(student.features)) if module is not None else student
         terms: dict[str, torch.Tensor] = {}
         for m in self.methods:
-            terms.update(m.loss(views[m.adapter], teacher, batch))
+            merge_terms(terms, m.loss(views[m.adapter], teacher, batch), f"method '{m.name}'", prefix=m.name)
         return terms
 
 
@@ -133,9 +152,9 @@ class Distiller:
                 keep = torch.tensor(labeled, device=batch["images"].device)
                 hard = hard_loss(out.select(keep), [b for b, k in zip(batch["boxes"], labeled) if k],
                                  [x for x, k in zip(batch["labels"], labeled) if k])
-            terms.update(cls=hard["cls"], box=hard["box"])
+            terms.update({k: hard[k] for k in HARD_TERMS})
         if active:
-            terms.update(self.loss(out, batch, epoch))
+            merge_terms(terms, self.loss(out, batch, epoch), "distillation")
         terms["total"] = torch.stack(list(terms.values())).sum()
         return terms
 

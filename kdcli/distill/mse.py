@@ -28,4 +28,4 @@ class MSE(DistillMethod):
              ) -> dict[str, torch.Tensor]:
         sq = torch.cat([(s.float() - t.float()).pow(2).flatten(2) for s, t in zip(student.features, teacher.features)],
                        dim=2)
-        return {"feat": self.cfg.weight * sq.mean()}
+        return {"mse": self.cfg.weight * sq.mean()}

@@ -64,7 +64,7 @@ class PDF(DistillMethod):
             weights = disagreement_weights(p_s, p_t, [tuple(f.shape[-2:]) for f in teacher.features])
         feat = torch.stack([(w * (s.float() - t.float()).pow(2).mean(1)).sum()
                             for w, s, t in zip(weights, student.features, teacher.features)]).sum()
-        terms = {"feat": c.weight * feat}
+        terms = {"pdf": c.weight * feat}
         if c.variant == "plus":
             with torch.no_grad():
                 d2 = (p_t - p_s).pow(2)

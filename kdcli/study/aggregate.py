@@ -108,6 +108,17 @@ def data_used(study: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c: {k: " / ".join(sorted(v)) for k, v in e.items()} for c, e in seen.items()}
 
 
+def terms_used(study: dict[str, Any]) -> dict[str, list[str]]:
+    """{config: its loss terms} from the finished cells' records (`losses`: one key per term, `pdf`, `mse`,
+    `crosskd_cls`, ...; older records have none): a combination lists every method's terms."""
+    seen: dict[str, list[str]] = {}
+    for (config, _, _), r in study["records"].items():
+        if r.get("status") == "ok" and isinstance(r.get("losses"), dict):
+            names = seen.setdefault(config, [])
+            names += [k for k in r["losses"] if k != "total" and k not in names]
+    return seen
+
+
 def twin_gains(values: dict[str, dict[tuple[int, int], float]]) -> dict[str, dict[str, Any]]:
     """{`X@variant`: paired gain over `X`}: what a variant (an unlabelled pool, ...) adds to its twin row."""
     return {c: {"twin": c.partition("@")[0], **stats.compare(v, values[c.partition("@")[0]])}
@@ -147,6 +158,7 @@ def summarize(dirs: list[Path], metric: str | None = None, baseline: str | None 
                       if c != baseline and baseline in values},
             "twin_gains": twin_gains(values),
             "data": data_used(s),
+            "terms": terms_used(s),
             "values": {c: [[f, sd, x] for (f, sd), x in sorted(v.items())] for c, v in values.items()},
         })
     if asked and any(r["values"] for r in rows) and not any(asked in r["values"] for r in rows):

@@ -122,6 +122,9 @@ def run_cell(study: Study, cell: Cell, ledger: Ledger, device: str | None = None
               "epochs": summary["epochs"], "best_epoch": summary["best_epoch"], "finished": _now(),
               "train_s": summary["train_seconds"], "attempt_s": round(time.time() - t0, 1),
               "time_s": round(summary["train_seconds"] + time.time() - fit_end, 1)}
+    # the last epoch's mean of each loss term, one key per term (`pdf`, `mse`, `crosskd_cls`, ...): what trained
+    record["losses"] = {k[5:]: v for k, v in (trainer.history[-1] if trainer.history else {}).items()
+                        if k.startswith("loss_")}
     record["data"] = {"label_fraction": trainer.recipe.data.label_fraction, "labeled_images": len(trainer.train_set),
                       "unlabeled": None, "unlabeled_images": 0}
     if not cell.is_teacher:

@@ -226,6 +226,10 @@ def test_benchmark_distill_rows(tmp_path: Path):
     assert by_row["hard+mse"]["teacher"] == "backbone+neck" and by_row["hard+pdf"]["teacher"] == "full"
     assert by_row["hard+mse"]["flop_ratio"] < by_row["hard+pdf"]["flop_ratio"]
     assert by_row["hard+crosskd"]["teacher"] == "full"
+    # each row's terms, each method's under its own name
+    assert by_row["hard+pdf"]["terms"] == ["cls", "box", "pdf"] and by_row["soft+mse"]["terms"] == [
+        "soft_cls", "soft_box", "mse"]
+    assert by_row["hard+defeat"]["terms"] == ["cls", "box", "defeat_fg", "defeat_bg"]
     # a pooled step runs student and teacher on the batch and as many pool images
     assert by_row["hard+pdf@pool"]["images"] == 4 and by_row["hard+pdf@pool"]["flop_ratio"] == pytest.approx(
         2 * by_row["hard+pdf"]["flop_ratio"], abs=2e-3)

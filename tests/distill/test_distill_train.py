@@ -34,7 +34,7 @@ def test_nine_rows_from_the_cli(labels: str, method: str, tiny_checkpoint: Path,
     header = (run_dir / "results.csv").read_text().splitlines()[0].split(",")
     expected = ({"loss_cls", "loss_box"} if "hard" in labels else set()) | (
         {"loss_soft_cls", "loss_soft_box"} if "soft" in labels else set()) | {
-        "none": set(), "mse": {"loss_feat"}, "pdf": {"loss_feat"}, "defeat": {"loss_feat_fg", "loss_feat_bg"}}[method]
+        "none": set(), "mse": {"loss_mse"}, "pdf": {"loss_pdf"}, "defeat": {"loss_defeat_fg", "loss_defeat_bg"}}[method]
     assert {h for h in header if h.startswith("loss_") and h != "loss_total"} == expected
     best = checkpoint.load(run_dir / "weights" / "best.pt")
     assert best.distill["labels"] == labels and best.distill["method"] == method
@@ -106,7 +106,7 @@ def test_feature_only_method_runs_truncated_teacher(tiny_checkpoint: Path, tmp_p
     t.teacher.head.register_forward_hook(lambda *a: calls.append(1))
     batch = t.preprocess(next(iter(t.train_loader(0))), 0)
     terms = t.compute_loss(batch)
-    assert calls == [] and {"cls", "box", "feat_fg", "feat_bg", "total"} == set(terms)
+    assert calls == [] and {"cls", "box", "defeat_fg", "defeat_bg", "total"} == set(terms)
 
 
 def test_untrained_teacher_refused_and_mismatches(tiny_checkpoint: Path, tmp_path: Path, monkeypatch, vedai_raw):
@@ -168,7 +168,7 @@ class Cosine(DistillMethod):
     def loss(self, student, teacher, batch):
         sims = [torch.nn.functional.cosine_similarity(s, t, dim=1).mean()
                 for s, t in zip(student.features, teacher.features)]
-        return {"cos": self.cfg.weight * sum(k * (1 - x) for k, x in zip(self.scale, sims))}
+        return {"cosine": self.cfg.weight * sum(k * (1 - x) for k, x in zip(self.scale, sims))}
 """
 
 
@@ -204,7 +204,7 @@ print(sorted(k for k in last if not k.startswith("adapters")), best.distill["con
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     header, params = res.stdout.strip().splitlines()[-2:]
-    assert "loss_cos" in header.split(",")
+    assert "loss_cosine" in header.split(",")
     assert params == "['methods.0.scale'] 3.0 False"
 
 

@@ -95,7 +95,7 @@ def test_mse_is_the_mean_over_all_locations_of_all_levels_together():
     g = torch.Generator().manual_seed(1)
     fs = [torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 2, 2, generator=g)]
     ft = [torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 2, 2, generator=g)]
-    loss = MSE(_section("mse")).loss(_out(fs), _out(ft), {})["feat"]
+    loss = MSE(_section("mse")).loss(_out(fs), _out(ft), {})["mse"]
     sq = [(a - b) ** 2 for s, t in zip(fs, ft) for a, b in zip(_flat(s), _flat(t))]
     assert loss.item() == pytest.approx(5.0 * sum(sq) / len(sq), rel=1e-5)
     per_level_means = sum(((s - t) ** 2).mean().item() for s, t in zip(fs, ft)) / 2
@@ -130,8 +130,8 @@ def test_pdf_bmvc_equals_the_direct_formula():
     a = 6 * (4 + 1)
     s_cls, t_cls = torch.randn(2, a, 2, generator=g), torch.randn(2, a, 2, generator=g)
     terms = PDF(_section("pdf")).loss(_out(fs, s_cls), _out(ft, t_cls), {})
-    assert set(terms) == {"feat"}
-    assert terms["feat"].item() == pytest.approx(_pdf_direct(s_cls, t_cls, fs, ft), rel=1e-5)
+    assert set(terms) == {"pdf"}
+    assert terms["pdf"].item() == pytest.approx(_pdf_direct(s_cls, t_cls, fs, ft), rel=1e-5)
 
 
 def test_pdf_weights_sum_to_one_and_vanish_where_models_agree():
@@ -160,7 +160,7 @@ def test_pdf_plus_values_and_detached_disagreement():
     box = sum(abs(x - y) for x, y in zip(_flat(s_box), _flat(t_box))) / (a * 4)
     assert terms["pdf_cls"].item() == pytest.approx(cls, rel=1e-5)
     assert terms["pdf_box"].item() == pytest.approx(box, rel=1e-5)  # mean over all anchors x 4
-    assert terms["feat"].item() == pytest.approx(_pdf_direct(s_cls.detach(), t_cls, fs, ft), rel=1e-5)
+    assert terms["pdf"].item() == pytest.approx(_pdf_direct(s_cls.detach(), t_cls, fs, ft), rel=1e-5)
     # d2 is a constant: the gradient is d2 * dBCE/dlogit = d2 * (p_s - p_t) / n_conf only
     terms["pdf_cls"].backward()
     expected = [(t - s) ** 2 * (s - t) / n_conf for s, t in zip(ps, pt)]
@@ -226,8 +226,8 @@ def test_defeat_anchors_variant_direct():
                     else:
                         bg, n_bg = bg + e, n_bg + 1
     assert n_fg == 4  # (4,4) in box 0; (12,12) in box 1 on level 0; (8,8) in both boxes on level 1
-    assert terms["feat_fg"].item() == pytest.approx(fg / max(1, 2 * n_fg) / 2, rel=1e-5)
-    assert terms["feat_bg"].item() == pytest.approx(bg / max(1, 2 * n_bg) / 2, rel=1e-5)
+    assert terms["defeat_fg"].item() == pytest.approx(fg / max(1, 2 * n_fg) / 2, rel=1e-5)
+    assert terms["defeat_bg"].item() == pytest.approx(bg / max(1, 2 * n_bg) / 2, rel=1e-5)
 
 
 def test_defeat_level_variant_direct_and_empty_guard():
@@ -245,10 +245,10 @@ def test_defeat_level_variant_direct_and_empty_guard():
         m = sum(map(sum, mask))
         fg.append(sum(err[y][x] * mask[y][x] for y in range(h) for x in range(w)) / max(1, 2 * c * m))
         bg.append(sum(err[y][x] * (1 - mask[y][x]) for y in range(h) for x in range(w)) / max(1, 2 * c * (h * w - m)))
-    assert terms["feat_fg"].item() == pytest.approx(3 * sum(fg) / 2, rel=1e-5)  # mean over the 2 levels
-    assert terms["feat_bg"].item() == pytest.approx(12 * sum(bg) / 2, rel=1e-5)
+    assert terms["defeat_fg"].item() == pytest.approx(3 * sum(fg) / 2, rel=1e-5)  # mean over the 2 levels
+    assert terms["defeat_bg"].item() == pytest.approx(12 * sum(bg) / 2, rel=1e-5)
     none = DeFeat(_section("defeat")).loss(_out(fs), _out(ft), {"boxes": [torch.zeros(0, 4)]})
-    assert none["feat_fg"].item() == 0.0 and torch.isfinite(none["feat_bg"])
+    assert none["defeat_fg"].item() == 0.0 and torch.isfinite(none["defeat_bg"])
 
 
 # ---- the distiller ---------------------------------------------------------------------------------------------
@@ -266,10 +266,67 @@ def test_distiller_adapts_features_once_and_freezes_the_teacher():
     assert not teacher.training and d.terms.training
     images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
     terms = d.loss(student(images), {"images": images, "boxes": [torch.zeros(0, 4)] * 2})
-    assert set(terms) == {"soft_cls", "soft_box", "feat"}
+    assert set(terms) == {"soft_cls", "soft_box", "mse"}
     sum(terms.values()).backward()
     assert d.terms.adapters.convs[0].weight.grad is not None and teacher.head.levels[0].cls_out.weight.grad is None
     assert set(d.state_dict()) == set(d.terms.state_dict())
     assert all(k.startswith("adapters.") for k in d.state_dict())
     late = Distiller(DistillConfig(method="mse", stop_epoch=2), teacher, 8)
     assert late.loss(student(images), {"images": images, "boxes": []}, epoch=2) == {}
+
+
+def test_a_combination_keeps_every_methods_term_and_its_total_is_their_sum():
+    """`pdf,mse` on one batch: its terms are the hard loss's, pdf's and mse's, each under its own name and equal to
+    the term of that method run alone (same adapters); the total is their sum; and it is not `mse` alone (the two
+    once shared the key `feat`, and the second overwrote the first)."""
+    from kdcli.config.schema import ModelConfig
+    from kdcli.models.detector import Detector
+    from kdcli.models.losses import DetectionLoss
+
+    torch.manual_seed(0)
+    teacher = Detector(ModelConfig(channels=16, backbone="resnet18"), 2, 64, 16)
+    student = Detector(ModelConfig(channels=8), 2, 64, 16).eval()  # eval: the same forward on every call
+    hard = DetectionLoss(student.cfg, 2)
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    batch = {"images": images, "boxes": [torch.tensor([[8.0, 8, 30, 26]]), torch.tensor([[20.0, 30, 44, 50]])],
+             "labels": [torch.tensor([0]), torch.tensor([1])]}
+    both = Distiller(DistillConfig(method="pdf,mse"), teacher, 8)
+    alone = {m: Distiller(DistillConfig(method=m), teacher, 8) for m in ("pdf", "mse")}
+    for d in alone.values():
+        d.terms.adapters.load_state_dict(both.terms.adapters.state_dict())
+    terms = both.student_loss(student, hard, batch)
+    single = {m: d.student_loss(student, hard, batch) for m, d in alone.items()}
+    assert list(terms) == ["cls", "box", "pdf", "mse", "total"]
+    assert set(single["pdf"]) == {"cls", "box", "pdf", "total"} and set(single["mse"]) == {"cls", "box", "mse", "total"}
+    for key, want in (("cls", single["mse"]["cls"]), ("box", single["mse"]["box"]), ("pdf", single["pdf"]["pdf"]),
+                      ("mse", single["mse"]["mse"])):
+        assert terms[key].item() == pytest.approx(want.item(), rel=1e-6)
+    parts = sum(terms[k].item() for k in ("cls", "box", "pdf", "mse"))
+    assert terms["total"].item() == pytest.approx(parts, rel=1e-6)
+    assert terms["total"].item() == pytest.approx(single["pdf"]["total"].item() + single["mse"]["mse"].item(),
+                                                  rel=1e-6)
+    assert single["pdf"]["pdf"].item() > 0 and terms["total"].item() > single["mse"]["total"].item()
+
+
+def test_terms_never_share_a_key():
+    """A method's terms carry its name; a key already in the step (or named after another method) is an error,
+    never an overwrite."""
+    from kdcli.distill.distiller import merge_terms
+
+    one = torch.tensor(1.0)
+    terms = {"cls": one, "box": one}
+    merge_terms(terms, {"pdf": one, "pdf_cls": one}, "method 'pdf'", prefix="pdf")
+    with pytest.raises(ValueError, match="'pdf' that this step already has"):
+        merge_terms(terms, {"pdf": one}, "method 'other'")
+    with pytest.raises(ValueError, match="'total'"):
+        merge_terms(terms, {"total": one}, "method 'x'")
+    with pytest.raises(ValueError, match="method 'mse' returned a term 'feat'"):
+        merge_terms(terms, {"feat": one}, "method 'mse'", prefix="mse")
+    assert set(terms) == {"cls", "box", "pdf", "pdf_cls"}
+    # through the Distiller's terms: a method that names its term otherwise stops the step
+    from kdcli.distill.distiller import DistillTerms
+
+    mse = MSE(_section("mse"))
+    mse.loss = lambda s, t, b: {"feat": one}
+    with pytest.raises(ValueError, match="'mse_<part>'"):
+        DistillTerms([mse], None, None)(_out([]), _out([]), {})

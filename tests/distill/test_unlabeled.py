@@ -72,7 +72,7 @@ def test_hard_loss_sees_labelled_images_only_and_the_terms_see_all(tiny_checkpoi
         assert set(raw["image_ids"][:2]) <= kept and not set(raw["image_ids"][2:]) & kept
         assert all(len(b) == 0 for b in raw["boxes"][2:])
         terms = t.compute_loss(t.preprocess(raw, 0))
-        assert {"cls", "box", "soft_cls", "soft_box", "feat", "total"} == set(terms)
+        assert {"cls", "box", "soft_cls", "soft_box", "pdf", "total"} == set(terms)
     assert hard_sizes == [(2, 2, 2)] * 2 and term_sizes == [(4, 4)] * 2
 
 

@@ -92,7 +92,7 @@ def test_an_edge_student_trains_one_step_and_distils_one_step_from_a_resnet_teac
     assert out.strides == teacher(images).strides == [8, 16, 32, 64]
     terms = DetectionLoss(cfg, 3)(out, boxes, labels)
     kd = distiller.loss(out, {"images": images, "boxes": boxes, "labels": labels})
-    assert {"soft_cls", "soft_box", "feat"} <= set(kd)
+    assert {"soft_cls", "soft_box", "pdf"} <= set(kd)
     total = terms["total"] + sum(kd.values())
     assert torch.isfinite(total)
     total.backward()

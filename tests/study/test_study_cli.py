@@ -56,6 +56,9 @@ def test_grid_failed_cell_resume_and_cut_ledger(tmp_path: Path, vedai25: Path, m
     pooled = recs[("hard+crosskd+pkd@pool", 1, 0)]  # two methods and a pool: half the images kept their labels
     assert pooled["data"]["label_fraction"] == 0.5 and pooled["data"]["unlabeled"] == "rest"
     assert pooled["data"]["unlabeled_images"] > 0 and recs[("hard", 1, 0)]["data"]["unlabeled"] is None
+    # each method's terms in the record, under its own name
+    assert set(pooled["losses"]) == {"cls", "box", "crosskd_cls", "crosskd_box", "pkd", "total"}
+    assert set(recs[("hard+pdf", 1, 0)]["losses"]) == {"cls", "box", "pdf", "total"}
     assert "not a readable kdcli checkpoint" in recs[("soft", 1, 0)]["error"]
     ok = recs[("hard+pdf", 1, 0)]
     assert set(ok["metrics"]) >= {"mAP50", "mAP50-95", "val_mAP50"} and ok["split"] == "test"
