@@ -33,7 +33,7 @@ def predict(
     split: Annotated[str | None, typer.Option("--split", help="Predict a split of the checkpoint's dataset instead "
                                                               "(e.g. val_scenes: whole xView scenes) and evaluate it."
                                               )] = None,
-    slice_size: Annotated[int | None, typer.Option("--slice", min=32, help="Cut each image into windows of this "
+    slice_size: Annotated[int | None, typer.Option("--slice", help="Cut each image into windows of this "
                                                                            "side (pixels).",
                                                 show_default="whole image")]
     = None,
@@ -80,7 +80,8 @@ def predict(
     Example: [bold]kdcli predict best.pt scene.tif --slice 512 --overlap 0.2 --bands 3,2,1[/]
     """
     from kdcli.data import coco
-    from kdcli.data.rasters import GEO_HINT, open_raster, optional_rasterio, parse_bands
+    from kdcli.data.rasters import GEO_HINT, open_raster, optional_rasterio, parse_bands, require_band_choice
+    from kdcli.data.tiling import MIN_TILE
     from kdcli.deploy.predict import Predictor, expand_sources, write_outputs
     from kdcli.engine import checkpoint, distributed
     from kdcli.engine.trainer import unique_run_dir
@@ -99,6 +100,9 @@ def predict(
         raise KdcliError("--split reads the dataset from a kdcli checkpoint: give the .pt", hint="or list the images")
     if not 0 <= overlap < 1:
         raise KdcliError(f"--overlap {overlap}: give a fraction in [0, 1)")
+    if slice_size is not None and slice_size < MIN_TILE:
+        raise KdcliError(f"--slice {slice_size}: a window is at least {MIN_TILE} pixels a side (as a tile of "
+                         "`kdcli prepare`)")
     band_list = parse_bands(bands)  # checked before the model loads
     if out_dir is not None:
         _check_out(out_dir, force)
@@ -113,6 +117,8 @@ def predict(
     else:
         items = [(i, p) for i, p in enumerate(expand_sources(sources or []), start=1)]
     rasters = [(i, p, open_raster(p, band_list, (pct[0], pct[1]), normalize)) for i, p in items]
+    for _, p, r in rasters:
+        require_band_choice(p, r.bands, band_list)
     unknown = [p for _, p, r in rasters if r.transform is not None and r.crs is None] if maps else []
     if unknown:  # before any window runs: map and WGS84 coordinates need the CRS
         more = f" (and {len(unknown) - 1} more scene(s))" if len(unknown) > 1 else ""

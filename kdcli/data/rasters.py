@@ -74,6 +74,15 @@ def parse_bands(text: str | None, option: str = "--bands") -> list[int] | None:
     return chosen
 
 
+def require_band_choice(path: Path, count: int, bands: list[int] | None, option: str = "--bands") -> None:
+    """Refuse a 2-band image read without a band choice: the default (the first three bands, or the one band)
+    would quietly use band 1 alone and drop band 2."""
+    if bands is None and count == 2:
+        raise KdcliError(f"{path}: has 2 bands; without {option} only band 1 would be used",
+                         hint=f"choose with {option}: one band repeated to three ({option} 1 or {option} 2) or "
+                              f"three (e.g. {option} 1,2,2)")
+
+
 def optional_rasterio() -> Any:
     try:
         import rasterio

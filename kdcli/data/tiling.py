@@ -18,6 +18,8 @@ from kdcli.data import coco
 from kdcli.data.images import load_rgb, pil_image, place
 from kdcli.data.sources.common import is_sliver
 
+MIN_TILE = 32  # pixels: the smallest tile (prepare --tile) or window (predict --slice), one rule for both
+
 
 def tile_origins(size: int, tile: int, overlap: float) -> list[int]:
     """Tile starts along one axis: a fixed stride, the last tile shifted back to end at the border."""

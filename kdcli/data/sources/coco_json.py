@@ -18,7 +18,7 @@ from kdcli.data.groups import OPTIONS as SPLIT_OPTIONS
 from kdcli.data.groups import SplitRule, carve
 from kdcli.data.images import place
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, calling, register
-from kdcli.data.sources.common import finite_box, fitted_box, probed_size
+from kdcli.data.sources.common import finite_box, fitted_box, probed_size, refuse_file
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -141,6 +141,7 @@ def prepare(src: Path, images_dir: Path, out: Path, val: Path | None = None, val
             group: str | None = None, group_file: Path | None = None, folds: int = 0,
             fold_by: str | None = None) -> dict[str, Any]:
     train_data = _load(src)
+    refuse_file(images_dir, "--images")
     if not images_dir.is_dir():
         raise KdcliError(f"{images_dir}: image folder not found", hint="give --images DIR")
     classes, cat_index = categories(train_data, src)

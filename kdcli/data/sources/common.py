@@ -148,18 +148,49 @@ def parse_int_list(text: str, what: str) -> list[int]:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def walk_images(folder: Path) -> list[Path]:
+def walk_images(folder: Path, leave_out: Path | None = None, left_out: list[Path] | None = None) -> list[Path]:
     """Image files under `folder`, sorted. Links to folders are followed (`Path.rglob` skips them, losing a
-    linked folder of images without a word), each real folder visited once so that a link loop ends."""
+    linked folder of images without a word), each real folder visited once so that a link loop ends.
+
+    `leave_out` is the command's own output (its dataset dir): when it lies inside `folder` it is not walked,
+    nor are its temporary and replaced siblings (`.<name>.*`, see `kdcli.atomic`), so a rerun with `--force`
+    never reads the previous output back as new input; the folders left out are appended to `left_out`."""
     found, seen = [], set()
+    out = leave_out.resolve() if leave_out is not None else None
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:
             dirnames.clear()
             continue
         seen.add((st.st_dev, st.st_ino))
+        if out is not None:
+            own = [d for d in dirnames if is_own_output(Path(dirpath) / d, out)]
+            dirnames[:] = [d for d in dirnames if d not in own]
+            if left_out is not None:
+                left_out += [Path(dirpath) / d for d in own]
         found += [Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in IMAGE_SUFFIXES]
     return sorted(found)
+
+
+def is_own_output(path: Path, out: Path) -> bool:
+    """Whether `path` is the (resolved) output dir `out`, or one of the temporary or replaced folders
+    `kdcli.atomic.atomic_dir` keeps beside it while building it."""
+    p = path.resolve()
+    return p == out or (p.parent == out.parent and p.name.startswith(f".{out.name}."))
+
+
+def refuse_file(path: Path, option: str) -> None:
+    """A source folder given as `option` (e.g. --src) that names a file: say so, rather than "not found"."""
+    if path.exists() and not path.is_dir():
+        raise KdcliError(f"{option} {path}: a file, not a folder",
+                         hint=f"give {option} the folder that holds the data (e.g. {path.parent})")
+
+
+def require_folder(path: Path, option: str, hint: str | None = None) -> None:
+    """A source folder given as `option`: a file is named as a file (`refuse_file`), a missing one as missing."""
+    refuse_file(path, option)
+    if not path.is_dir():
+        raise KdcliError(f"{path}: folder not found", hint=hint)
 
 
 SYNTHETIC_MARKER = "KDCLI_SYNTHETIC"  # file `kdcli prepare synthetic` leaves in a raw folder it wrote

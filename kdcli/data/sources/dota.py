@@ -21,7 +21,7 @@ from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.groups import GROUP, GROUP_FILE, SplitRule, carve
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
-from kdcli.data.sources.common import SYNTHETIC_MARKER, finite_box, fitted_box, probed_size
+from kdcli.data.sources.common import SYNTHETIC_MARKER, finite_box, fitted_box, probed_size, refuse_file
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -82,6 +82,7 @@ def _pairs(folder: Path) -> list[tuple[Path, Path]]:
 
 def check_source(src: Path) -> dict[str, Path]:
     """The folders to read: {"all": src} or the official {"train": ..., "val": ...}."""
+    refuse_file(src, "--src")
     if not src.is_dir():
         raise KdcliError(f"DOTA not found at {src}",
                          hint="extract the DOTA images and labelTxt archives so that images/ and labelTxt/ (or "
@@ -100,11 +101,12 @@ def prepare(src: Path, out: Path, tile: int = 1024, overlap: float = 200 / 1024,
     tiling) are split by `kdcli.data.groups.carve`: by group with `group`/`group_file`."""
     import numpy as np
 
-    from kdcli.data.tiling import SceneJob, add_tiles, run_jobs, tile_scene, untiled_scenes
+    from kdcli.data.tiling import MIN_TILE, SceneJob, add_tiles, run_jobs, tile_scene, untiled_scenes
 
     folders = check_source(src)
-    if not 0 <= overlap < 1 or not 0 < min_visible <= 1 or not 0 <= keep_empty <= 1 or tile < 32:
-        raise KdcliError("need 0 <= --overlap < 1, 0 < --min-visible <= 1, 0 <= --keep-empty <= 1, --tile >= 32")
+    if not 0 <= overlap < 1 or not 0 < min_visible <= 1 or not 0 <= keep_empty <= 1 or tile < MIN_TILE:
+        raise KdcliError("need 0 <= --overlap < 1, 0 < --min-visible <= 1, 0 <= --keep-empty <= 1, "
+                         f"--tile >= {MIN_TILE}")
     if classes not in (*PRESETS, "all"):
         raise KdcliError(f"--classes {classes}: unknown DOTA preset", hint=f"use {', '.join(PRESETS)} or all")
     tally = Tally()

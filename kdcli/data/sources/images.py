@@ -6,6 +6,11 @@ chooses, one band is repeated to three, non-8-bit data is scaled between percent
 larger than a tile are cut into overlapping tiles as xView scenes are (the last tile of a row or column shifted
 back to the border), written as PNG with their origin in the scene; without it, 8-bit RGB PNG/JPEG files are
 linked or copied as they are and everything else is converted to PNG.
+
+Nothing changes silently: images that are not 8-bit are stretched to 8 bit per image and band (the rule, the
+count and each image's low/high values are recorded: `stretch` in dataset.yaml and in the split's image entries,
+and printed); a 2-band image needs `--bands` (the default would use band 1 alone); an `--out` inside `--src` is
+left out of the inputs (a rerun with `--force` would otherwise read the previous output back as new images).
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.images import pil_image, place
 from kdcli.data.sources import FORCE, LINK, SKIP_BAD, Option, Source, calling, register
-from kdcli.data.sources.common import walk_images
+from kdcli.data.sources.common import require_folder, walk_images
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
 SPLIT = "unlabeled"
+PERCENTILES = (2, 98)  # the stretch of non-8-bit images to 8 bit, per image and band
 
 
 def _keep_as_is(path: Path) -> bool:
@@ -35,18 +41,23 @@ def _keep_as_is(path: Path) -> bool:
 
 def prepare(src: Path, out: Path, tile: int = 0, overlap: float = 0.2, bands: str | None = None,
             images: str = "link", force: bool = False, skip_bad_images: bool = False) -> dict[str, Any]:
-    from kdcli.data.rasters import open_raster, parse_bands
-    from kdcli.data.tiling import windows
+    from kdcli.data.rasters import open_raster, parse_bands, require_band_choice
+    from kdcli.data.tiling import MIN_TILE, windows
 
-    if not src.is_dir():
-        raise KdcliError(f"{src}: folder not found", hint="give --src a folder of images or scenes")
-    if tile < 0 or not 0 <= overlap < 1:
-        raise KdcliError(f"--tile {tile} --overlap {overlap}: the tile must be >= 0 pixels and the overlap in [0, 1)")
+    require_folder(src, "--src", hint="give --src a folder of images or scenes")
+    if tile < 0 or 0 < tile < MIN_TILE or not 0 <= overlap < 1:
+        raise KdcliError(f"--tile {tile} --overlap {overlap}: the tile must be 0 (whole images) or at least "
+                         f"{MIN_TILE} pixels, and the overlap in [0, 1)")
     chosen = parse_bands(bands)
-    files = walk_images(src)
+    left_out: list[Path] = []
+    files = walk_images(src, leave_out=out, left_out=left_out)
+    for folder in left_out:
+        console.err.print(f"note: {folder} left out of the inputs: it is this command's output (--out)",
+                          highlight=False, soft_wrap=True)
     if not files:
         raise KdcliError(f"{src}: no images (looked for PNG, JPEG, TIFF, BMP, links followed)")
     tally = Tally()
+    stretched: dict[str, int] = {}  # dtype -> images stretched to 8 bit
     band_count: tuple[int, Path] | None = None
     with atomic_dir(out, force) as tmp:
         b = coco.CocoBuilder([], f"unlabelled images from {src.name}")
@@ -54,12 +65,13 @@ def prepare(src: Path, out: Path, tile: int = 0, overlap: float = 0.2, bands: st
         for path in console.track(files, "images"):
             rel = path.relative_to(src)
             try:
-                raster = open_raster(path, chosen)
+                raster = open_raster(path, chosen, PERCENTILES)
             except KdcliError as e:
                 if not skip_bad_images:
                     raise KdcliError(e.message, hint="leave such files out with --skip-bad-images") from None
                 tally.add("image that cannot be read (skipped)", str(rel))
                 continue
+            require_band_choice(path, raster.bands, chosen)
             n = len(raster.chosen)
             if band_count is None:
                 band_count = (n, rel)
@@ -67,6 +79,11 @@ def prepare(src: Path, out: Path, tile: int = 0, overlap: float = 0.2, bands: st
                 raise KdcliError(f"{path}: {n} band(s) used, {band_count[1]} {band_count[0]}: one pool holds one "
                                  "kind of image", hint="choose the same bands for all with --bands")
             stem = "_".join(rel.with_suffix("").parts)
+            stretch = {}
+            if raster.scale:  # not 8-bit: stretched per band between percentiles, recorded with every image
+                stretched[str(raster.dtype)] = stretched.get(str(raster.dtype), 0) + 1
+                stretch = {"stretch": {"dtype": str(raster.dtype),
+                                       "bands": [[float(f"{lo:.6g}"), float(f"{hi:.6g}")] for lo, hi in raster.scale]}}
             if (not tile or max(raster.width, raster.height) <= tile) and not chosen and _keep_as_is(path):
                 dst = f"{coco.IMAGES}/{stem}{path.suffix.lower()}"
                 place(path, tmp / dst, images)
@@ -77,7 +94,7 @@ def prepare(src: Path, out: Path, tile: int = 0, overlap: float = 0.2, bands: st
                 dst = f"{coco.IMAGES}/{stem}_{x0}_{y0}.png"
                 pil_image().fromarray(raster.read(x0, y0, x1, y1)).save(tmp / dst, compress_level=1)
                 b.add_image(len(b.images) + 1, dst, x1 - x0, y1 - y0,
-                            origin={"scene": str(rel), "x0": x0, "y0": y0})
+                            origin={"scene": str(rel), "x0": x0, "y0": y0}, **stretch)
             raster.close()  # tiles read window by window (GDAL or tifffile); the file let go here
         if not b.images:
             raise KdcliError(f"{src}: none of the {len(files)} images could be read", hint="see --skip-bad-images")
@@ -86,7 +103,21 @@ def prepare(src: Path, out: Path, tile: int = 0, overlap: float = 0.2, bands: st
                 "bands": band_count[0] if band_count else 3, "band_selection": chosen, "tile": tile,
                 "overlap": overlap, "source_images": len(files), "images": len(b.images), "splits": splits,
                 "dropped": tally.as_dict()}
+        if stretched:
+            meta["stretch"] = {"images": sum(stretched.values()), "dtypes": stretched,
+                               "rule": f"per image and band, linear from percentile {PERCENTILES[0]} to "
+                                       f"percentile {PERCENTILES[1]} of its values (a sample, nodata left out) "
+                                       "to 0-255, clipped",
+                               "values": f"each image's low/high per band: `stretch` in {coco.ANNOTATIONS}/"
+                                         f"{SPLIT}.json"}
+        if left_out:
+            meta["left_out"] = [f"{f} (this command's output)" for f in map(str, left_out)]
         coco.write_dataset_yaml(tmp, meta)
+    if stretched:
+        console.err.print(f"note: {meta['stretch']['images']} of {len(files)} source images are not 8-bit "
+                          f"({', '.join(f'{k}: {v}' for k, v in stretched.items())}): stretched to 8 bit "
+                          f"{meta['stretch']['rule']} (recorded in dataset.yaml `stretch`)",
+                          highlight=False, soft_wrap=True)
     return meta
 
 

@@ -17,7 +17,7 @@ from kdcli.data import coco
 from kdcli.data.images import place
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
 from kdcli.data.sources.common import (SYNTHETIC_MARKER, Preset, finite_box, fitted_box, parse_int_list, probed_size,
-                                      val_split)
+                                      refuse_file, val_split)
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -139,6 +139,7 @@ def check_source(src: Path, res: int) -> tuple[Path, Path]:
         raise KdcliError(f"--res must be 25 or 12 (cm per pixel), got {res}")
     px = RESOLUTIONS[res]
     img_dir, ann_dir = src / f"Vehicules{px}", src / f"Annotations{px}"
+    refuse_file(src, "--src")
     if not src.is_dir():
         raise KdcliError(
             f"VEDAI not found at {src}",

@@ -17,7 +17,7 @@ from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.images import place
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
-from kdcli.data.sources.common import SYNTHETIC_MARKER, fitted_box, probed_size, val_split
+from kdcli.data.sources.common import SYNTHETIC_MARKER, fitted_box, probed_size, refuse_file, val_split
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -74,6 +74,7 @@ def prepare(src: Path, out: Path, train_sets: list[str] = ("2007/trainval", "201
             images: str = "link", force: bool = False, skip_bad_images: bool = False,
             verify_images: bool = True) -> dict[str, Any]:
     """Convert a VOCdevkit folder into a dataset dir with train/val/test; returns the dataset.yaml content."""
+    refuse_file(src, "--src")
     if not src.is_dir():
         raise KdcliError(f"Pascal VOC not found at {src}",
                          hint=f"extract VOCtrainval_06-Nov-2007, VOCtest_06-Nov-2007 and VOCtrainval_11-May-2012 "

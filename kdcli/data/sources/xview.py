@@ -15,7 +15,8 @@ from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
-from kdcli.data.sources.common import SYNTHETIC_MARKER, Preset, finite_box, fitted_box, probed_size, val_split
+from kdcli.data.sources.common import (SYNTHETIC_MARKER, Preset, finite_box, fitted_box, probed_size, refuse_file,
+                                      val_split)
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -85,6 +86,7 @@ def read_geojson(path: Path, tally: Tally) -> dict[str, list[tuple[int, float, f
 
 
 def check_source(src: Path) -> None:
+    refuse_file(src, "--src")
     if not src.is_dir():
         raise KdcliError(
             f"xView not found at {src}",
@@ -103,11 +105,12 @@ def prepare(src: Path, out: Path, tile: int = 512, overlap: float = 0.2, min_vis
     """Convert raw xView into a tiled dataset dir at `out`; returns the dataset.yaml content."""
     import numpy as np
 
-    from kdcli.data.tiling import SceneJob, add_tiles, run_jobs, tile_scene, untiled_scenes
+    from kdcli.data.tiling import MIN_TILE, SceneJob, add_tiles, run_jobs, tile_scene, untiled_scenes
 
     check_source(src)
-    if not 0 <= overlap < 1 or not 0 < min_visible <= 1 or not 0 <= keep_empty <= 1 or tile < 32:
-        raise KdcliError("need 0 <= --overlap < 1, 0 < --min-visible <= 1, 0 <= --keep-empty <= 1, --tile >= 32")
+    if not 0 <= overlap < 1 or not 0 < min_visible <= 1 or not 0 <= keep_empty <= 1 or tile < MIN_TILE:
+        raise KdcliError("need 0 <= --overlap < 1, 0 < --min-visible <= 1, 0 <= --keep-empty <= 1, "
+                         f"--tile >= {MIN_TILE}")
     tally = Tally()
     labels = read_labels(src / LABELS) if (src / LABELS).is_file() else {}
     pre = preset(classes, labels)
