@@ -47,6 +47,10 @@ def distill(
         summary = DistillTrainer.resume(resume, extra, force=force).fit()
         report(summary, as_json)
         return
+    for flag, value, hint in (("--method", method, "give none, or methods joined by commas (e.g. pdf or crosskd,pkd)"),
+                              ("--labels", labels, f"give {', '.join(schema.LABELS)}")):
+        if value is not None and not value.strip():  # an empty value must not quietly become the recipe's
+            raise KdcliError(f"{flag} '{value}': empty", hint=hint)
     flags = [f"distill.{k}={v}" for k, v in (("teacher", teacher), ("method", method), ("labels", labels)) if v]
     teacher_path = teacher
     if teacher_path is None and recipe is not None:

@@ -202,8 +202,14 @@ def check_method(method: str) -> str:
     an error naming the closest valid name."""
     valid = ["none", *method_names()]
     names = feature_methods(method)
+    if "" in names:
+        raise ValueError(f"'{method}': an empty method name; give none, or methods joined by commas (e.g. "
+                         "crosskd,pkd)")
+    if "none" in names and len(names) > 1:
+        raise ValueError(f"'{method}': none cannot be combined with other methods; give none alone, or the "
+                         "methods alone")
     for name in names:
-        if name not in valid or (name == "none" and len(names) > 1):
+        if name not in valid:
             swapped = [v for v in valid if sorted(v) == sorted(name)]  # a transposition (pfd) names its method first
             close = list(dict.fromkeys(swapped + difflib.get_close_matches(name, valid, n=2, cutoff=0.5)))[:2]
             hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""

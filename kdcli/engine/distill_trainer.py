@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from kdcli import atomic
 from kdcli.config import load
 from kdcli.console import err
 from kdcli.data import coco
-from kdcli.data.dataset import DetectionDataset, collate, read_records
+from kdcli.data.dataset import DetectionDataset, collate, loader_workers, read_records
 from kdcli.data.transforms import train_transform
 from kdcli.distill.distiller import Distiller
 from kdcli.engine import checkpoint, distributed as dist
@@ -94,8 +95,11 @@ class DistillTrainer(Trainer):
             for line in self.distiller.report(self.recipe.data.imgsz, self.recipe.model.channels):
                 err.print(line, highlight=False, soft_wrap=True)
             if self.pool is not None:
+                actual = self.pool_per_batch / self.recipe.train.batch
+                rounded = f" (distill.unlabeled_ratio={cfg.unlabeled_ratio} rounded to whole images: ratio " \
+                          f"{actual:g})" if abs(actual - cfg.unlabeled_ratio) > 1e-9 else ""
                 err.print(f"unlabelled pool {cfg.unlabeled}: {len(self.pool)} images, {self.pool_per_batch} per step "
-                          f"beside {self.recipe.train.batch} labelled", highlight=False)
+                          f"beside {self.recipe.train.batch} labelled{rounded}", highlight=False, soft_wrap=True)
 
     # ---- the unlabelled pool -----------------------------------------------------------------------------------
     def _build_pool(self) -> DetectionDataset:
@@ -113,15 +117,62 @@ class DistillTrainer(Trainer):
         else:
             where, split = self._pool_location(cfg.unlabeled)
             fold = d.fold if coco.split_path(where, split, d.fold).is_file() else None
-            records, _, _ = read_records(where, split, fold, d.channels)
+            records, _, data = read_records(where, split, fold, d.channels)
             if not records:
                 raise KdcliError(f"{coco.split_path(where, split, fold)}: the unlabelled pool has no images")
+            self._check_pool_held_out(cfg.unlabeled, where, records, data)
             self._check_pool_fits(where, records)
             pool = DetectionDataset(where, split, fold, d.imgsz, d.letterbox, transform, d.channels, d.cache,
                                     records=records, labeled=False)
         pool.seed = r.seed + 7919  # its own augmentation draws, not the labelled images' at the same index
-        self.pool_per_batch = max(1, round(cfg.unlabeled_ratio * r.train.batch))
+        self.pool_per_batch = max(1, round(cfg.unlabeled_ratio * r.train.batch))  # >= 1 (check_recipe)
         return pool
+
+    def _check_pool_held_out(self, spec: str, where: Path, records: list[Any], data: dict[str, Any]) -> None:
+        """A pool never holds the fold's val or test images: a student distilled on them would be selected and
+        scored on images it trained on. An image counts as the same when its file (links followed) is the same,
+        when the pool's provenance (`kdcli prepare images`: `src` + each image's source or scene) names that file,
+        or when a file of the same size has the same bytes (a copy)."""
+        d = self.recipe.data
+        pool = {r.path.resolve() for r in records}
+        src = coco.read_dataset_yaml(where).get("src")
+        if src:
+            for im in data["images"]:
+                origin = im.get("source") or (im.get("origin") or {}).get("scene")
+                if origin:
+                    pool.add((Path(src) / origin).resolve())
+        by_size: dict[int, list[Path]] = {}
+        for f in pool:
+            with contextlib.suppress(OSError):
+                by_size.setdefault(f.stat().st_size, []).append(f)
+        digests: dict[Path, str] = {}
+
+        def digest(f: Path) -> str:
+            if f not in digests:
+                digests[f] = file_sha256(f)
+            return digests[f]
+
+        def in_pool(f: Path) -> bool:
+            if f in pool:
+                return True
+            try:
+                same_size = by_size.get(f.stat().st_size, [])
+                return bool(same_size) and any(digest(g) == digest(f) for g in same_size)
+            except OSError:
+                return False
+
+        for role, split in (("test", d.test_split), ("val", d.val_split)):
+            path = coco.split_path(self.dataset_dir, split, d.fold)
+            if not split or not path.is_file():
+                continue
+            held, _, _ = read_records(self.dataset_dir, split, d.fold, d.channels)
+            shared = sum(in_pool(r.path.resolve()) for r in held)
+            if shared:
+                use = "scored" if role == "test" else "selected (best.pt, early stop)"
+                raise KdcliError(f"distill.unlabeled={spec}: the pool holds {shared} of the {len(held)} images of "
+                                 f"{path.name} (the fold's {role} split): the student would be {use} on images it "
+                                 "trained on", hint="give a pool without them: `rest`, an `unlabeled` split, or a "
+                                                    "folder of other images (`kdcli prepare images`)")
 
     def _pool_location(self, spec: str) -> tuple[Path, str]:
         """(dataset dir, split) of a pool given as a split of this dataset, DIR or DIR:SPLIT."""
@@ -173,10 +224,16 @@ class DistillTrainer(Trainer):
             self.pool.epoch = epoch
 
     def check_recipe(self) -> None:
-        cfg = self.recipe.distill
+        cfg, batch = self.recipe.distill, self.recipe.train.batch
         if cfg.unlabeled is not None and cfg.labels == "hard" and cfg.method == "none":
             raise KdcliError(f"distill.unlabeled={cfg.unlabeled}: a `hard` student learns from labels only and would "
                              "never look at the pool", hint="give the pool to a student with soft labels or a method")
+        if cfg.unlabeled is not None and cfg.unlabeled_ratio * batch < 1:  # not even one pool image a step
+            least = math.ceil(1000 / batch) / 1000
+            raise KdcliError(f"distill.unlabeled_ratio={cfg.unlabeled_ratio} with train.batch={batch}: "
+                             f"{cfg.unlabeled_ratio * batch:g} pool images per step; a step takes whole images, at "
+                             f"least one: distill.unlabeled_ratio >= {least:g} for this batch",
+                             hint=f"set distill.unlabeled_ratio={least:g} or more, or raise train.batch")
 
     def forward_modules(self) -> list[nn.Module]:
         return [self.model, self.teacher]
@@ -254,8 +311,8 @@ class DistillTrainer(Trainer):
             full = plain.coco
             gt = {**full, "images": [im for im in full["images"] if im["id"] in ids],
                   "annotations": [a for a in full["annotations"] if a["image_id"] in ids]}
-        loader = DataLoader(loader_set, batch_size=self.recipe.train.batch * 2, num_workers=self.recipe.data.workers,
-                            collate_fn=collate)
+        loader = DataLoader(loader_set, batch_size=self.recipe.train.batch * 2,
+                            num_workers=loader_workers(self.recipe.data.workers), collate_fn=collate)
         metrics, _ = evaluate(self.teacher, loader, gt, self.classes, self.teacher.cfg, self.device, [],
                               amp_dtype=self.amp_dtype)
         return float(metrics["mAP50"])

@@ -386,3 +386,55 @@ def test_imagenet_weights_that_do_not_fit_are_named_in_one_line(kind: str, fragm
     assert r.exit_code == 2 and fragment in flat and "internal error" not in flat, r.output
     assert len(r.output.strip().splitlines()) <= 2 and "weights_only" not in flat, r.output  # error + hint
     assert _snapshot(tmp_path) == before
+
+
+def _copies_of_test_images(dataset: Path, where: Path) -> Path:
+    """A `kdcli prepare images` pool of copies (not links) of the fold-1 test images."""
+    import shutil
+
+    where.mkdir()
+    for im in json.loads((dataset / "annotations" / "fold01_test.json").read_text())["images"]:
+        shutil.copy((dataset / im["file_name"]).resolve(), where / Path(im["file_name"]).name)
+    r = runner.invoke(app, ["prepare", "images", "--src", str(where), "--out", str(where.parent / "copies")])
+    assert r.exit_code == 0, r.output
+    return where.parent / "copies"
+
+
+@pytest.mark.parametrize("case", ["test-split", "val-split", "dir-val-split", "copies-of-test", "ratio-below-one"])
+def test_a_pool_never_holds_the_folds_val_or_test_images(case: str, tiny_checkpoint: Path, vedai25: Path,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A student distilled on its fold's val or test images would be selected or scored on images it trained on;
+    and a ratio that gives less than one pool image a step is refused, naming the least ratio for the batch."""
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    scored = "images of fold01_test.json (the fold's test split): the student would be scored on images it trained on"
+    selected = "images of fold01_val.json (the fold's val split): the student would be selected (best.pt, early stop)"
+    pool, fragment = {
+        "test-split": lambda: (["distill.unlabeled=test"], scored),
+        "val-split": lambda: (["distill.unlabeled=val"], selected),
+        "dir-val-split": lambda: ([f"distill.unlabeled={vedai25}:val"], selected),
+        "copies-of-test": lambda: ([f"distill.unlabeled={_copies_of_test_images(vedai25, tmp_path / 'c')}"], scored),
+        "ratio-below-one": lambda: (["distill.unlabeled=rest", "data.label_fraction=0.5", "train.batch=4",
+                                     "distill.unlabeled_ratio=0.01"],
+                                    "distill.unlabeled_ratio=0.01 with train.batch=4: 0.04 pool images per step; a "
+                                    "step takes whole images, at least one: distill.unlabeled_ratio >= 0.25"),
+    }[case]()
+    before = _snapshot(tmp_path)
+    r = runner.invoke(app, ["distill", "--teacher", str(tiny_checkpoint), "--labels", "soft", *pool,
+                            "distill.teacher_min_map=0", "train.epochs=1", "train.max_batches=1"], terminal_width=400)
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and fragment in flat and "Traceback" not in flat, r.output
+    assert _snapshot(tmp_path) == before and not (tmp_path / "runs").exists()
+
+
+def test_predict_refuses_a_two_band_image_without_bands(tiny_checkpoint: Path, tmp_path: Path):
+    import numpy as np
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "b.tif", np.full((2, 64, 64), 7, np.uint8), photometric="minisblack",
+                     planarconfig="separate")
+    before = _snapshot(tmp_path)
+    r = runner.invoke(app, ["predict", str(tiny_checkpoint), str(tmp_path / "b.tif"), "--out", str(tmp_path / "p")],
+                      terminal_width=400)
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "b.tif: has 2 bands; without --bands only band 1 would be used" in flat, r.output
+    assert _snapshot(tmp_path) == before

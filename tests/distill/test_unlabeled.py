@@ -99,11 +99,14 @@ def test_boxes_of_unlabelled_images_come_from_the_teacher_for_terms_that_read_bo
 
 
 @pytest.fixture(scope="module")
-def pool_dir(tmp_path_factory: pytest.TempPathFactory, vedai_raw: Path) -> Path:
-    """A `kdcli prepare images` dataset dir from the synthetic VEDAI colour scenes (96 px)."""
+def pool_dir(tmp_path_factory: pytest.TempPathFactory, vedai_raw: Path, vedai25: Path) -> Path:
+    """A `kdcli prepare images` dataset dir from the synthetic VEDAI colour scenes (96 px), none of them a fold-1
+    val or test image (a pool never holds them)."""
+    held = {Path(im["file_name"]).name for split in ("val", "test")
+            for im in json.loads((vedai25 / "annotations" / f"fold01_{split}.json").read_text())["images"]}
     src = tmp_path_factory.mktemp("flights") / "colour"
     src.mkdir()
-    for p in sorted((vedai_raw / "Vehicules512").glob("*_co.png"))[:12]:
+    for p in [p for p in sorted((vedai_raw / "Vehicules512").glob("*_co.png")) if p.name not in held][:12]:
         (src / p.name).symlink_to(p)
     out = tmp_path_factory.mktemp("pools") / "pool"
     r = run("prepare", "images", "--src", str(src), "--out", str(out))
