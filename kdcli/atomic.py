@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -184,6 +185,34 @@ def _remove_dead_leftovers(out: Path, suffix: str) -> None:
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
+
+
+_TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_path's mkstemp names
+
+
+def remove_stale_temps(folder: str | Path) -> tuple[int, int]:
+    """Remove the temporary files `atomic_path` left in `folder` when its writer was killed mid-write (kill -9,
+    the OOM killer, a node lost): only kdcli's own names (`.<name>.<pid>.<8 random chars>.tmp`), and only where
+    that process is gone or is this one (called before this process writes there, a temp file with its own pid
+    is a reused pid's: containers restart with the same pids). Returns (files, bytes) removed."""
+    files = size = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0, 0
+    for p in folder.iterdir():
+        m = _TEMP_FILE.match(p.name)
+        if m is None or not p.is_file() or p.is_symlink():
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and _alive(pid):
+            continue
+        try:
+            n = p.stat().st_size
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        files, size = files + 1, size + n
+    return files, size
 
 
 def _alive(pid: int) -> bool:

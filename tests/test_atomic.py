@@ -143,3 +143,19 @@ def test_a_file_system_without_locks_still_builds_and_leaves_no_lock_file(tmp_pa
     with atomic.atomic_dir(tmp_path / "data") as tmp:
         (tmp / "f.txt").write_text("ok")
     assert [p.name for p in tmp_path.iterdir()] == ["data"] and (tmp_path / "data" / "f.txt").read_text() == "ok"
+
+
+def test_stale_temp_files_of_killed_writes_are_removed_and_counted(tmp_path: Path):
+    """What `atomic_path` leaves when its writer is killed mid-write: removed when that process is gone or is this
+    one (a reused pid); a live writer's file and every name that is not kdcli's own are kept."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f".last.pt.{dead}.a1b2_c3d.tmp").write_bytes(b"x" * 1000)
+    (tmp_path / f".best.pt.{os.getpid()}.zzzzzzzz.tmp").write_bytes(b"x" * 24)
+    keep = [f".last.pt.{os.getppid()}.q1w2e3r4.tmp",  # a live writer
+            ".notes.tmp", f".last.pt.{dead}.tmp", "last.pt", f"last.pt.{dead}.a1b2c3d4.tmp"]
+    for name in keep:
+        (tmp_path / name).write_text("keep")
+    assert atomic.remove_stale_temps(tmp_path) == (2, 1024)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+    assert atomic.remove_stale_temps(tmp_path / "absent") == (0, 0)

@@ -62,6 +62,25 @@ def read_records(dataset_dir: Path, split: str, fold: int | None, channels: str 
     return records, classes, data
 
 
+_capped: set[tuple[int, int]] = set()
+
+
+def loader_workers(requested: int) -> int:
+    """Data loader worker processes: `requested`, at most the CPU cores this process may run on (more would only
+    compete for them, and torch warns about it on every loader); a lowered count is said once per process."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    if requested <= cores:
+        return requested
+    if (requested, cores) not in _capped:
+        _capped.add((requested, cores))
+        err.print(f"note: {requested} data loader workers asked for, {cores} CPU core(s) available to this process: "
+                  f"using {cores}", highlight=False, soft_wrap=True)
+    return cores
+
+
 def label_split(records: list[Record], fraction: float, seed: int, fold: int | None
                 ) -> tuple[list[Record], list[Record]]:
     """(labelled, rest): round(fraction x N) images (at least one) drawn with a generator seeded by (seed, fold),

@@ -164,8 +164,16 @@ def load(path: str | Path) -> Checkpoint:
                          "(weights-only) reader refuses to load",
                          hint="a kdcli checkpoint never needs them; if this file is yours, re-save its "
                               "state_dict") from None
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
-        raise KdcliError(f"{path}: not a readable kdcli checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    except Exception:  # noqa: BLE001 - torch.load raises many types for a bad file (EOFError, RuntimeError, ...)
+        # torch's own text (a miniz error, advice about corrupt files) is long and cut mid-sentence: say it plainly
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head and not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch's zip nor its legacy pickle
+            raise KdcliError(f"{path}: not a readable kdcli checkpoint (not a torch file)") from None
+        raise KdcliError(f"{path} is truncated or damaged (could not be read as a torch checkpoint; "
+                         f"{path.stat().st_size} bytes)",
+                         hint="a copy or download cut short, or a disk that filled up: use another copy, the run's "
+                              "other checkpoint (best.pt / last.pt), or train again") from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt or "model" not in ckpt:
         raise KdcliError(f"{path}: not a kdcli checkpoint (no format_version/model)")
     if isinstance(ckpt["format_version"], int) and ckpt["format_version"] > FORMAT_VERSION:

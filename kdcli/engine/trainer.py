@@ -33,7 +33,7 @@ from kdcli.config.load import dump
 from kdcli.config.schema import Recipe
 from kdcli.console import err
 from kdcli.data import coco
-from kdcli.data.dataset import DetectionDataset, collate, label_split
+from kdcli.data.dataset import DetectionDataset, collate, label_split, loader_workers
 from kdcli.data.transforms import train_transform
 from kdcli.engine import checkpoint, distributed as dist
 from kdcli.engine.acceleration import compile_forward
@@ -318,12 +318,12 @@ class Trainer:
         # its own generator: creating the loader draws no number from the global RNG, which the resume restores
         g = torch.Generator().manual_seed(self.recipe.seed * 100_003 + epoch)
         return DataLoader(self.loader_dataset(), batch_sampler=self.epoch_batches(epoch)[start:],
-                          num_workers=self.recipe.data.workers, collate_fn=collate, generator=g,
+                          num_workers=loader_workers(self.recipe.data.workers), collate_fn=collate, generator=g,
                           pin_memory=self.device.type == "cuda")
 
     def val_loader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.recipe.train.batch * 2, shuffle=False,
-                          num_workers=self.recipe.data.workers, collate_fn=collate)
+                          num_workers=loader_workers(self.recipe.data.workers), collate_fn=collate)
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def preprocess(self, batch: dict[str, Any], epoch: int) -> dict[str, Any]:
@@ -360,6 +360,7 @@ class Trainer:
         self.attempt_start = time.perf_counter()
         if dist.is_main():
             atomic.ensure_dir_possible(self.run_dir, "run folder")  # before data, models and the teacher check
+            self._remove_stale_temps()
         self.setup()
         self.before_train()
         t = self.recipe.train
@@ -412,6 +413,15 @@ class Trainer:
                 "best_fitness": self.best_fitness, "metrics": self.last_metrics,
                 "interrupted": self.stop_requested, "train_seconds": round(self.train_seconds, 1),
                 "first_step_s": self.first_step_s}
+
+    def _remove_stale_temps(self) -> None:
+        """A resumed (or restarted) run first removes what a killed checkpoint write left in its folders: a
+        hidden `.last.pt.<pid>.<random>.tmp` as large as a checkpoint, which nothing else would ever remove."""
+        for folder in (self.run_dir, self.weights_dir):
+            files, size = atomic.remove_stale_temps(folder)
+            if files:
+                err.print(f"removed {files} temporary file(s) of {size:,} bytes ({size / 2**20:.1f} MiB) from "
+                          f"{folder}: left by a write that was killed midway", highlight=False, soft_wrap=True)
 
     def train_one_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
         """One pass over the epoch's batches (from where an interrupted attempt stopped); returns the mean of each

@@ -212,7 +212,7 @@ def evaluate_split(model: torch.nn.Module | Detect, cfg: ModelConfig, classes: l
     """Evaluate `model` (trained on `data`: a checkpoint's DataInfo, whose dir, fold, letterbox and channels it
     was trained with) on `split` of that dataset dir and fold, or of `dataset`/`fold`."""
     from kdcli.data import coco
-    from kdcli.data.dataset import DetectionDataset, collate
+    from kdcli.data.dataset import DetectionDataset, collate, loader_workers
 
     dataset_dir = Path(dataset) if dataset is not None else Path(data.path)
     if dataset is None and not dataset_dir.is_dir():
@@ -223,7 +223,7 @@ def evaluate_split(model: torch.nn.Module | Detect, cfg: ModelConfig, classes: l
         raise KdcliError(f"{dataset_dir}: classes differ from the model's {classes}")
     dev = device or torch.device("cpu")
     ds = DetectionDataset(dataset_dir, split, fold, imgsz, data.letterbox, channels=data.channels)
-    loader = DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate)
+    loader = DataLoader(ds, batch_size=batch, num_workers=loader_workers(workers), collate_fn=collate)
     amp = torch.bfloat16 if dev.type == "cuda" else None
     result, samples = evaluate(model, loader, ds.coco, classes, cfg, dev,
                                [0.1, 0.25, 0.5, 0.75] if iou_thresholds is None else iou_thresholds, backend, amp,

@@ -38,6 +38,36 @@ CASES = [
     Case("yolo-duplicate-name-file", ["prepare", "yolo", "--src", "{tmp}/flat", "--names", "{tmp}/n.txt", "--out",
                                       "{tmp}/out"], "n.txt: class name 'car' is given twice (line 1 and line 4)",
          {"flat/a.png": "PNG", "n.txt": "car\n\ntruck\ncar\n"}),
+    # a file given where a source folder belongs is named as a file, not as a missing folder
+    *(Case(f"{name}-src-is-a-file", ["prepare", name, "--src", "{tmp}/a.png", "--out", "{tmp}/out"],
+           "a.png: a file, not a folder hint: give --src the folder that holds the data", {"a.png": "PNG"})
+      for name in ("images", "vedai", "xview", "voc", "dota")),
+    Case("coco-images-is-a-file", ["prepare", "coco", "--src", "{tmp}/ann.json", "--images", "{tmp}/a.png", "--out",
+                                   "{tmp}/out"], "a.png: a file, not a folder",
+         {"ann.json": json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "car"}]}),
+          "a.png": "PNG"}),
+    # one minimum tile for prepare and predict (kdcli.data.tiling.MIN_TILE)
+    Case("images-tile-one-pixel", ["prepare", "images", "--src", "{tmp}/imgs", "--tile", "1", "--out", "{tmp}/out"],
+         "the tile must be 0 (whole images) or at least 32 pixels", {"imgs/a.png": "PNG"}),
+    Case("xview-tile-below-minimum", ["prepare", "xview", "--src", "{tmp}/x", "--tile", "16", "--out", "{tmp}/out"],
+         "--tile >= 32", {"x/train_images/a.tif": "x", "x/xView_train.geojson": "{}"}),
+    Case("predict-slice-below-minimum", ["predict", "{tmp}/best.pt", "{tmp}/a.png", "--slice", "16"],
+         "--slice 16: a window is at least 32 pixels a side", {"a.png": "PNG"}),
+    # distillation methods
+    Case("distill-method-empty", ["distill", "--teacher", "{tmp}/t.pt", "--method", ""], "--method '': empty"),
+    Case("distill-method-none-and-pdf", ["recipe", "show", "{tmp}/r.yaml", "distill.method=none,pdf"],
+         "'none,pdf': none cannot be combined with other methods", {"r.yaml": "data:\n  path: x\n"}),
+    Case("distill-method-trailing-comma", ["recipe", "show", "{tmp}/r.yaml", "distill.method=pdf,"],
+         "'pdf,': an empty method name", {"r.yaml": "data:\n  path: x\n"}),
+    # a truncated checkpoint, wherever it is read (kdcli.engine.checkpoint.load)
+    *(Case(f"{'-'.join(args[:2]).strip('-')}-truncated-checkpoint", [*args, "{tmp}/best.pt"],
+           "best.pt is truncated or damaged (could not be read as a torch checkpoint;",
+           {"best.pt": "PK\x03\x04 the first bytes of a zip, then nothing", "a.png": "PNG"})
+      for args in (["val"], ["train", "--resume"], ["distill", "--resume"], ["distill", "--teacher"],
+                   ["benchmark", "--models"])),
+    Case("predict-truncated-checkpoint", ["predict", "{tmp}/best.pt", "{tmp}/a.png"],
+         "best.pt is truncated or damaged (could not be read as a torch checkpoint;",
+         {"best.pt": "PK\x03\x04 the first bytes of a zip, then nothing", "a.png": "PNG"}),
     Case("train-fold-on-a-foldless-dataset", ["train", "recipes/train/synthetic_student.yaml", "data.path={tmp}/ds",
                                               "data.fold=1"],
          "split 'fold01_train' not found hint: this dataset has no folds: set data.fold=null",

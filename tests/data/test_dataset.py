@@ -89,3 +89,24 @@ def test_unknown_split(vedai25: Path, split: str):
 
     with pytest.raises(KdcliError, match="split 'fold01_nope' not found"):
         DetectionDataset(vedai25, split, fold=1)
+
+
+def test_loader_workers_are_capped_at_the_cores_available_once_said(monkeypatch: pytest.MonkeyPatch, capsys,
+                                                                    vedai25: Path):
+    """More workers than cores only compete for them, and torch warns on every loader; capped, said once."""
+    import os
+    import warnings
+
+    from torch.utils.data import DataLoader
+
+    from kdcli.data import dataset
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(dataset, "_capped", set())
+    assert dataset.loader_workers(0) == 0 and dataset.loader_workers(1) == 1
+    assert dataset.loader_workers(4) == 1 and dataset.loader_workers(4) == 1
+    assert capsys.readouterr().err.count("note: 4 data loader workers asked for, 1 CPU core(s) available") == 1
+    ds = DetectionDataset(vedai25, "test", fold=1, imgsz=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "This DataLoader will create 4 worker processes" warning
+        next(iter(DataLoader(ds, batch_size=2, num_workers=dataset.loader_workers(4), collate_fn=collate)))

@@ -275,3 +275,17 @@ def test_ema_window_and_lag_warning(tmp_path: Path, vedai25: Path, capsys):
     assert "the saved model would lag behind training" in capsys.readouterr().err
     Trainer(tiny_recipe(vedai25, train={"epochs": 1, "max_batches": 1, "ema_tau": 2000}), run_dir=tmp_path / "b").fit()
     assert "lag behind" not in capsys.readouterr().err
+
+
+def test_a_restarted_run_removes_what_a_killed_checkpoint_write_left(tmp_path: Path, capsys):
+    """kill -9 during last.pt's write leaves `.last.pt.<pid>.<random>.tmp` (as large as a checkpoint); the run's
+    next start or resume removes it and says how many bytes, even when it then fails."""
+    weights = tmp_path / "run" / "weights"
+    weights.mkdir(parents=True)
+    (weights / ".last.pt.4194305.k7m2p9q1.tmp").write_bytes(b"\0" * 23_000)  # above any pid_max: a dead writer
+    (weights / "last.pt").write_bytes(b"kept")
+    with pytest.raises(KdcliError):
+        Trainer(tiny_recipe(tmp_path / "no-dataset"), run_dir=tmp_path / "run").fit()
+    assert sorted(p.name for p in weights.iterdir()) == ["last.pt"]
+    flat = " ".join(capsys.readouterr().err.split())
+    assert f"removed 1 temporary file(s) of 23,000 bytes (0.0 MiB) from {weights}" in flat
