@@ -337,7 +337,10 @@ def _onnx(net: nn.Module, x: torch.Tensor, out: Path, nms: bool, half: bool, met
 def _quantize(path: Path, images: np.ndarray, per_channel: bool) -> None:
     """`path` (a float ONNX graph) replaced by its QDQ int8 form, calibrated on `images` one at a time."""
     import onnx
+    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    ort.set_default_logger_severity(3)  # its C++ graph clean-up warns once per unused constant (timm's ReLU6 bounds)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
