@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from kdcli.data import coco
-from kdcli.data.images import load_rgb, pil_image, place
+from kdcli.data.images import pil_image, place, read_rgb
 from kdcli.data.sources.common import is_sliver
 
 MIN_TILE = 32  # pixels: the smallest tile (prepare --tile) or window (predict --slice), one rule for both
@@ -76,10 +76,11 @@ class SceneJob:
     extra: list[dict[str, Any]] | None = None
 
 
-def tile_scene(job: SceneJob) -> list[dict[str, Any]]:
-    """Cut one scene into tiles written as PNG; returns one record per kept tile. An empty tile is kept with
-    probability `keep_empty`, seeded by scene so that reruns and worker counts give the same dataset."""
-    pixels = load_rgb(job.path)
+def tile_scene(job: SceneJob) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Cut one scene into tiles written as PNG; returns one record per kept tile, and the scene's stretch to 8 bit
+    (`kdcli.data.images.read_rgb`; None for an 8-bit scene). An empty tile is kept with probability `keep_empty`,
+    seeded by scene so that reruns and worker counts give the same dataset."""
+    pixels, stretch = read_rgb(job.path)
     h, w = pixels.shape[:2]
     rng = random.Random(f"{job.seed}:{job.scene}")
     stem = Path(job.scene).stem
@@ -95,7 +96,7 @@ def tile_scene(job: SceneJob) -> list[dict[str, Any]]:
         records.append({"file": name, "width": tw, "height": th, "x0": x0, "y0": y0, "scene": job.scene,
                         "boxes": [(job.labels[i], job.raw[i], b, job.extra[i] if job.extra else {})
                                   for i, b in kept]})
-    return records
+    return records, stretch
 
 
 def run_jobs(fn: Callable[[SceneJob], Any], jobs: Iterable[SceneJob], workers: int) -> Iterator[Any]:
@@ -108,19 +109,25 @@ def run_jobs(fn: Callable[[SceneJob], Any], jobs: Iterable[SceneJob], workers: i
 
 
 def add_tiles(builders: dict[str, coco.CocoBuilder], split_of: dict[str, str],
-              results: Iterable[list[dict[str, Any]]]) -> None:
+              results: Iterable[tuple[list[dict[str, Any]], dict[str, Any] | None]]) -> dict[str, int]:
     """Tile records (`tile_scene`'s) into the builder of their scene's split, each tile with its origin in the
-    scene; then each split ordered by file name (worker counts do not change the dataset)."""
-    for records in results:
+    scene (and its scene's stretch, if any); then each split ordered by file name (worker counts do not change the
+    dataset). Returns the scenes stretched to 8 bit per dtype (see `kdcli.data.images.stretch_provenance`)."""
+    stretched: dict[str, int] = {}
+    for records, stretch in results:
+        if stretch:
+            stretched[stretch["dtype"]] = stretched.get(stretch["dtype"], 0) + 1
         for r in records:
             b = builders[split_of[r["scene"]]]
             image_id = len(b.images) + 1
             b.add_image(image_id, f"{coco.IMAGES}/{r['file']}", r["width"], r["height"],
-                        origin={"scene": r["scene"], "x0": r["x0"], "y0": r["y0"]})
+                        origin={"scene": r["scene"], "x0": r["x0"], "y0": r["y0"]},
+                        **({"stretch": stretch} if stretch else {}))
             for label, raw, box, extra in r["boxes"]:
                 b.add_box(image_id, label, box, raw_class=raw, **extra)
     for b in builders.values():
         b.images.sort(key=lambda im: im["file_name"])
+    return stretched
 
 
 def untiled_scenes(jobs: list[SceneJob], sizes: dict[str, tuple[int, int]], dataset_dir: Path, images: str,

@@ -41,7 +41,7 @@ CASES = [
     # a file given where a source folder belongs is named as a file, not as a missing folder
     *(Case(f"{name}-src-is-a-file", ["prepare", name, "--src", "{tmp}/a.png", "--out", "{tmp}/out"],
            "a.png: a file, not a folder hint: give --src the folder that holds the data", {"a.png": "PNG"})
-      for name in ("images", "vedai", "xview", "voc", "dota")),
+      for name in ("images", "vedai", "xview", "voc", "dota", "yolo")),
     Case("coco-images-is-a-file", ["prepare", "coco", "--src", "{tmp}/ann.json", "--images", "{tmp}/a.png", "--out",
                                    "{tmp}/out"], "a.png: a file, not a folder",
          {"ann.json": json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "car"}]}),

@@ -142,3 +142,41 @@ def test_nan_and_inf_bounds_are_dropped_counted_and_not_in_the_class_table(tmp_p
     for split in ("train", "val", "val_scenes"):
         text = (tmp_path / "out" / "annotations" / f"{split}.json").read_text()
         assert "NaN" not in text and "Infinity" not in text
+
+
+def test_a_16_bit_scene_is_stretched_as_prepare_images_does_said_and_recorded(tmp_path: Path):
+    """Pillow cuts a 16-bit RGB scene to its high byte without a word: its tiles are stretched per band between
+    percentiles 2 and 98 (as `prepare images` does), counted, said and recorded; an 8-bit scene is as it was."""
+    import tifffile
+    import yaml
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from kdcli.cli.app import app
+
+    raw = tmp_path / "xView"
+    (raw / "train_images").mkdir(parents=True)
+    band = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 10  # 0..40950
+    tifffile.imwrite(raw / "train_images" / "1.tif", np.stack([band, band // 2, band], -1), photometric="rgb")
+    Image.new("RGB", (64, 64), (90, 60, 30)).save(raw / "train_images" / "2.tif")
+    features = [{"type": "Feature", "properties": {"image_id": s, "type_id": 18, "bounds_imcoords": "10,10,30,30"}}
+                for s in ("1.tif", "2.tif")]
+    (raw / "xView_train.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["prepare", "xview", "--src", str(raw), "--out", str(out), "--tile", "64"],
+                           terminal_width=400)
+    assert r.exit_code == 0, r.output
+    assert "note: 1 of 2 source images are not 8-bit (uint16: 1): stretched to 8 bit per image and band, linear " \
+           "from percentile 2 to percentile 98" in " ".join(r.output.split())
+    meta = yaml.safe_load((out / "dataset.yaml").read_text())
+    assert meta["stretch"]["images"] == 1 and meta["stretch"]["dtypes"] == {"uint16": 1}
+    tiles = {im["origin"]["scene"]: im for s in ("train", "val")
+             for im in json.loads((out / "annotations" / f"{s}.json").read_text())["images"]}
+    assert "stretch" not in tiles["2.tif"]
+    assert np.asarray(Image.open(out / tiles["2.tif"]["file_name"]))[0, 0].tolist() == [90, 60, 30]
+    lo, hi = np.percentile(band, [2, 98]), np.percentile(band // 2, [2, 98])  # by numpy on the whole band
+    assert tiles["1.tif"]["stretch"]["dtype"] == "uint16"
+    np.testing.assert_allclose(tiles["1.tif"]["stretch"]["bands"], [lo, hi, lo], rtol=1e-4)
+    expected = np.clip((band - lo[0]) / (lo[1] - lo[0]) * 255, 0, 255)
+    got = np.asarray(Image.open(out / tiles["1.tif"]["file_name"]))
+    assert got.dtype == np.uint8 and np.abs(got[..., 0] - expected).max() <= 1  # Pillow: band >> 8, at most 159

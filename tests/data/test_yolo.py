@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -180,3 +181,27 @@ def test_a_skipped_bad_image_counts_its_boxes(tmp_path: Path):
     assert lost == {"count": 2, "example": f"{root / 'images' / 'b.png'}: 2"}
     assert "label file without an image (not used)" not in meta["dropped"]  # its label is accounted for
     assert meta["splits"]["train"] == {"images": 1, "objects": 1}
+
+
+@pytest.mark.parametrize("layout", ["plain", "data.yaml"])
+def test_a_rerun_with_force_leaves_its_own_output_inside_src_out(tmp_path: Path, layout: str):
+    """`--out` inside `--src`: a rerun with --force must not read the previous output's images back as input."""
+    src = tmp_path / "flat"
+    for name in ("a", "b"):
+        _image(src / f"{name}.png")
+        (src / f"{name}.txt").write_text("0 0.5 0.5 0.2 0.4\n")
+    if layout == "plain":
+        (tmp_path / "names.txt").write_text("car\n")
+        extra = ["--names", str(tmp_path / "names.txt")]
+    else:
+        (src / "data.yaml").write_text("train: .\nnames: [car]\n")
+        extra = []
+    out = src / "ds"
+    for force in ([], ["--force"], ["--force", "--copy"]):
+        r = CliRunner().invoke(app, ["prepare", "yolo", "--src", str(src), "--out", str(out), "--val-fraction", "0",
+                                     *extra, *force], terminal_width=400)
+        assert r.exit_code == 0, r.output
+        meta = yaml.safe_load((out / "dataset.yaml").read_text())
+        assert meta["images"] == 2 and sum(s["images"] for s in meta["splits"].values()) == 2
+    assert f"note: {out} left out of the inputs: it is this command's output (--out)" in " ".join(r.output.split())
+    assert meta["left_out"] == [f"{out} (this command's output)"]

@@ -179,11 +179,22 @@ def is_own_output(path: Path, out: Path) -> bool:
     return p == out or (p.parent == out.parent and p.name.startswith(f".{out.name}."))
 
 
-def refuse_file(path: Path, option: str) -> None:
+def say_left_out(left_out: list[Path]) -> list[str]:
+    """A note for each folder `walk_images` left out as the command's own output; returns their dataset.yaml record
+    (`left_out`)."""
+    from kdcli import console
+
+    for folder in left_out:
+        console.err.print(f"note: {folder} left out of the inputs: it is this command's output (--out)",
+                          highlight=False, soft_wrap=True)
+    return [f"{f} (this command's output)" for f in map(str, left_out)]
+
+
+def refuse_file(path: Path, option: str, hint: str | None = None) -> None:
     """A source folder given as `option` (e.g. --src) that names a file: say so, rather than "not found"."""
     if path.exists() and not path.is_dir():
         raise KdcliError(f"{option} {path}: a file, not a folder",
-                         hint=f"give {option} the folder that holds the data (e.g. {path.parent})")
+                         hint=hint or f"give {option} the folder that holds the data (e.g. {path.parent})")
 
 
 def require_folder(path: Path, option: str, hint: str | None = None) -> None:

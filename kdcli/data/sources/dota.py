@@ -20,6 +20,7 @@ from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
 from kdcli.data.groups import GROUP, GROUP_FILE, SplitRule, carve
+from kdcli.data.images import say_stretch, stretch_provenance
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
 from kdcli.data.sources.common import SYNTHETIC_MARKER, finite_box, fitted_box, probed_size, refuse_file
 from kdcli.data.tally import Tally
@@ -161,8 +162,8 @@ def prepare(src: Path, out: Path, tile: int = 1024, overlap: float = 200 / 1024,
                                  overlap, min_visible, 1.0 if split_of[scene] == "val" else keep_empty, seed,
                                  tmp / coco.IMAGES, extra))
         builders = {s: coco.CocoBuilder(keep, f"DOTA tiles {s}") for s in ("train", "val")}
-        add_tiles(builders, split_of, console.track(run_jobs(tile_scene, jobs, workers), "tiling DOTA images",
-                                                    total=len(jobs)))
+        stretched = add_tiles(builders, split_of, console.track(run_jobs(tile_scene, jobs, workers),
+                                                                "tiling DOTA images", total=len(jobs)))
         scenes = untiled_scenes([j for j in jobs if split_of[j.scene] == "val"], {s: r[3] for s, r in read.items()},
                                 tmp, images, keep, "DOTA val images (untiled)",
                                 {s: {"gsd": r[4]} for s, r in read.items() if r[4]})
@@ -179,7 +180,11 @@ def prepare(src: Path, out: Path, tile: int = 1024, overlap: float = 200 / 1024,
             "dropped": tally.as_dict(),
             "notes": "difficult objects are kept for training and ignored by the VOC-style evaluator",
         }
+        if stretched:
+            meta["stretch"] = stretch_provenance(stretched, f"{coco.ANNOTATIONS}/train.json and val.json")
         coco.write_dataset_yaml(tmp, meta)
+    if stretched:
+        say_stretch(meta["stretch"], len(jobs))
     return meta
 
 

@@ -21,14 +21,13 @@ from typing import Any
 from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
-from kdcli.data.images import pil_image, place
+from kdcli.data.images import STRETCH_PERCENTILES, pil_image, place, say_stretch, stretch_entry, stretch_provenance
 from kdcli.data.sources import FORCE, LINK, SKIP_BAD, Option, Source, calling, register
-from kdcli.data.sources.common import require_folder, walk_images
+from kdcli.data.sources.common import require_folder, say_left_out, walk_images
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
 SPLIT = "unlabeled"
-PERCENTILES = (2, 98)  # the stretch of non-8-bit images to 8 bit, per image and band
 
 
 def _keep_as_is(path: Path) -> bool:
@@ -51,9 +50,7 @@ def prepare(src: Path, out: Path, tile: int = 0, overlap: float = 0.2, bands: st
     chosen = parse_bands(bands)
     left_out: list[Path] = []
     files = walk_images(src, leave_out=out, left_out=left_out)
-    for folder in left_out:
-        console.err.print(f"note: {folder} left out of the inputs: it is this command's output (--out)",
-                          highlight=False, soft_wrap=True)
+    left_out_record = say_left_out(left_out)
     if not files:
         raise KdcliError(f"{src}: no images (looked for PNG, JPEG, TIFF, BMP, links followed)")
     tally = Tally()
@@ -65,7 +62,7 @@ def prepare(src: Path, out: Path, tile: int = 0, overlap: float = 0.2, bands: st
         for path in console.track(files, "images"):
             rel = path.relative_to(src)
             try:
-                raster = open_raster(path, chosen, PERCENTILES)
+                raster = open_raster(path, chosen, STRETCH_PERCENTILES)
             except KdcliError as e:
                 if not skip_bad_images:
                     raise KdcliError(e.message, hint="leave such files out with --skip-bad-images") from None
@@ -82,8 +79,7 @@ def prepare(src: Path, out: Path, tile: int = 0, overlap: float = 0.2, bands: st
             stretch = {}
             if raster.scale:  # not 8-bit: stretched per band between percentiles, recorded with every image
                 stretched[str(raster.dtype)] = stretched.get(str(raster.dtype), 0) + 1
-                stretch = {"stretch": {"dtype": str(raster.dtype),
-                                       "bands": [[float(f"{lo:.6g}"), float(f"{hi:.6g}")] for lo, hi in raster.scale]}}
+                stretch = {"stretch": stretch_entry(raster)}
             if (not tile or max(raster.width, raster.height) <= tile) and not chosen and _keep_as_is(path):
                 dst = f"{coco.IMAGES}/{stem}{path.suffix.lower()}"
                 place(path, tmp / dst, images)
@@ -104,20 +100,12 @@ def prepare(src: Path, out: Path, tile: int = 0, overlap: float = 0.2, bands: st
                 "overlap": overlap, "source_images": len(files), "images": len(b.images), "splits": splits,
                 "dropped": tally.as_dict()}
         if stretched:
-            meta["stretch"] = {"images": sum(stretched.values()), "dtypes": stretched,
-                               "rule": f"per image and band, linear from percentile {PERCENTILES[0]} to "
-                                       f"percentile {PERCENTILES[1]} of its values (a sample, nodata left out) "
-                                       "to 0-255, clipped",
-                               "values": f"each image's low/high per band: `stretch` in {coco.ANNOTATIONS}/"
-                                         f"{SPLIT}.json"}
+            meta["stretch"] = stretch_provenance(stretched, f"{coco.ANNOTATIONS}/{SPLIT}.json")
         if left_out:
-            meta["left_out"] = [f"{f} (this command's output)" for f in map(str, left_out)]
+            meta["left_out"] = left_out_record
         coco.write_dataset_yaml(tmp, meta)
     if stretched:
-        console.err.print(f"note: {meta['stretch']['images']} of {len(files)} source images are not 8-bit "
-                          f"({', '.join(f'{k}: {v}' for k, v in stretched.items())}): stretched to 8 bit "
-                          f"{meta['stretch']['rule']} (recorded in dataset.yaml `stretch`)",
-                          highlight=False, soft_wrap=True)
+        say_stretch(meta["stretch"], len(files))
     return meta
 
 

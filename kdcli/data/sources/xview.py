@@ -14,6 +14,7 @@ from typing import Any
 from kdcli import console
 from kdcli.atomic import atomic_dir
 from kdcli.data import coco
+from kdcli.data.images import say_stretch, stretch_provenance
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
 from kdcli.data.sources.common import (SYNTHETIC_MARKER, Preset, finite_box, fitted_box, probed_size, refuse_file,
                                       val_split)
@@ -161,7 +162,7 @@ def prepare(src: Path, out: Path, tile: int = 512, overlap: float = 0.2, min_vis
         builders = {s: coco.CocoBuilder(pre.classes, f"xView tiles {s}") for s in ("train", "val")}
         ordered = sorted(jobs.values(), key=lambda j: j.scene)
         results = run_jobs(tile_scene, ordered, workers)
-        add_tiles(builders, split_of, console.track(results, "tiling scenes", total=len(ordered)))
+        stretched = add_tiles(builders, split_of, console.track(results, "tiling scenes", total=len(ordered)))
         scenes = untiled_scenes([jobs[s] for s in val_scenes], scene_sizes, tmp, images, pre.classes,
                                 "xView val scenes (untiled)")
         splits, counts = coco.write_splits(tmp, {**builders, "val_scenes": scenes})
@@ -174,7 +175,11 @@ def prepare(src: Path, out: Path, tile: int = 512, overlap: float = 0.2, min_vis
             "images": sum(len(b.images) for b in builders.values()), "splits": splits, "class_counts": counts,
             "dropped": tally.as_dict(),
         }
+        if stretched:
+            meta["stretch"] = stretch_provenance(stretched, f"{coco.ANNOTATIONS}/train.json and val.json")
         coco.write_dataset_yaml(tmp, meta)
+    if stretched:
+        say_stretch(meta["stretch"], len(jobs))
     return meta
 
 

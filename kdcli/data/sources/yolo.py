@@ -33,7 +33,7 @@ from kdcli.data.groups import SplitRule, carve
 from kdcli.data.images import place
 from kdcli.data.sources import FORCE, LINK, SEED, SKIP_BAD, Option, Source, Synthetic, calling, register
 from kdcli.data.sources.common import (IMAGE_SUFFIXES, SYNTHETIC_MARKER, finite_box, fitted_box, probed_size,
-                                       walk_images)
+                                       refuse_file, say_left_out, walk_images)
 from kdcli.data.tally import Tally
 from kdcli.errors import KdcliError
 
@@ -108,8 +108,10 @@ def _entry_path(entry: str, root: Path) -> Path:
     return root / p
 
 
-def _images_of(entry: Any, root: Path, where: str, lists: set[Path]) -> list[Path]:
-    """The images of one split entry; the .txt image lists it names are added to `lists`."""
+def _images_of(entry: Any, root: Path, where: str, lists: set[Path], out: Path | None = None,
+               left_out: list[Path] | None = None) -> list[Path]:
+    """The images of one split entry; the .txt image lists it names are added to `lists`, the command's output
+    `out` met in its folders is left out (`walk_images`) and added to `left_out`."""
     entries = entry if isinstance(entry, list) else [entry]
     found: list[Path] = []
     for e in entries:
@@ -117,7 +119,7 @@ def _images_of(entry: Any, root: Path, where: str, lists: set[Path]) -> list[Pat
             raise KdcliError(f"{where}: expected a folder, a .txt list or a list of them, found {e!r}")
         p = _entry_path(e, root)
         if p.is_dir():
-            found += walk_images(p)
+            found += walk_images(p, leave_out=out, left_out=left_out)
         elif p.is_file() and p.suffix.lower() == ".txt":
             lists.add(p.resolve())
             for line in p.read_text(encoding="utf-8-sig", errors="replace").splitlines():
@@ -139,10 +141,12 @@ class Layout:
     splits: dict[str, list[Path]]
     declared_by: Path
     lists: set[Path] = field(default_factory=set)
+    left_out: list[Path] = field(default_factory=list)  # the command's own output, met inside the image folders
 
 
-def read_layout(src: Path, names: Path | None) -> Layout:
-    """The layout of a data.yaml or a plain folder."""
+def read_layout(src: Path, names: Path | None, out: Path | None = None) -> Layout:
+    """The layout of a data.yaml or a plain folder; `out` (the command's output) is never read as input."""
+    left_out: list[Path] = []
     if src.is_file() and src.suffix in (".yaml", ".yml"):
         yaml_path = src
     elif (src / "data.yaml").is_file():
@@ -151,8 +155,11 @@ def read_layout(src: Path, names: Path | None) -> Layout:
         if names is None:
             raise KdcliError(f"{src}: no data.yaml", hint="give --names FILE (one class name per line) for a plain "
                                                          "folder of images with .txt labels")
-        return Layout(names_file(names), {"train": walk_images(src)}, names)
+        return Layout(names_file(names), {"train": walk_images(src, leave_out=out, left_out=left_out)}, names,
+                      left_out=left_out)
     else:
+        refuse_file(src, "--src", hint=f"give --src the folder that holds the data (e.g. {src.parent}: with data.yaml, "
+                                       "or images + .txt labels and --names) or its data.yaml file")
         raise KdcliError(f"YOLO dataset not found at {src}",
                          hint="give --src DIR (with data.yaml, or images + .txt labels and --names) or the "
                               "data.yaml file; for offline data run `kdcli prepare synthetic --kind yolo`")
@@ -167,7 +174,7 @@ def read_layout(src: Path, names: Path | None) -> Layout:
     if "train" not in data:
         raise KdcliError(f"{yaml_path}: no 'train' entry")
     lists: set[Path] = set()
-    splits = {s: _images_of(data[s], root, f"{yaml_path}: {s}", lists) for s in SPLITS if data.get(s)}
+    splits = {s: _images_of(data[s], root, f"{yaml_path}: {s}", lists, out, left_out) for s in SPLITS if data.get(s)}
     train = {p.resolve() for p in splits["train"]}
     for s in ("val", "test"):
         shared = [p for p in splits.get(s, []) if p.resolve() in train]
@@ -176,7 +183,7 @@ def read_layout(src: Path, names: Path | None) -> Layout:
             raise KdcliError(f"{yaml_path}: {s}: {len(shared)} of its {len(splits[s])} images are also in train "
                              f"(first: {shared[0]})",
                              hint=f"a held-out split must not share images with train: point it at other images{carve}")
-    return Layout(classes, splits, yaml_path, lists)
+    return Layout(classes, splits, yaml_path, lists, sorted(set(left_out)))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -229,7 +236,8 @@ def prepare(src: Path, out: Path, names: Path | None = None, classes: str = "all
             fold_by: str | None = None) -> dict[str, Any]:
     """Convert a YOLO dataset into a dataset dir; returns the dataset.yaml content. Val (or folds) are carved by
     `kdcli.data.groups.carve`: by group with `group`/`group_file`, so that no group straddles splits."""
-    layout = read_layout(src, names)
+    layout = read_layout(src, names, out)
+    left_out = say_left_out(layout.left_out)
     names, split_images = layout.classes, layout.splits
     keep = list(names) if classes == "all" else [c.strip() for c in classes.split(",") if c.strip()]
     unknown = [c for c in keep if c not in names]
@@ -306,7 +314,8 @@ def prepare(src: Path, out: Path, names: Path | None = None, classes: str = "all
                 "synthetic": (src / SYNTHETIC_MARKER).is_file(), "classes": keep, "preset": classes,
                 "val_fraction": val_fraction if carved_val or carved.folds else 0, "seed": seed,
                 **({"folds": carved.folds} if carved.folds else {}), "split_rule": carved.provenance,
-                "images": next_id - 1, "splits": splits, "class_counts": counts, "dropped": tally.as_dict()}
+                "images": next_id - 1, "splits": splits, "class_counts": counts, "dropped": tally.as_dict(),
+                **({"left_out": left_out} if left_out else {})}
         coco.write_dataset_yaml(tmp, meta)
     return meta
 
