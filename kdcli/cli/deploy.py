@@ -81,8 +81,7 @@ def predict(
     """
     from kdcli.data import coco
     from kdcli.data.rasters import GEO_HINT, open_raster, optional_rasterio, parse_bands, require_band_choice
-    from kdcli.data.tiling import MIN_TILE
-    from kdcli.deploy.predict import Predictor, expand_sources, write_outputs
+    from kdcli.deploy.predict import Predictor, check_slice, expand_sources, write_outputs
     from kdcli.engine import checkpoint, distributed
     from kdcli.engine.trainer import unique_run_dir
 
@@ -100,9 +99,7 @@ def predict(
         raise KdcliError("--split reads the dataset from a kdcli checkpoint: give the .pt", hint="or list the images")
     if not 0 <= overlap < 1:
         raise KdcliError(f"--overlap {overlap}: give a fraction in [0, 1)")
-    if slice_size is not None and slice_size < MIN_TILE:
-        raise KdcliError(f"--slice {slice_size}: a window is at least {MIN_TILE} pixels a side (as a tile of "
-                         "`kdcli prepare`)")
+    check_slice(slice_size)
     band_list = parse_bands(bands)  # checked before the model loads
     if out_dir is not None:
         _check_out(out_dir, force)

@@ -24,7 +24,7 @@ from torchvision.ops import batched_nms
 from kdcli import atomic
 from kdcli.config.schema import ModelConfig
 from kdcli.data.rasters import IMAGE_SUFFIXES, Raster, warn_once
-from kdcli.data.tiling import windows
+from kdcli.data.tiling import MIN_TILE, windows
 from kdcli.data.transforms import eval_transform, input_scale
 from kdcli.deploy.slicing import drop_cut_boxes, merge, to_scene
 from kdcli.engine import checkpoint
@@ -148,12 +148,20 @@ class Detections:
     labels: np.ndarray
 
 
+def check_slice(slice_size: int | None) -> None:
+    """A window (--slice) is at least MIN_TILE pixels a side, as a tile of `kdcli prepare` is."""
+    if slice_size is not None and slice_size < MIN_TILE:
+        raise KdcliError(f"--slice {slice_size}: a window is at least {MIN_TILE} pixels a side (as a tile of "
+                         "`kdcli prepare`)")
+
+
 class Predictor:
     """A kdcli checkpoint (.pt) or an exported ONNX model (.onnx, run with onnxruntime)."""
 
     def __init__(self, weights: str | Path, device: torch.device, conf: float | None = None,
                  iou: float | None = None, max_det: int | None = None, slice_size: int | None = None,
                  overlap: float = 0.2, merge_method: str = "nms", batch: int = 8, keep_cut: bool = False):
+        check_slice(slice_size)  # before the model loads
         over = {k: v for k, v in (("conf", conf), ("nms_iou", iou), ("max_det", max_det)) if v is not None}
         if str(weights).endswith(".onnx"):
             self.session, meta = _onnx_session(weights, device)

@@ -191,8 +191,8 @@ def _no_files(folder: Path) -> bool:
     return not any(p.is_file() for p in folder.rglob("*"))
 
 
-@pytest.mark.parametrize("case", ["empty", "four_bands", "one_band", "torchscript", "calib_without_int8", "split",
-                                  "half"])
+@pytest.mark.parametrize("case", ["empty", "four_bands", "two_bands", "one_band", "torchscript", "calib_without_int8",
+                                  "split", "half"])
 def test_int8_bad_inputs_are_one_line_and_write_nothing(case: str, tmp_path: Path, tiny_checkpoint: Path):
     import tifffile
     from PIL import Image
@@ -204,11 +204,15 @@ def test_int8_bad_inputs_are_one_line_and_write_nothing(case: str, tmp_path: Pat
         Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(calib / "a.png")
         tifffile.imwrite(calib / "b.tif", np.zeros((4, 96, 96), np.uint8), photometric="minisblack",
                          planarconfig="separate")  # a 4-band (e.g. RGB + NIR) scene
+    if case == "two_bands":  # read by default, band 2 would be dropped without a word (as prepare images/predict)
+        tifffile.imwrite(calib / "b.tif", np.zeros((2, 96, 96), np.uint16), photometric="minisblack",
+                         planarconfig="separate")
     if case == "one_band":
         Image.fromarray(np.zeros((96, 96), np.uint8)).save(calib / "gray.png")
     args, expected = {
         "empty": (["--int8", "--calib", str(calib)], f"--calib {calib}: no image in the folder"),
         "four_bands": (["--int8", "--calib", str(calib)], "b.tif has 4 band(s); the model takes 3 (rgb)"),
+        "two_bands": (["--int8", "--calib", str(calib)], "b.tif has 2 band(s); the model takes 3 (rgb)"),
         "one_band": (["--int8", "--calib", str(calib)], "gray.png has 1 band(s); the model takes 3 (rgb)"),
         "torchscript": (["--int8", "--format", "torchscript"], "--int8 is ONNX Runtime's static quantization: "
                                                                 "not available for torchscript"),

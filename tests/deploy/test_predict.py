@@ -156,3 +156,18 @@ def test_a_second_run_into_the_same_out_is_refused_or_replaces_it_whole(tmp_path
     res = CliRunner().invoke(app, [*args, "--force", "--bands", "2"])  # one band, repeated to three
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == ["a.geojson", "images.json", "predictions.json"]
+
+
+def test_the_predictor_api_refuses_a_window_below_the_minimum_tile(tmp_path: Path):
+    """The Python API keeps the CLI's rule (kdcli.data.tiling.MIN_TILE), checked before any model loads."""
+    import torch
+
+    from kdcli.deploy.predict import Predictor
+    from kdcli.errors import KdcliError
+
+    absent = tmp_path / "absent.pt"
+    with pytest.raises(KdcliError, match=r"--slice 31: a window is at least 32 pixels a side"):
+        Predictor(absent, torch.device("cpu"), slice_size=31)
+    with pytest.raises(KdcliError) as e:  # 32 passes the rule: what fails next is the missing checkpoint
+        Predictor(absent, torch.device("cpu"), slice_size=32)
+    assert "--slice" not in e.value.message and "absent.pt" in e.value.message
