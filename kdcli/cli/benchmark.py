@@ -19,6 +19,7 @@ from kdcli.console import err, out
 
 
 def benchmark(
+    ctx: typer.Context,  # which options were given: checked against --suite
     models: Annotated[list[str] | None, typer.Option("--model", "--models", "-m",
                                                      help="Checkpoints (.pt) or model/train recipes, teacher first "
                                                           "(repeatable or comma-separated).",
@@ -79,6 +80,8 @@ def benchmark(
                                                                  "(summary.json first).")] = None,
     tiny: Annotated[bool, typer.Option("--tiny", help="With --suite: the smallest sizes (a check on a CPU).")]
     = False,
+    force: Annotated[bool, typer.Option("--force", help="With --suite: empty an earlier suite's --out and start "
+                                                        "afresh (a suite measures only what it runs).")] = False,
 ) -> None:
     """Parameters, FLOPs, inference latency (batch 1) and throughput, training-step time per image (share in
     assignment + losses, peak GPU memory), the distillation rows' overhead (--distill), and metric time against
@@ -90,12 +93,13 @@ def benchmark(
 
     Example: [bold]kdcli benchmark --formats torch,onnx,onnx-int8 --model best.pt --data DIR --json[/]
     """
+    _check_suite_options(ctx, suite is not None)
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
     if suite is not None:
-        _suite(suite, suite_out, device, amp, tiny, as_json)
+        _suite(suite, suite_out, device, amp, tiny, as_json, force)
         return
     if formats is not None:
         _formats(formats, models, data, split, batch, workers, repeats or 50, as_json, save)
@@ -155,26 +159,59 @@ def benchmark(
     _print(result, batch, dev, distill)
 
 
-def _suite(name: str, out_dir: Path | None, device: str, amp: str, tiny: bool, as_json: bool) -> None:
+SUITE_ONLY = ("suite_out", "tiny", "force")  # options of --suite alone
+SUITE_USES = ("suite", *SUITE_ONLY, "device", "amp", "threads", "as_json")  # every other option: not with --suite
+
+
+def _check_suite_options(ctx: typer.Context, suite: bool) -> None:
+    """Nothing given is dropped silently: --out/--tiny/--force without --suite (the full default benchmark would
+    run instead), and options the suite's fixed stages do not read, with it."""
     from kdcli.errors import KdcliError
-    from kdcli.study.suite import FULL, TINY, Suite
+
+    given = [p for p in ctx.command.params if p.name and getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT")
+             in ("COMMANDLINE", "ENVIRONMENT")]
+    flag = lambda p: "/".join([max(p.opts, key=len), *p.secondary_opts])  # noqa: E731 - as --help shows it
+    if not suite:
+        stray = [flag(p) for p in given if p.name in SUITE_ONLY]
+        if stray:
+            one = len(stray) == 1
+            raise KdcliError(f"{', '.join(stray)} only go{'es' if one else ''} with --suite (without it the full "
+                             f"default benchmark would run and ignore {'it' if one else 'them'})",
+                             hint="kdcli benchmark --suite gpu --out DIR --tiny")
+        return
+    unused = [flag(p) for p in given if p.name not in SUITE_USES]
+    if unused:
+        raise KdcliError(f"--suite runs its own fixed stages: {', '.join(unused)} {'is' if len(unused) == 1 else 'are'}"
+                         " not used by it", hint="drop them, or run the benchmark without --suite")
+
+
+def _suite(name: str, out_dir: Path | None, device: str, amp: str, tiny: bool, as_json: bool, force: bool) -> None:
+    from kdcli.errors import KdcliError
+    from kdcli.study.suite import FULL, TINY, Suite, claim_out
 
     if name != "gpu":
         raise KdcliError(f"--suite {name}: the one suite is gpu")
     if out_dir is None:
         raise KdcliError("--suite needs --out DIR (its results are written there stage by stage)")
-    result = Suite(out_dir, device, amp if amp != "off" or device == "cpu" else "bf16", TINY if tiny else FULL).run()
+    claim_out(out_dir, force)  # before any stage: refused, nothing measured
+    result = Suite(out_dir, device, amp if amp != "off" or device == "cpu" else "bf16", TINY if tiny else FULL,
+                   force=False).run()  # the folder is claimed (and emptied) already
     if as_json:
         typer.echo(json.dumps(result))
         return
     t = Table(title=f"suite gpu on {result['device']} ({result['elapsed_s']} s): {result['passed']} of "
                     f"{result['measured']} targets met", title_justify="left")
-    for col in ("target", "value", "goal", "met"):
+    for col in ("target", "value", "spread (min-max, n)", "goal", "met"):
         t.add_column(col, justify="left" if col == "target" else "right")
     for x in result["targets"]:
         met = "-" if x["pass"] is None else ("[green]yes[/]" if x["pass"] else "[red]no[/]")
-        t.add_row(x["target"], "-" if x["value"] is None else str(x["value"]), x["goal"], met)
+        sp = x.get("spread")
+        t.add_row(x["target"], "-" if x["value"] is None else str(x["value"]),
+                  f"{sp['min']}-{sp['max']}, {sp['n']}" if sp else "-", x["goal"], met)
     out.print(t)
+    for x in result["targets"]:
+        if x.get("note"):
+            out.print(f"{x['target']}: {x['note']}", highlight=False, soft_wrap=True)
     out.print(f"written: {out_dir}/summary.json, suite.json, study_table.md, study_gains.md", highlight=False)
 
 
@@ -186,6 +223,10 @@ def _formats(names: str, models: list[str] | None, data: str | None, split: str,
     from kdcli.errors import KdcliError
 
     chosen = F.parse_formats(names)
+    given = [x.strip() for x in names.split(",") if x.strip()]
+    if len(given) > len(chosen):  # each format measured once: a second torch row would time the same thing again
+        twice = list(dict.fromkeys(x for i, x in enumerate(given) if x in given[:i]))
+        err.print(f"--formats {names}: {', '.join(twice)} given more than once, measured once", highlight=False)
     specs = [x for m in (models or []) for x in m.split(",") if x]
     if not specs or any(not s.endswith(".pt") for s in specs):
         raise KdcliError("--formats measures trained models: give their checkpoints", hint="--model best.pt")

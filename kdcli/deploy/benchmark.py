@@ -65,6 +65,38 @@ def _time(step: Callable[[], dict[str, float]], device: torch.device, warmup: in
     return times, {k: statistics.median(v) for k, v in parts.items()}
 
 
+def _time_round_robin(steps: list[Callable[[], dict[str, float]]], device: torch.device, warmup: int, repeats: int
+                      ) -> tuple[list[list[float]], list[int]]:
+    """(seconds of each step's `repeats` timed runs, peak GPU bytes of each): every step warmed up first, then
+    `repeats` rounds that time each step once, so that two rows' ratio is taken between steps moments apart (a load
+    that comes and goes on the machine moves both, not one row's whole series)."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    _sync(device)
+    times: list[list[float]] = [[] for _ in steps]
+    peaks = [0] * len(steps)
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times[i].append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                peaks[i] = max(peaks[i], torch.cuda.max_memory_allocated(device))
+    return times, peaks
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """min, quartiles and max of repeated measurements (`n` of them): how far one figure can be trusted."""
+    q1, q3 = (float(x) for x in np.percentile(values, [25, 75]))
+    return {"min": round(min(values), 3), "q1": round(q1, 3), "q3": round(q3, 3), "max": round(max(values), 3),
+            "n": len(values)}
+
+
 def train_step(cfg: ModelConfig, imgsz: int, batch: int, device: torch.device, amp: torch.dtype | None,
                num_classes: int = 8, anchor_size: float = 16.0, warmup: int = 2, repeats: int = 5,
                channels_last: bool = False, compile: bool = False) -> dict[str, Any]:
@@ -160,7 +192,8 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
                   warmup: int = 2, repeats: int = 5, rows: list[tuple[str, str, bool]] | None = None
                   ) -> dict[str, Any]:
     """Step time of each student row (`rows`, default `distill_rows()`, the first being the hard student's)
-    relative to the first on the same batch, the peak GPU memory of each, and the FLOP ratio
+    relative to the first on the same batch (rows timed in turn, round after round: the median of each round's
+    ratio to the hard step, and the spread of those ratios), the peak GPU memory of each, and the FLOP ratio
     (student fwd+bwd + teacher fwd) / (student fwd+bwd), for the full and the truncated teacher. Each row runs
     through the same `Distiller.student_loss` as `kdcli distill`; a pooled row's step also takes `batch` pool
     images (no boxes), so its ratio is the cost of distilling on unlabelled images at ratio 1."""
@@ -170,6 +203,7 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
     teacher = build_detector(teacher_cfg, num_classes, imgsz, anchor_size).to(device).eval()
     student = build_detector(student_cfg, num_classes, imgsz, anchor_size).to(device).train()
     loss_fn = DetectionLoss(student_cfg, num_classes)
+    student_opt = torch.optim.SGD(student.parameters(), lr=1e-4, momentum=0.9)  # one for every row: one momentum
     images, boxes, labels = synthetic_batch(batch, imgsz, num_classes, device)
     pool_images, _, _ = synthetic_batch(batch, imgsz, num_classes, device, seed=1)
     plain = {"images": images, "boxes": boxes, "labels": labels, "labeled": [True] * batch}
@@ -183,17 +217,19 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
         cfg = DistillConfig(labels=labels_mode, method=method, unlabeled="rest" if pool else None)
         distiller = Distiller(cfg, teacher, student_cfg.channels)
         distiller.to(device).train()
-        params = [p for m in [student, *distiller.trainable()] for p in m.parameters()]
-        opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+        params = [p for m in distiller.trainable() for p in m.parameters()]
+        opts = [student_opt] + ([torch.optim.SGD(params, lr=1e-4, momentum=0.9)] if params else [])
         data = pooled if pool else plain
         names: list[str] = []  # the step's terms (each method's own), filled by the first step
 
         def step() -> dict[str, float]:
-            opt.zero_grad(set_to_none=True)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 terms = distiller.student_loss(student, loss_fn, data)
             terms["total"].backward()
-            opt.step()
+            for opt in opts:
+                opt.step()
             names[:] = [k for k in terms if k != "total"]
             return {}
 
@@ -202,13 +238,13 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
     student_flops = _flops(lambda: loss_fn(student(images), boxes, labels)["total"].backward())
     teacher_full = _flops(lambda: teacher(images))
     teacher_trunc = _flops(lambda: teacher(images, head=False))
+    specs = list(rows or distill_rows())
+    steps = [make_step(*spec) for spec in specs]
+    timed, peaks = _time_round_robin([st for st, _, _ in steps], device, warmup, repeats)
     measured = []
-    base = None
-    for labels_mode, method, pool in rows or distill_rows():
-        step, head, names = make_step(labels_mode, method, pool)
-        times, _ = _time(step, device, warmup, repeats)
+    for (labels_mode, method, pool), (_, head, names), times, peak in zip(specs, steps, timed, peaks):
         med = statistics.median(times)
-        base = base or med
+        ratios = [t / b for t, b in zip(times, timed[0])]  # each against the hard step of the same round
         uses_teacher = labels_mode != "hard" or method != "none"
         t_flops = (teacher_full if head else teacher_trunc) if uses_teacher else 0.0
         scale = 2 if pool else 1  # a pooled step runs student and teacher on twice the images
@@ -216,10 +252,10 @@ def distill_steps(teacher_cfg: ModelConfig, student_cfg: ModelConfig, imgsz: int
                                                                                                 else ""),
                      "teacher": "-" if not uses_teacher else ("full" if head else "backbone+neck"),
                      "terms": list(names),
-                     "images": batch * scale, "step_s": round(med, 4), "time_ratio": round(med / base, 3),
+                     "images": batch * scale, "step_s": round(med, 4),
+                     "time_ratio": round(statistics.median(ratios), 3), "time_ratio_spread": spread(ratios),
                      "flop_ratio": round(scale * (student_flops + t_flops) / student_flops, 3),
-                     "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                     if device.type == "cuda" else None})
+                     "peak_mem_gib": round(peak / 2**30, 2) if device.type == "cuda" else None})
     return {"imgsz": imgsz, "batch": batch, "amp": str(amp).split(".")[-1] if amp else "off",
             "student_fwd_bwd_gflops": round(student_flops / 1e9, 2),
             "teacher_fwd_gflops": round(teacher_full / 1e9, 2),

@@ -40,12 +40,13 @@ FORMATS = {
 
 
 def parse_formats(text: str) -> list[str]:
+    """The formats of `--formats a,b`, each once."""
     names = [x.strip() for x in text.split(",") if x.strip()]
     unknown = [x for x in names if x not in FORMATS]
     if unknown or not names:
         raise KdcliError(f"--formats {text}: unknown format {unknown[0] if unknown else '(none given)'}",
                          hint=f"choose from {', '.join(FORMATS)}")
-    return names
+    return list(dict.fromkeys(names))  # each once, in the order first given
 
 
 def evaluate_onnx(path: str | Path, split: str = "test", dataset: str | Path | None = None, fold: int | None = None,

@@ -4,6 +4,9 @@ a real epoch through the loader and the command-to-first-step time on synthetic 
 study on that data (teacher + hard + hard+pdf + hard+crosskd, 2 folds x 1 seed, several cells per GPU) with its
 report, and one summary of every target with its value and pass/fail.
 
+A suite measures what it runs: OUT must be new or empty (`--force` empties an earlier suite's OUT first), so no
+target is judged from cells or files of another call; a study cut short by failed cells projects nothing.
+
 Each stage writes its results to OUT as soon as it has them (`suite.json`, `summary.json`, then the study's
 `study_table.md` and `study_gains.md`), so a call cut short still leaves what it measured. Bulky outputs (the
 data, the study's runs) go to OUT/data and OUT/study; the files a person reads sit at OUT's top level.
@@ -14,6 +17,7 @@ end within 9 minutes on one H200; `TINY` runs the same stages on a CPU in about 
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +25,7 @@ from typing import Any
 
 from kdcli import atomic
 from kdcli.console import err
+from kdcli.errors import KdcliError
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,10 @@ class Sizes:
 
 FULL = Sizes(imgsz=512, batch=16, repeats=10, channels=None, scenes=200, scene_size=512, teacher_epochs=10,
              student_epochs=6, per_device=4, epoch_batches=None)
-TINY = Sizes(imgsz=64, batch=2, repeats=1, channels=16, scenes=24, scene_size=64, teacher_epochs=1,
+TINY = Sizes(imgsz=64, batch=2, repeats=5, channels=16, scenes=24, scene_size=64, teacher_epochs=1,
              student_epochs=1, per_device=1, epoch_batches=2)
+MIN_REPEATS = 5  # timed steps after warm-up at least: one step's ratio swung from 1.7 to 0.1 between two CPU runs
+SUITE_FILES = ("suite.json", "summary.json")  # what marks a folder as an earlier suite's
 STUDENT_ROWS = ["hard", "hard+pdf", "hard+crosskd"]  # the study's rows besides the teacher
 FULL_STUDY = {"teachers": 4, "teacher_epochs": 50, "students": 20, "student_epochs": 30}  # study/synthetic_gpu
 
@@ -56,11 +63,35 @@ TARGETS = [
 ]
 
 
+def claim_out(out: Path, force: bool = False) -> None:
+    """OUT must be new or empty: an earlier suite's study cells would be skipped as finished and its files read as
+    this call's. `force` empties an earlier suite's folder (one holding suite.json or summary.json), and only such a
+    folder (`--out . --force` must not empty the working folder)."""
+    from kdcli.atomic import ensure_dir_possible
+
+    ensure_dir_possible(out, "--out folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise KdcliError(f"--out {out}: the folder is not empty (a suite measures only what it runs; an earlier "
+                         "suite's study cells would be reused untimed)",
+                         hint="choose a new folder, or pass --force to start this one afresh")
+    if not any((out / name).is_file() for name in SUITE_FILES):
+        raise KdcliError(f"--out {out}: not the folder of an earlier suite (no {' or '.join(SUITE_FILES)}): "
+                         "--force empties only those", hint="choose a new or empty folder")
+    err.print(f"--force: emptying {out} (an earlier suite's results)", highlight=False)
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
 class Suite:
     """The stages and their files; `results` grows stage by stage and is rewritten after each."""
 
-    def __init__(self, out: Path, device: str, amp: str, sizes: Sizes):
-        self.out, self.device, self.amp, self.sizes = out, device, amp, sizes
+    def __init__(self, out: Path, device: str, amp: str, sizes: Sizes, force: bool = False):
+        self.out, self.device, self.amp, self.sizes, self.force = out, device, amp, sizes, force
         self.results: dict[str, Any] = {"sizes": asdict(sizes), "device": device, "amp": amp, "stages": {}}
         self.t0 = time.perf_counter()
 
@@ -71,6 +102,7 @@ class Suite:
         atomic.write_json(self.out / "summary.json", summary(self.results), indent=2)
 
     def run(self) -> dict[str, Any]:
+        claim_out(self.out, self.force)
         self.out.mkdir(parents=True, exist_ok=True)
         for name, stage in (("steps", self.steps), ("epoch", self.epoch), ("study", self.study)):
             err.print(f"[bold]suite: {name}[/] ({time.perf_counter() - self.t0:.0f} s so far)", highlight=False)
@@ -95,16 +127,17 @@ class Suite:
         from kdcli.engine.distributed import resolve_device
 
         s, dev = self.sizes, resolve_device(self.device)
+        repeats = max(MIN_REPEATS, s.repeats)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp) if dev.type == "cuda" else None
         teacher, student = self.models()
         rows = {"machine": bench.machine()}
-        rows["teacher"] = bench.train_step(teacher, s.imgsz, s.batch, dev, dtype, repeats=s.repeats)
+        rows["teacher"] = bench.train_step(teacher, s.imgsz, s.batch, dev, dtype, repeats=repeats)
         self.record("steps", rows)
-        rows["student"] = bench.train_step(student, s.imgsz, s.batch, dev, dtype, repeats=s.repeats)
+        rows["student"] = bench.train_step(student, s.imgsz, s.batch, dev, dtype, repeats=repeats)
         self.record("steps", rows)
-        rows["torchvision_retinanet"] = bench.torchvision_reference(s.imgsz, s.batch, dev, dtype, repeats=s.repeats)
+        rows["torchvision_retinanet"] = bench.torchvision_reference(s.imgsz, s.batch, dev, dtype, repeats=repeats)
         self.record("steps", rows)
-        rows["distill"] = bench.distill_steps(teacher, student, s.imgsz, s.batch, dev, dtype, repeats=s.repeats,
+        rows["distill"] = bench.distill_steps(teacher, student, s.imgsz, s.batch, dev, dtype, repeats=repeats,
                                               rows=[("hard", "none", False), ("hard", "pdf", False),
                                                     ("hard", "crosskd", False)])
         self.record("steps", rows)
@@ -136,7 +169,7 @@ class Suite:
         from kdcli.study.aggregate import summarize
         from kdcli.study.grid import Study
         from kdcli.study.report import gains_markdown, table_markdown, write_report
-        from kdcli.study.runner import run_grid
+        from kdcli.study.runner import run_grid, status
 
         s = self.sizes
         dataset = self.data()
@@ -151,6 +184,7 @@ class Suite:
                           student_overrides=[f"train.epochs={s.student_epochs}"])
         study = Study.create(cfg, self.out / "study")
         study.save()
+        cells, todo = len(study.cells()), len(status(study).todo)
         t0 = time.perf_counter()
         failed = run_grid(study, jobs=1 if gpu else 2, devices=[self.device] if gpu else None,
                           per_device=s.per_device)
@@ -164,11 +198,21 @@ class Suite:
         cut = 2 * s.teacher_epochs * ratio + 2 * len(STUDENT_ROWS) * s.student_epochs
         full = (FULL_STUDY["teachers"] * FULL_STUDY["teacher_epochs"] * ratio
                 + FULL_STUDY["students"] * FULL_STUDY["student_epochs"])
-        self.record("study", {"cells": len(study.cells()), "failed": failed, "wall_s": round(wall, 1),
+        note = study_note(cells, todo, failed)
+        self.record("study", {"cells": cells, "cells_run": todo, "failed": failed, "wall_s": round(wall, 1),
                               "per_device": s.per_device, "teacher_to_student_step": round(ratio, 2),
-                              "projected_24_cells_min": round(wall * full / cut / 60, 1),
+                              "projected_24_cells_min": None if note else round(wall * full / cut / 60, 1),
+                              **({"note": note} if note else {}),
                               "table": {c: round(100 * v["median"], 1)
                                         for c, v in rep["studies"][0]["table"].items()}})
+
+
+def study_note(cells: int, ran: int, failed: int) -> str | None:
+    """Why the cut study projects nothing, or None: the projection stands on this call's wall time of the whole
+    cut study (every cell run here, none failed), never on cells of another call or on a study cut short."""
+    if ran < cells:
+        return f"not projected: {cells - ran} of {cells} cells were finished before this call (not timed)"
+    return f"not projected: {failed} of {cells} cells failed" if failed else None
 
 
 def summary(results: dict[str, Any]) -> dict[str, Any]:
@@ -187,12 +231,16 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         "first_step_s": epoch.get("first_step_s"),
         "study_24_cells_min": study.get("projected_24_cells_min"),
     }
+    spreads = {"kd_step_ratio_hard_pdf": rows.get("hard+pdf", {}).get("time_ratio_spread"),
+               "kd_step_ratio_hard_crosskd": rows.get("hard+crosskd", {}).get("time_ratio_spread")}
+    notes = {"study_24_cells_min": study.get("note")}
     targets = []
     for name, what, op, target in TARGETS:
         v = value[name]
         ok = None if v is None else (v >= target if op == ">=" else v <= target)
         targets.append({"target": name, "what": what, "value": None if v is None else round(float(v), 3),
-                        "goal": f"{op} {target}", "pass": ok})
+                        "goal": f"{op} {target}", "pass": ok, "spread": spreads.get(name),
+                        **({"note": notes[name]} if notes.get(name) else {})})
     machine = steps.get("machine", {})
     return {"device": machine.get("gpu") or machine.get("cpu"), "amp": results.get("amp"),
             "elapsed_s": results.get("elapsed_s"), "targets": targets,
