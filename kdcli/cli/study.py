@@ -55,6 +55,7 @@ def study(
         raise KdcliError("--per-device shares GPUs: give them with --devices", hint="on a CPU, use --jobs N")
     s = Study.open(recipe, out_dir, list(overrides or []))
     if cell is None:
+        s.check_recipes()  # every cell's recipe, before any runs: not a failure after the teacher has trained
         _check_folds(s, required=not plan)
     if cell is not None:
         c = Cell.parse(cell)

@@ -119,6 +119,13 @@ def terms_used(study: dict[str, Any]) -> dict[str, list[str]]:
     return seen
 
 
+def not_finished(study: dict[str, Any]) -> list[str]:
+    """The grid's cells without any record (not run yet, running, or interrupted), in grid order."""
+    g = study["cfg"]
+    return [f"{c}/f{f}/s{sd}" for c in g.configs for f in g.folds for sd in g.seeds
+            if (c, f, sd) not in study["records"]]
+
+
 def twin_gains(values: dict[str, dict[tuple[int, int], float]]) -> dict[str, dict[str, Any]]:
     """{`X@variant`: paired gain over `X`}: what a variant (an unlabelled pool, ...) adds to its twin row."""
     return {c: {"twin": c.partition("@")[0], **stats.compare(v, values[c.partition("@")[0]])}
@@ -147,6 +154,7 @@ def summarize(dirs: list[Path], metric: str | None = None, baseline: str | None 
             "folds": sorted({f for v in values.values() for f, _ in v}),
             "seeds": sorted({sd for v in values.values() for _, sd in v}),
             "cells_done": in_grid, "cells_expected": expected, "failed": failed,
+            "not_finished": not_finished(s), "grid_configs": list(grid.configs),
             "cells_other": sum(len(v) for v in values.values()) - in_grid,  # of an earlier, other grid
             "not_finite": nan,
             "rows": [c for c in dict.fromkeys([*s["cfg"].configs, *values, *nan]) if c in values or c in nan],

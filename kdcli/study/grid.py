@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from kdcli import atomic, paths
@@ -70,9 +71,10 @@ def _resolve_recipe(value: str, base: Path | None) -> str:
 class Study:
     """A study directory and its grid."""
 
-    def __init__(self, directory: Path, cfg: StudyConfig):
+    def __init__(self, directory: Path, cfg: StudyConfig, source: Path | None = None):
         self.dir = directory
         self.cfg = cfg
+        self.source = source  # the study recipe (or study.yaml) it was read from: named in errors
 
     # ---- creation ----------------------------------------------------------------------------------------------
     @classmethod
@@ -84,12 +86,14 @@ class Study:
                 raise KdcliError(f"{spec_path}: not a study directory (no {STUDY_FILE})",
                                  hint="give a study recipe, e.g. recipes/study/synthetic.yaml")
             cfg = load.load(StudyConfig, spec_path / STUDY_FILE, overrides)
-            study = cls(out or spec_path, cfg)
+            study = cls(out or spec_path, cfg, spec_path / STUDY_FILE)
             study._check_against_existing()
             return study
         recipe = load.find_recipe(spec)
         cfg = load.load(StudyConfig, recipe, overrides)
-        return cls.create(cfg.model_copy(update={"name": cfg.name or recipe.stem}), out, recipe.parent)
+        study = cls.create(cfg.model_copy(update={"name": cfg.name or recipe.stem}), out, recipe.parent)
+        study.source = recipe
+        return study
 
     @classmethod
     def create(cls, cfg: StudyConfig, out: Path | None = None, base: Path | None = None) -> Study:
@@ -142,6 +146,66 @@ class Study:
         data = [f"data.path={c.dataset}"] if c.dataset else []
         return load.load(schema.Recipe, c.teacher, [*data, *c.overrides, *c.teacher_overrides, f"data.fold={cell.fold}",
                                              f"seed={cell.seed}", f"name={cell.slug}"])
+
+    # ---- every cell's recipe checked before any cell runs ----------------------------------------------------------
+    def _where(self, *loc: Any) -> str:
+        """`study.yaml:7` for a key (path) of the study recipe, or the file alone when the line is unknown."""
+        if self.source is None:
+            return "study"
+        line = load._line_of(self.source, loc)
+        return f"{self.source}:{line}" if line else str(self.source)
+
+    def _override_lists(self, cell: Cell) -> list[tuple[tuple[Any, ...], list[str]]]:
+        """(study key, its key=value list) of every list a cell's recipe takes."""
+        c = self.cfg
+        own = [(("teacher_overrides",), c.teacher_overrides)] if cell.is_teacher else \
+            [(("student_overrides",), c.student_overrides)]
+        variant = cell.config.partition("@")[2]
+        extra = [(("variants", variant), c.variants.get(variant, []))] if variant else []
+        return [(("overrides",), c.overrides), *own, *extra]
+
+    def check_recipes(self) -> int:
+        """Resolve every cell's recipe as its run will (a student's from its teacher's recipe, as from the trained
+        teacher) and check what would otherwise fail only once it starts, after its teacher has trained: each
+        key=value of the study names a recipe key (file, line and the close key in the error), each cell's recipe
+        validates, and a pool of the rest has a rest (data.label_fraction below 1). Returns the cells checked."""
+        from kdcli.engine.distill_trainer import student_defaults
+
+        seen: set[tuple[str, ...]] = set()
+        for cell in self.cells():
+            for loc, items in self._override_lists(cell):
+                if loc in seen:
+                    continue
+                seen.add(loc)
+                for i, item in enumerate(items):
+                    try:
+                        load.resolve_key(schema.Recipe, load.parse_override(item)[0])
+                    except KdcliError as e:
+                        raise KdcliError(f"{self._where(*loc, i)}: {'.'.join(loc)}: '{item}': {e.message}",
+                                         hint=e.hint) from None
+        teachers: dict[tuple[int, int], schema.Recipe] = {}
+        for cell in self.cells():
+            try:
+                if cell.is_teacher:
+                    recipe = teachers[(cell.fold, cell.seed)] = self.teacher_recipe(cell)
+                    continue
+                t = teachers.get((cell.fold, cell.seed)) or self.teacher_recipe(cell.teacher())
+                teacher = SimpleNamespace(recipe=load.dump(t), data=SimpleNamespace(path=t.data.path))
+                recipe = self.student_recipe(cell, self.run_dir(cell.teacher()) / "weights" / "best.pt",
+                                             student_defaults(teacher))  # type: ignore[arg-type]
+            except KdcliError as e:
+                culprit = next(((loc, i) for loc, items in self._override_lists(cell)
+                                for i, item in enumerate(items) if f"override '{item}'" in e.message), None)
+                where = self._where(*culprit[0], culprit[1]) if culprit else self._where()
+                raise KdcliError(f"{where}: cell {cell.id}: {e.message}", hint=e.hint) from None
+            d = recipe.distill
+            if d.unlabeled == "rest" and recipe.data.label_fraction >= 1:
+                variant = cell.config.partition("@")[2]
+                raise KdcliError(f"{self._where('variants', variant) if variant else self._where()}: cell {cell.id}: "
+                                 "distill.unlabeled=rest distils on the training images data.label_fraction leaves "
+                                 "unlabelled, and it is 1: there are none",
+                                 hint="set data.label_fraction below 1 (e.g. 0.25), or name another pool")
+        return len(self.cells())
 
     def student_recipe(self, cell: Cell, teacher_weights: Path, defaults: dict[str, Any]) -> schema.Recipe:
         c = self.cfg

@@ -12,6 +12,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from kdcli import atomic
@@ -46,6 +47,35 @@ def _text(s: dict[str, Any], config: str) -> str:
 def _nan_note(s: dict[str, Any], metric: str) -> str:
     cells = [f"{c}/{x}" for c, xs in s["not_finite"].items() for x in xs]
     return f"{metric} not a finite number in {len(cells)} cell(s), left out: {', '.join(cells)}" if cells else ""
+
+
+def _ids(cells: list[str], most: int = 6) -> str:
+    return ", ".join(cells[:most]) + (f" and {len(cells) - most} more" if len(cells) > most else "")
+
+
+def gaps(rep: dict[str, Any]) -> list[str]:
+    """One line per gap of a half-finished study, said wherever the numbers are shown: failed cells, cells not
+    finished (rows then stand on fewer folds or seeds than the grid), a baseline without a finished cell (no gains
+    at all), rows without a single pair with the baseline (no gain for them)."""
+    lines, base = [], rep["baseline"]
+    for s in rep["studies"]:
+        name, failed, missing = s["name"], s["failed"], s.get("not_finished", [])
+        if failed:
+            lines.append(f"{name}: {len(failed)} cell(s) failed, left out of every number: {_ids(failed)} (errors in "
+                         "its ledger.jsonl; rerunning `kdcli study` retries them)")
+        if missing:
+            lines.append(f"{name}: {len(missing)} of {s['cells_expected']} cells not finished: {_ids(missing)} "
+                         "(rows with fewer cells than the grid stand on fewer folds or seeds)")
+        students = [c for c in s.get("grid_configs", s["rows"]) if c not in ("teacher", base)]
+        if base not in s["values"] and students:
+            why = "has no finished cell" if base in s.get("grid_configs", []) else "is not a row of the study"
+            lines.append(f"{name}: no gains: the baseline {base} {why}")
+        else:
+            none = [c for c, g in s["gains"].items() if not g.get("pairs")]
+            if none:
+                lines.append(f"{name}: no gain for {', '.join(none)}: no fold and seed where both it and {base} "
+                             "finished")
+    return lines
 
 
 def _p(w: dict[str, Any]) -> str:
@@ -97,6 +127,7 @@ def table_markdown(rep: dict[str, Any]) -> str:
                      (f" (and {s['cells_other']} of an earlier grid)" if s.get("cells_other") else "") +
                      (f", failed: {', '.join(s['failed'])}" if s["failed"] else "") +
                      (f"; {_nan_note(s, rep['metric'])}" if s["not_finite"] else ""))
+    notes += gaps(rep)
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
@@ -125,6 +156,7 @@ def gains_markdown(rep: dict[str, Any]) -> str:
                                      f"{_ci(g)} | "
                                      f"{_p(g['wilcoxon'])} | {100 * g['win_rate']:.0f} % |")
             out_lines.append("")
+    out_lines += [f"- {x}" for x in gaps(rep)] + ([""] if gaps(rep) else [])
     out_lines.append("Pairs: cells of the same fold and seed (a student and the hard student share their teacher). "
                      "Wilcoxon signed-rank, two-sided, zero differences dropped: exact without ties for up to 25 "
                      "pairs, else the normal approximation with tie correction. Wins: share of pairs where the "
@@ -146,6 +178,7 @@ def table_latex(rep: dict[str, Any]) -> str:
             cells.append(rf"\textbf{{{text}}}" if best else text)
         lines.append(" & ".join([c.replace("_", r"\_"), *cells]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [f"% {x}" for x in gaps(rep)]  # what the table lacks, beside it
     return "\n".join(lines) + "\n"
 
 
@@ -216,6 +249,9 @@ def print_report(rep: dict[str, Any]) -> None:
     for s in studies:
         if s["not_finite"]:
             out.print(f"[yellow]{s['name']}:[/] {_nan_note(s, rep['metric'])}", highlight=False, soft_wrap=True)
+    for line in gaps(rep):
+        name, _, rest = line.partition(": ")
+        out.print(f"[yellow]{escape(name)}:[/] {escape(rest)}", highlight=False, soft_wrap=True)
     for s in studies:
         if not s["gains"]:
             continue

@@ -289,6 +289,7 @@ def run_grid(study: Study, jobs: int = 1, devices: list[str] | None = None, skip
     records = dict(st.records)
     failed_now: list[Cell] = []
     blocked: list[Cell] = []
+    interrupted: list[Cell] = []  # stopped by a signal: no record, the next run resumes them from last.pt
     stopping = {"flag": False}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -312,6 +313,7 @@ def run_grid(study: Study, jobs: int = 1, devices: list[str] | None = None, skip
                     fresh = rec is not None and str(rec.get("started", "")) >= datetime.fromtimestamp(
                         t0, timezone.utc).isoformat(timespec="seconds")
                     if rc == INTERRUPTED or (stopping["flag"] and not fresh):
+                        interrupted.append(cell)
                         continue
                     if not fresh:
                         rec = {"config": cell.config, "fold": cell.fold, "seed": cell.seed, "status": "failed",
@@ -355,9 +357,25 @@ def run_grid(study: Study, jobs: int = 1, devices: list[str] | None = None, skip
         for s, h in previous.items():
             signal.signal(s, h)
     if stopping["flag"]:
-        raise KdcliError(f"study stopped: {len(pending)} cells not started", hint="rerun the same command to continue",
+        raise KdcliError(stopped_message(interrupted, pending), hint="rerun the same command to continue",
                          exit_code=INTERRUPTED)
+    if interrupted:  # a cell's process was stopped by a signal of its own, not the study's
+        err.print(f"[yellow]{', '.join(c.id for c in interrupted)} interrupted (not by this study): rerun to resume "
+                  "from last.pt[/]", highlight=False)
     if blocked:
         err.print(f"[yellow]{len(blocked)} student cells not run: their teacher failed[/] "
                   f"({', '.join(sorted({c.teacher().id for c in blocked}))})", highlight=False)
-    return len(failed_now) + len(blocked)
+    return len(failed_now) + len(blocked) + len(interrupted)
+
+
+def stopped_message(interrupted: list[Cell], pending: list[Cell]) -> str:
+    """What a stopped study left: the cells it interrupted (resumed from their last.pt by a rerun) and the number
+    not started; no count of nothing."""
+    parts = []
+    if interrupted:
+        ids = ", ".join(c.id for c in interrupted)
+        parts.append(f"{ids} interrupted (rerunning resumes {'it' if len(interrupted) == 1 else 'them'} from "
+                     "last.pt)")
+    if pending:
+        parts.append(f"{len(pending)} cell{'s' if len(pending) > 1 else ''} not started")
+    return "study stopped: " + ("; ".join(parts) if parts else "no cell was running or waiting")

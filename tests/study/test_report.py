@@ -235,3 +235,36 @@ def test_a_single_pair_gives_a_gain_without_an_interval(tmp_path: Path):
     row = next(r for r in csv.DictReader((d / "table.csv").read_text().splitlines()) if r["config"] == "hard+pdf")
     assert float(row["gain_mean"]) == pytest.approx(0.03) and row["gain_ci_low"] == row["gain_ci_high"] == ""
     assert "- (1 pair)" in CliRunner().invoke(app, ["report", str(d)]).stdout
+
+
+def test_a_half_finished_study_says_what_it_lacks(tmp_path: Path):
+    """Failed cells, cells not finished, a baseline without a finished cell and rows without a pair: one line each,
+    printed and in the written tables' notes; a complete study says none of it."""
+    half = {("teacher", 1, 0): 0.6, ("teacher", 2, 0): 0.5, ("hard+pdf", 1, 0): 0.3}
+    d = write_study(tmp_path / "half", values=half, failed=[("hard", 1, 0)])
+    (d / "study.yaml").write_text((d / "study.yaml").read_text().replace("seeds: [0, 1, 2]", "seeds: [0]"))
+    res = CliRunner().invoke(app, ["report", str(d)], terminal_width=300)
+    assert res.exit_code == 0, res.output
+    said = [
+        "toy: 1 cell(s) failed, left out of every number: hard/f1/s0",
+        "toy: 2 of 6 cells not finished: hard/f2/s0, hard+pdf/f2/s0 (rows with fewer cells than the grid stand on "
+        "fewer folds or seeds)",
+        "toy: no gains: the baseline hard has no finished cell"]
+    lines = res.output.splitlines()
+    for text in said:
+        assert sum(text in x for x in lines) == 1, res.output
+        for name in ("table.md", "gains.md", "table.tex"):
+            assert text in (d / name).read_text(), name
+
+    # the baseline finished on fold 2 only: hard+pdf (fold 1) has no pair with it
+    half[("hard", 2, 0)] = 0.2
+    d = write_study(tmp_path / "nopair", values=half)
+    (d / "study.yaml").write_text((d / "study.yaml").read_text().replace("seeds: [0, 1, 2]", "seeds: [0]"))
+    res = CliRunner().invoke(app, ["report", str(d)], terminal_width=300)
+    text = "toy: no gain for hard+pdf: no fold and seed where both it and hard finished"
+    assert text in res.output and text in (d / "gains.md").read_text(), res.output
+    assert "no gains" not in res.output and "failed" not in res.output
+
+    d = write_study(tmp_path / "whole")
+    res = CliRunner().invoke(app, ["report", str(d)], terminal_width=300)
+    assert not any(w in res.output for w in ("failed", "not finished", "no gain")), res.output
