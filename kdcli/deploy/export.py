@@ -209,7 +209,7 @@ def export(weights: str | Path, fmt: str, out: Path, nms: bool = False, half: bo
         meta["kdcli_quantization"] = json.dumps(settings)
         got = _onnx(net, x, out, nms, False, meta, (calibration[0], per_channel))
         # GroupNorm cannot be folded into the convolution before it (BatchNorm can): each stays a float island
-        # between int8 layers, which costs the speed INT8 is for (README: Measured on this CPU)
+        # between int8 layers, which costs the speed INT8 is for (docs/results.md: Measured on this CPU)
         groupnorms = sum(isinstance(m, nn.GroupNorm) for m in model.modules())
         result = {"quantization": settings, "float_groupnorms": groupnorms,
                   **int8_parity(reference, got, nms, cfg, (imgsz, imgsz))}
@@ -334,6 +334,21 @@ def _onnx(net: nn.Module, x: torch.Tensor, out: Path, nms: bool, half: bool, met
     return [np.asarray(o, dtype=np.float32) for o in sess.run(None, {"images": feed})]
 
 
+def _shape_arithmetic(graph: Any) -> set[str]:
+    """Names of the nodes that compute on tensor shapes only: a `Shape` and every node all of whose inputs come
+    from such nodes or constants (the graph's nodes are in topological order)."""
+    constant = {i.name for i in graph.initializer}
+    constant |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    shaped: set[str] = set()
+    names: set[str] = set()
+    for n in graph.node:
+        inputs = [i for i in n.input if i and i not in constant]
+        if n.op_type == "Shape" or (inputs and all(i in shaped for i in inputs)):
+            shaped.update(n.output)
+            names.add(n.name)
+    return names
+
+
 def _quantize(path: Path, images: np.ndarray, per_channel: bool) -> None:
     """`path` (a float ONNX graph) replaced by its QDQ int8 form, calibrated on `images` one at a time."""
     import onnx
@@ -349,8 +364,11 @@ def _quantize(path: Path, images: np.ndarray, per_channel: bool) -> None:
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(({"images": b} for b in self.batches), None)
 
-    # the detector's nodes (exported under its module name, `model`); the decoding, sigmoid and NMS stay float
-    body = [n.name for n in onnx.load(str(path)).graph.node if "/model/" in n.name]
+    # the detector's nodes (exported under its module name, `model`); the decoding, sigmoid and NMS stay float, and
+    # so does shape arithmetic (TF SAME padding computed from the input's size: quantized, it pads wrongly)
+    graph = onnx.load(str(path)).graph
+    shape_nodes = _shape_arithmetic(graph)
+    body = [n.name for n in graph.node if "/model/" in n.name and n.name not in shape_nodes]
     if not body:  # an empty list would quantize every node, the decoding included
         raise KdcliError(f"{path}: no detector node found to quantize (a kdcli bug: please report it)",
                          exit_code=FAILED)
