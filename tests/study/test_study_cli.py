@@ -142,10 +142,35 @@ def test_quickstart_reduced(tmp_path: Path):
     assert "95 % bootstrap interval over the split's images" in (out / "study" / "table.md").read_text()
 
 
+def test_quickstart_pairs_build_the_pretrained_lite_pair(tmp_path: Path):
+    """`--pair lite`: the Lite2 + PAFPN teacher and Lite0 + FPN students with ImageNet weights, their trunks in
+    BatchNorm (GroupNorm only in neck and head); `resnet` keeps the overrides of earlier versions (finished
+    quickstart cells stay valid)."""
+    from kdcli.config.schema import StudyConfig
+    from kdcli.study import quickstart as qs
+    from kdcli.study.grid import Study
+
+    assert qs.PAIRS["resnet"] == (qs.SETTINGS, [], [])
+    shared, teacher, student = qs.PAIRS["lite"]
+    cfg = StudyConfig(name="q", dataset=str(tmp_path), teacher="train/synthetic_teacher", student="distill/synthetic",
+                      configs=["teacher", "hard"], folds=[1], seeds=[0], overrides=shared,
+                      teacher_overrides=teacher, student_overrides=student)
+    s = Study.create(cfg, tmp_path / "s")
+    t_cell, s_cell = s.cells()
+    assert s.check_recipes() == 2  # what `kdcli quickstart` resolves before any cell runs
+    t = s.teacher_recipe(t_cell).model
+    st = s.student_recipe(s_cell, tmp_path / "t.pt", {"data": {"path": str(tmp_path)}}).model
+    assert (t.backbone, t.neck, t.channels, t.pretrained, t.backbone_norm) == ("efficientnet_lite2", "pafpn", 128,
+                                                                               True, "bn")
+    assert (st.backbone, st.neck, st.channels, st.pretrained) == ("efficientnet_lite0", "fpn", 64, True)
+    assert t.trunk_freeze_bn and st.trunk_freeze_bn and t.norm == st.norm == "gn"
+
+
 @pytest.mark.parametrize("recipe, cells, teachers", [("study/vedai25_paper", 200, 20), ("study/synthetic", 40, 4),
                                                     ("study/synthetic_gpu", 24, 4),
                                                     ("study/synthetic_unlabeled", 8, 1),
-                                                    ("study/synthetic_unlabeled_same", 8, 1)])
+                                                    ("study/synthetic_unlabeled_same", 8, 1),
+                                                    ("study/drone_cars", 44, 4)])
 def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tmp_path: Path):
     from kdcli.config.schema import PAPER_CONFIGS
     from kdcli.study.grid import Study
@@ -156,6 +181,9 @@ def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tm
                                               "hard+soft@pool", "hard+crosskd+pdf@pool", "soft@pool"],
                 "study/synthetic_unlabeled_same": ["teacher", "hard", "hard@long", "hard+soft", "hard+soft@pool",
                                                    "hard+soft@strong", "hard+soft@weighted", "hard+crosskd+pdf@pool"],
+                "study/drone_cars": ["teacher", "hard", "hard@long", "hard+pdf", "hard+crosskd+pdf", "hard+soft",
+                                     "hard+defeat", "hard@scarce", "hard+pdf@scarce", "hard+pdf@scarcepool",
+                                     "hard+soft@scarcepool"],
                 }.get(recipe, PAPER_CONFIGS)
     assert s.cfg.configs == expected
     for cell in s.cells():  # every cell's recipe loads (variants included)
