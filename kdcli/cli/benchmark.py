@@ -74,7 +74,8 @@ def benchmark(
     save: Annotated[Path | None, typer.Option("--save", help="Write the results JSON here.")] = None,
     suite: Annotated[str | None, typer.Option("--suite", help="Run a prepared suite instead: gpu (every GPU target "
                                                              "in one call of at most 9 minutes on one H200: steps, "
-                                                             "a real epoch, first step, a cut study; see README).")]
+                                                             "a real epoch, first step, a cut study; see "
+                                                             "docs/performance.md).")]
     = None,
     suite_out: Annotated[Path | None, typer.Option("--out", help="With --suite: folder for its results "
                                                                  "(summary.json first).")] = None,

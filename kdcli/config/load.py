@@ -131,7 +131,7 @@ def resolve_key(schema: type[BaseModel], key: str) -> list[str]:
     if len(by_leaf) > 1:
         raise KdcliError(f"override '{key}' is ambiguous", hint=f"write one of: {', '.join(by_leaf)}")
     leaves = sorted({k.rsplit('.', 1)[-1] for k in keys})
-    hint = _suggest(key, keys) or _suggest(key, leaves) or "see the recipe reference in the README"
+    hint = _suggest(key, keys) or _suggest(key, leaves) or "see the recipe reference in docs/train-distill.md (Recipes)"
     raise KdcliError(f"unknown recipe key '{key}'", hint=hint)
 
 

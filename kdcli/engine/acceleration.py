@@ -1,5 +1,5 @@
 """Optional speed-ups of a network's forward: NHWC memory layout and torch.compile (`train.channels_last`,
-`train.compile`). Both are off by default: on a CPU neither paid in `kdcli benchmark` (see README, performance),
+`train.compile`). Both are off by default: on a CPU neither paid in `kdcli benchmark` (docs/performance.md),
 and compile adds minutes of first steps that short runs never win back. `nn.Module.compile` compiles in place, so
 state dicts, checkpoints and the EMA copy keep their plain parameter names.
 """
