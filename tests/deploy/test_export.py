@@ -225,3 +225,31 @@ def test_int8_bad_inputs_are_one_line_and_write_nothing(case: str, tmp_path: Pat
     assert r.exit_code == 2, r.output
     assert expected in " ".join(r.output.split()) and "Traceback" not in r.output
     assert _no_files(out_dir)
+
+
+def test_int8_leaves_shape_arithmetic_float(tmp_path: Path):
+    """TF SAME padding (EfficientNet-Lite) computes its pads from the input's size in the graph: those nodes must
+    never be quantized (they were: wrong pads, -32.5 mAP50). Every node feeding a Pad's pads is shape arithmetic;
+    the convolutions are not."""
+    import onnx
+    from timm.layers import Conv2dSame
+
+    from kdcli.deploy.export import _shape_arithmetic
+
+    net = torch.nn.Sequential(Conv2dSame(3, 4, 3, stride=2), torch.nn.ReLU())
+    path = tmp_path / "same.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 16, 16), str(path), input_names=["images"],
+                      dynamic_axes={"images": {0: "batch"}}, opset_version=17, dynamo=False)
+    graph = onnx.load(str(path)).graph
+    shape = _shape_arithmetic(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    pad = next(n for n in graph.node if n.op_type == "Pad")
+    feeding, todo = set(), [pad.input[1]]
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and n.name not in feeding:
+            feeding.add(n.name)
+            todo.extend(n.input)
+    feeding -= {n.name for n in graph.node if n.op_type == "Constant"}
+    assert feeding and feeding <= shape
+    assert not any(n.op_type in ("Conv", "Pad", "Relu") and n.name in shape for n in graph.node)
