@@ -245,6 +245,23 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def run_case(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, width: int = 200) -> str:
+    """Run a table case in a fresh KDCLI_DATASETS/KDCLI_RUNS: its exit code, no traceback, its fragment, and no
+    file left behind or changed. Returns the output for the file's own checks."""
+    monkeypatch.setenv("KDCLI_DATASETS", str(tmp_path / "datasets"))
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv("KDCLI_DEBUG", raising=False)
+    _write(tmp_path, case.files)
+    before = _snapshot(tmp_path)
+    r = runner.invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in case.args], terminal_width=width)
+    out = r.output
+    assert r.exit_code == case.code, out
+    assert "Traceback" not in out and "internal error" not in out, out
+    assert case.fragment in " ".join(out.split()), out
+    assert _snapshot(tmp_path) == before, "the case left files behind or changed existing ones"
+    return out
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("KDCLI_DATASETS", str(tmp_path / "datasets"))

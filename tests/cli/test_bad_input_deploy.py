@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kdcli.cli.app import app
-from tests.cli.test_bad_input import TINY_STUDY, Case, _snapshot, _write, runner
+from tests.cli.test_bad_input import TINY_STUDY, Case, _write, run_case, runner
 
 
 def study_case(id: str, extra: str, fragment: str, dry_run: bool = True) -> Case:
@@ -70,18 +70,8 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_deploy_and_study_input(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("KDCLI_DATASETS", str(tmp_path / "datasets"))
-    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
-    monkeypatch.delenv("KDCLI_DEBUG", raising=False)
-    _write(tmp_path, case.files)
-    before = _snapshot(tmp_path)
-    r = runner.invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in case.args], terminal_width=300)
-    out = r.output
-    assert r.exit_code == case.code, out
-    assert "Traceback" not in out and "internal error" not in out, out
-    assert case.fragment in " ".join(out.split()), out
+    out = run_case(case, tmp_path, monkeypatch, width=300)
     assert len([line for line in out.splitlines() if line.startswith("error:")]) == 1, out
-    assert _snapshot(tmp_path) == before, "the case left files behind or changed existing ones"
 
 
 def test_a_good_study_passes_the_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -11,7 +11,7 @@ import pytest
 
 from kdcli.atomic import atomic_dir
 from kdcli.cli.app import app
-from tests.cli.test_bad_input import Case, _snapshot, _write, runner
+from tests.cli.test_bad_input import Case, _write, run_case, runner
 
 EMPTY_SPLIT = json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "car"}]})
 
@@ -78,18 +78,8 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_source_input(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("KDCLI_DATASETS", str(tmp_path / "datasets"))
-    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
-    monkeypatch.delenv("KDCLI_DEBUG", raising=False)
-    _write(tmp_path, case.files)
-    before = _snapshot(tmp_path)
-    r = runner.invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in case.args], terminal_width=200)
-    out = r.output
-    assert r.exit_code == case.code, out
-    assert "Traceback" not in out and "internal error" not in out, out
-    assert case.fragment in " ".join(out.split()), out
+    out = run_case(case, tmp_path, monkeypatch, width=200)
     assert [line for line in out.splitlines() if line.startswith("error:")] == [out.splitlines()[0]], out
-    assert _snapshot(tmp_path) == before, "the case left files behind or changed existing ones"
 
 
 def test_a_second_prepare_to_the_same_new_out_is_refused(tmp_path: Path):
