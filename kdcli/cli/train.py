@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -109,16 +110,22 @@ def val(
     from kdcli.data import coco
     from kdcli.deploy.formats import evaluate_model
     from kdcli.engine.plots import prediction_grid
+    from kdcli.engine import detfile
     from kdcli.engine.trainer import unique_run_dir
 
     cfg = load.load(ValConfig, None, list(overrides or []))
     dataset = paths.resolve_dataset(cfg.data) if cfg.data else None
-    result, samples = evaluate_model(weights, cfg.split, dataset, cfg.fold, cfg.batch, cfg.workers, cfg.device,
-                                     {"conf": cfg.conf, "nms_iou": cfg.nms_iou, "max_det": cfg.max_det},
-                                     cfg.iou_thresholds, cfg.coco_backend)
-    dataset_dir, fold, classes = Path(result["dataset"]), result["fold"], [r["class"] for r in result["per_class"]]
     run_dir = unique_run_dir(paths.runs_root() / "val", cfg.name or Path(weights).parent.parent.name or "val")
     run_dir.mkdir(parents=True)
+    dets = detfile.path_for(run_dir, cfg.split)
+    try:
+        result, samples = evaluate_model(weights, cfg.split, dataset, cfg.fold, cfg.batch, cfg.workers, cfg.device,
+                                         {"conf": cfg.conf, "nms_iou": cfg.nms_iou, "max_det": cfg.max_det},
+                                         cfg.iou_thresholds, cfg.coco_backend, dets_out=dets)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing measured: no empty run dir left behind
+        raise
+    dataset_dir, fold, classes = Path(result["dataset"]), result["fold"], [r["class"] for r in result["per_class"]]
     atomic.write_json(run_dir / "metrics.json", result, indent=2)
     prediction_grid(samples, classes, run_dir / "predictions.png")
     if as_json:
@@ -143,7 +150,8 @@ def val(
         lo, hi = result["mAP50_ci95"]
         out.print(f"mAP50 95 % interval over the {result['images']} images (bootstrap, 1000 resamples): "
                   f"[{lo:.4f}, {hi:.4f}]", highlight=False)
-    out.print(f"written: {run_dir}/metrics.json, predictions.png", highlight=False)
+    out.print(f"written: {run_dir}/metrics.json, predictions.png, {dets.name} (its detections, for paired "
+              "comparisons: docs/studies.md)", highlight=False)
 
 
 def info_model(

@@ -51,8 +51,8 @@ def parse_formats(text: str) -> list[str]:
 
 def evaluate_onnx(path: str | Path, split: str = "test", dataset: str | Path | None = None, fold: int | None = None,
                   batch: int = 16, workers: int = 2, device: str = "auto", overrides: dict[str, Any] | None = None,
-                  iou_thresholds: list[float] | None = None, backend: str = "auto", ci_resamples: int = 1000
-                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                  iou_thresholds: list[float] | None = None, backend: str = "auto", ci_resamples: int = 1000,
+                  dets_out: Path | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """`kdcli val` of an ONNX model from `kdcli export`: its dataset, classes, input size and postprocess from its
     metadata (`dataset`/`fold` replace the dataset's), run by ONNX Runtime through kdcli predict's runner."""
     from kdcli.deploy.predict import Predictor
@@ -82,7 +82,7 @@ def evaluate_onnx(path: str | Path, split: str = "test", dataset: str | Path | N
         raise KdcliError(f"{path}: its metadata names no dataset (exported by an older kdcli)",
                          hint="pass it: kdcli val MODEL.onnx data=DIR fold=N, or export the checkpoint again")
     return evaluate_split(runner.detect, runner.cfg, runner.classes, runner.imgsz, data, path, split, dataset, fold,
-                          batch, workers, dev, iou_thresholds, backend, ci_resamples)
+                          batch, workers, dev, iou_thresholds, backend, ci_resamples, dets_out)
 
 
 def evaluate_model(path: str | Path, *args: Any, **kwargs: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -128,35 +128,66 @@ def voc_per_class(dets: Detections, gt: GroundTruth, num_classes: int, iou_t: fl
     return aps
 
 
-def bootstrap_map(dets: Detections, gt: GroundTruth, image_ids: list[int], num_classes: int, iou_t: float = 0.5,
-                  resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of the VOC-style mAP over images resampled with replacement (the split's own
-    variability: how much a number could move on another draw of test images of the same kind). Each resample
-    weighs every image by how often it was drawn; a class without ground truth in a resample is left out."""
-    ids = np.asarray(sorted(image_ids))
-    if len(ids) == 0:
-        return 0.0, 0.0
+def resample_weights(n_images: int, resamples: int, seed: int = 0) -> np.ndarray:
+    """[R, I]: how often each of I images was drawn in each of R resamples with replacement."""
     rng = np.random.default_rng(seed)
-    w = rng.multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=resamples).astype(np.float64)  # [R, I]
-    aps = np.full((resamples, num_classes), np.nan)
+    return rng.multinomial(n_images, np.full(n_images, 1 / n_images), size=resamples).astype(np.float64)
+
+
+def resampled_map(dets: Detections, gt: GroundTruth, ids: np.ndarray, w: np.ndarray, num_classes: int,
+                  iou_t: float = 0.5, chunk: int = 250) -> np.ndarray:
+    """[R]: the VOC-style mAP of each resample, every image weighed by how often it was drawn (`w`, over the
+    sorted image ids `ids`); a class without ground truth in a resample is left out of its mean. Resamples are
+    taken `chunk` at a time to bound the memory of the [R, detections] arrays."""
+    aps = np.full((len(w), num_classes), np.nan)
     for c in range(num_classes):
         pos = (gt.labels == c) & ~gt.ignore
         n_pos_img = np.bincount(np.searchsorted(ids, gt.image_ids[pos]), minlength=len(ids))[:len(ids)]
-        n_pos = w @ n_pos_img  # [R]
-        if not (n_pos > 0).any():
+        n_pos_all = w @ n_pos_img  # [R]
+        if not (n_pos_all > 0).any():
             continue
         idx, tp, fp = voc_matches(dets, gt, c, iou_t)
-        dw = w[:, np.searchsorted(ids, dets.image_ids[idx])] if len(idx) else np.zeros((resamples, 0))
-        ctp, cfp = np.cumsum(dw * tp, 1), np.cumsum(dw * fp, 1)
-        precision = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
-        envelope = np.maximum.accumulate(precision[:, ::-1], 1)[:, ::-1]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ap = (dw * tp * envelope).sum(1) / n_pos  # sum of recall steps x the precision envelope there
-        aps[:, c] = np.where(n_pos > 0, ap, np.nan)
+        at = np.searchsorted(ids, dets.image_ids[idx])
+        for r0 in range(0, len(w), chunk):
+            dw, n_pos = w[r0:r0 + chunk][:, at], n_pos_all[r0:r0 + chunk]
+            ctp, cfp = np.cumsum(dw * tp, 1), np.cumsum(dw * fp, 1)
+            precision = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
+            envelope = np.maximum.accumulate(precision[:, ::-1], 1)[:, ::-1]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ap = (dw * tp * envelope).sum(1) / n_pos  # sum of recall steps x the precision envelope there
+            aps[r0:r0 + chunk, c] = np.where(n_pos > 0, ap, np.nan)
     with np.errstate(all="ignore"):
-        means = np.array([np.nanmean(r) if np.isfinite(r).any() else 0.0 for r in aps])
+        return np.array([np.nanmean(r) if np.isfinite(r).any() else 0.0 for r in aps])
+
+
+def bootstrap_map(dets: Detections, gt: GroundTruth, image_ids: list[int], num_classes: int, iou_t: float = 0.5,
+                  resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the VOC-style mAP over images resampled with replacement (the split's own
+    variability: how much a number could move on another draw of test images of the same kind)."""
+    ids = np.asarray(sorted(image_ids))
+    if len(ids) == 0:
+        return 0.0, 0.0
+    means = resampled_map(dets, gt, ids, resample_weights(len(ids), resamples, seed), num_classes, iou_t)
     lo, hi = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def paired_bootstrap_map(a: Detections, b: Detections, gt: GroundTruth, image_ids: list[int], num_classes: int,
+                         iou_t: float = 0.5, resamples: int = 1000, seed: int = 0, level: float = 0.95
+                         ) -> tuple[float, float, float]:
+    """(gain, low, high): the mAP of `a` minus that of `b` on the same images, and the percentile interval of that
+    difference over images resampled with replacement, both models scored on each same resample. Pairing removes
+    the variability the two share (easy and hard images), so the interval is narrower than either model's own."""
+    ids = np.asarray(sorted(image_ids))
+    if len(ids) == 0:
+        return 0.0, 0.0, 0.0
+    w = resample_weights(len(ids), resamples, seed)
+    full = np.ones((1, len(ids)))
+    gain = float(resampled_map(a, gt, ids, full, num_classes, iou_t)[0] - resampled_map(b, gt, ids, full,
+                                                                                         num_classes, iou_t)[0])
+    diff = resampled_map(a, gt, ids, w, num_classes, iou_t) - resampled_map(b, gt, ids, w, num_classes, iou_t)
+    lo, hi = np.percentile(diff, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return gain, float(lo), float(hi)
 
 
 def coco_per_class(dets: Detections, gt: GroundTruth, num_classes: int, image_ids: list[int],

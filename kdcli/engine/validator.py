@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcli.config.schema import ModelConfig
+from kdcli.engine import detfile
 from kdcli.engine import metrics as M
 from kdcli.errors import KdcliError
 from kdcli.models.postprocess import postprocess
@@ -175,11 +176,14 @@ def _num(v: float) -> float | None:
 
 def evaluate(model: torch.nn.Module | Detect, loader: DataLoader, gt_json: dict[str, Any], classes: list[str],
              cfg: ModelConfig, device: torch.device, iou_thresholds: list[float], backend: str = "auto",
-             amp_dtype: torch.dtype | None = None, ci_resamples: int = 0
+             amp_dtype: torch.dtype | None = None, ci_resamples: int = 0, dets_out: Path | None = None
              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Predict a split and score it; with `dets_out`, also save its detections and ground truth there."""
     t0 = time.perf_counter()
     dets, samples = predict_loader(model, loader, cfg, device, amp_dtype)
     t1 = time.perf_counter()
+    if dets_out is not None:
+        detfile.save(dets_out, dets, gt_json, len(classes))
     result = compute_metrics(dets, gt_json, classes, cfg.max_det, iou_thresholds, backend, ci_resamples)
     result["time_inference_s"] = round(t1 - t0, 3)
     result["time_metrics_s"] = round(time.perf_counter() - t1, 3)
@@ -189,7 +193,8 @@ def evaluate(model: torch.nn.Module | Detect, loader: DataLoader, gt_json: dict[
 def evaluate_checkpoint(weights: str | Path, split: str = "test", dataset: str | Path | None = None,
                         fold: int | None = None, batch: int = 16, workers: int = 2, device: str = "auto",
                         overrides: dict[str, Any] | None = None, iou_thresholds: list[float] | None = None,
-                        backend: str = "auto", ci_resamples: int = 1000) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                        backend: str = "auto", ci_resamples: int = 1000, dets_out: Path | None = None
+                        ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate a checkpoint on a split of its own dataset and fold (or of `dataset`/`fold`): `kdcli val` and the
     cells of a study, with the bootstrap interval of mAP50 over images. `overrides` may change the postprocess
     keys conf, nms_iou, max_det."""
@@ -201,14 +206,14 @@ def evaluate_checkpoint(weights: str | Path, split: str = "test", dataset: str |
     dev = distributed.resolve_device(device)
     model.to(dev)
     return evaluate_split(model, model_cfg, ckpt.model.classes, ckpt.model.imgsz, ckpt.data, weights, split, dataset,
-                          fold, batch, workers, dev, iou_thresholds, backend, ci_resamples)
+                          fold, batch, workers, dev, iou_thresholds, backend, ci_resamples, dets_out)
 
 
 def evaluate_split(model: torch.nn.Module | Detect, cfg: ModelConfig, classes: list[str], imgsz: int, data: Any,
                    weights: str | Path, split: str = "test", dataset: str | Path | None = None,
                    fold: int | None = None, batch: int = 16, workers: int = 2, device: torch.device | None = None,
-                   iou_thresholds: list[float] | None = None, backend: str = "auto", ci_resamples: int = 1000
-                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                   iou_thresholds: list[float] | None = None, backend: str = "auto", ci_resamples: int = 1000,
+                   dets_out: Path | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate `model` (trained on `data`: a checkpoint's DataInfo, whose dir, fold, letterbox and channels it
     was trained with) on `split` of that dataset dir and fold, or of `dataset`/`fold`."""
     from kdcli.data import coco
@@ -227,6 +232,6 @@ def evaluate_split(model: torch.nn.Module | Detect, cfg: ModelConfig, classes: l
     amp = torch.bfloat16 if dev.type == "cuda" else None
     result, samples = evaluate(model, loader, ds.coco, classes, cfg, dev,
                                [0.1, 0.25, 0.5, 0.75] if iou_thresholds is None else iou_thresholds, backend, amp,
-                               ci_resamples)
+                               ci_resamples, dets_out)
     result.update({"weights": str(weights), "dataset": str(dataset_dir), "fold": fold, "split": split})
     return result, samples

@@ -8,6 +8,7 @@ a run that diverged) is no measurement: it is left out of every statistic and li
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from kdcli.config import load
 from kdcli.config.schema import StudyConfig
 from kdcli.errors import KdcliError
-from kdcli.study import stats
+from kdcli.study import image_pairs, stats
 from kdcli.study.grid import STUDY_FILE
 from kdcli.study.ledger import study_records
 
@@ -126,10 +127,66 @@ def not_finished(study: dict[str, Any]) -> list[str]:
             if (c, f, sd) not in study["records"]]
 
 
-def twin_gains(values: dict[str, dict[tuple[int, int], float]]) -> dict[str, dict[str, Any]]:
-    """{`X@variant`: paired gain over `X`}: what a variant (an unlabelled pool, ...) adds to its twin row."""
-    return {c: {"twin": c.partition("@")[0], **stats.compare(v, values[c.partition("@")[0]])}
-            for c, v in values.items() if "@" in c and c.partition("@")[0] in values}
+def _pooled(record: dict[str, Any]) -> bool:
+    return bool((record.get("data") or {}).get("unlabeled"))
+
+
+def twins(study: dict[str, Any]) -> dict[str, str]:
+    """{`X@variant`: the row it is measured against}: `X`; but a row trained with an unlabelled pool is measured
+    against the row with the same labels and methods on the same labelled share without a pool (`hard+pdf@pool`
+    -> `hard+pdf` when that trains on the same share, `hard+pdf@scarcepool` -> `hard+pdf@scarce`)."""
+    ok: dict[str, list[dict[str, Any]]] = {}
+    for (c, _, _), r in study["records"].items():
+        if r.get("status") == "ok":
+            ok.setdefault(c, []).append(r)
+    order = list(dict.fromkeys([*study["cfg"].configs, *sorted(ok)]))
+    out = {}
+    for c in (x for x in order if "@" in x and x in ok):
+        plain = c.partition("@")[0]
+        if not all(_pooled(r) for r in ok[c]) or any("data" not in r for r in ok[c]):
+            if plain in ok:
+                out[c] = plain
+            continue
+        method = StudyConfig.labels_method(plain)
+        share = {r["data"]["label_fraction"] for r in ok[c]}
+        same = [x for x in order if x != c and x in ok and StudyConfig.labels_method(x.partition("@")[0]) == method
+                and all("data" in r and not _pooled(r) for r in ok[x])
+                and {r["data"]["label_fraction"] for r in ok[x]} == share]
+        if same:
+            out[c] = plain if plain in same else same[0]
+    return out
+
+
+def twin_gains(values: dict[str, dict[tuple[int, int], float]], twin: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """{`X@variant`: paired gain over its twin row}: what a variant (an unlabelled pool, ...) adds."""
+    return {c: {"twin": t, **stats.compare(values[c], values[t])} for c, t in twin.items()
+            if c in values and t in values}
+
+
+def last_quarter_gain(run_dir: Path) -> float | None:
+    """How much the best val mAP50 rose over the last quarter of the validated epochs (points of %); None without
+    a val curve. Small (under 1 point for a study row): the schedule ran until the curve flattened, the row was not
+    stopped while still learning."""
+    path = run_dir / "results.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        vals = [float(r["mAP50"]) for r in csv.DictReader(f) if r.get("mAP50")]
+    if len(vals) < 4:
+        return None
+    cut = len(vals) - len(vals) // 4
+    return 100 * (max(vals) - max(vals[:cut]))
+
+
+def last_quarters(study: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{config: {"f1/s0": points}}: how much each finished cell's best val mAP50 rose over its last quarter of
+    epochs, from its results.csv (cells whose run dir is not here are left out)."""
+    out: dict[str, dict[str, float]] = {}
+    for (config, fold, seed), r in sorted(study["records"].items()):
+        gain = last_quarter_gain(Path(r["run_dir"])) if r.get("status") == "ok" and r.get("run_dir") else None
+        if gain is not None:
+            out.setdefault(config, {})[f"f{fold}/s{seed}"] = round(gain, 3)
+    return out
 
 
 def summarize(dirs: list[Path], metric: str | None = None, baseline: str | None = None) -> dict[str, Any]:
@@ -149,6 +206,7 @@ def summarize(dirs: list[Path], metric: str | None = None, baseline: str | None 
         in_grid = sum(1 for k, v in values.items() if k in grid.configs
                       for f, sd in v if f in grid.folds and sd in grid.seeds)
         nan = not_finite(s, metric)
+        twin = twins(s)
         rows.append({
             "name": s["name"], "dirs": s["dirs"], "dataset": s["cfg"].dataset, "split": s["cfg"].split,
             "folds": sorted({f for v in values.values() for f, _ in v}),
@@ -164,7 +222,9 @@ def summarize(dirs: list[Path], metric: str | None = None, baseline: str | None 
                       for c, v in values.items() for cis in [image_intervals(s, metric)]},
             "gains": {c: stats.compare(v, values[baseline]) for c, v in values.items()
                       if c != baseline and baseline in values},
-            "twin_gains": twin_gains(values),
+            "twin_gains": twin_gains(values, twin),
+            "last_quarter": last_quarters(s),
+            "image_pairs": image_pairs.gains(s, baseline, metric, twin),
             "data": data_used(s),
             "terms": terms_used(s),
             "values": {c: [[f, sd, x] for (f, sd), x in sorted(v.items())] for c, v in values.items()},

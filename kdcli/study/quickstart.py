@@ -15,7 +15,6 @@ their trunks keep BatchNorm, frozen, and only neck and head use GroupNorm).
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from kdcli.data import coco
 from kdcli.data import synthetic as gen
 from kdcli.data.sources import vedai
 from kdcli.study import runner
-from kdcli.study.aggregate import summarize
+from kdcli.study.aggregate import last_quarter_gain, summarize
 from kdcli.study.grid import Study
 from kdcli.study.report import write_report
 
@@ -54,20 +53,6 @@ def data(out: Path, images: int, size: int, test_images: int) -> Path:
                  test_images=test_images)
     vedai.prepare(raw, dataset, res=12, classes="vehicle", folds=[1], force=True)
     return dataset
-
-
-def last_quarter_gain(run_dir: Path) -> float | None:
-    """How much the best val mAP50 rose over the last quarter of the epochs (points of %); None without a
-    val curve. Below 2 points the schedule has flattened: the baseline was not stopped while still learning."""
-    path = run_dir / "results.csv"
-    if not path.is_file():
-        return None
-    with open(path, newline="") as f:
-        vals = [float(r["mAP50"]) for r in csv.DictReader(f) if r.get("mAP50")]
-    if len(vals) < 4:
-        return None
-    cut = len(vals) - len(vals) // 4
-    return 100 * (max(vals) - max(vals[:cut]))
 
 
 def run(out: Path, students: list[str], images: int = 400, size: int = 128, test_images: int = 160,

@@ -20,6 +20,10 @@ from kdcli.console import out
 from kdcli.study.plots import boxplot
 
 
+MISSING_DETS = ("cells finished before kdcli saved them; `kdcli val RUN/weights/best.pt split=SPLIT` writes "
+                "dets_SPLIT.npz into its val run dir: copy it into RUN/")
+
+
 def _rows(rep: dict[str, Any]) -> list[str]:
     """Every configuration of any study with a finished cell (its numbers, or only NaN), in first-seen order."""
     rows: list[str] = []
@@ -51,6 +55,25 @@ def _nan_note(s: dict[str, Any], metric: str) -> str:
 
 def _ids(cells: list[str], most: int = 6) -> str:
     return ", ".join(cells[:most]) + (f" and {len(cells) - most} more" if len(cells) > most else "")
+
+
+FLAT = 1.0  # points: a row whose best val metric rose less over its last quarter of epochs has flattened
+
+
+def flatness(rep: dict[str, Any]) -> list[str]:
+    """One line per study: each row's largest rise of the best val mAP50 over a cell's last quarter of epochs, and
+    which rows were still rising (>= FLAT points) when they stopped."""
+    lines = []
+    for s in rep["studies"]:
+        lq = s.get("last_quarter", {})
+        if not lq:
+            continue
+        parts = [f"{c} {max(v.values()):+.1f} ({len(v)} cells)" for c, v in lq.items()]
+        rising = [f"{c}/{k}" for c, v in lq.items() for k, x in v.items() if x >= FLAT]
+        lines.append(f"{s['name']}: best val mAP50 gained over each cell's last quarter of epochs, largest per row: "
+                     + ", ".join(parts) + (f"; still rising (>= {FLAT:g} point): {_ids(rising)}" if rising else
+                                           f"; every cell flat (< {FLAT:g} point)"))
+    return lines
 
 
 def gaps(rep: dict[str, Any]) -> list[str]:
@@ -127,7 +150,7 @@ def table_markdown(rep: dict[str, Any]) -> str:
                      (f" (and {s['cells_other']} of an earlier grid)" if s.get("cells_other") else "") +
                      (f", failed: {', '.join(s['failed'])}" if s["failed"] else "") +
                      (f"; {_nan_note(s, rep['metric'])}" if s["not_finite"] else ""))
-    notes += gaps(rep)
+    notes += gaps(rep) + flatness(rep)
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
@@ -162,6 +185,59 @@ def gains_markdown(rep: dict[str, Any]) -> str:
                      "pairs, else the normal approximation with tie correction. Wins: share of pairs where the "
                      "configuration beats the baseline.")
     return "\n".join(out_lines) + "\n"
+
+
+def _pair_summary(rows: list[dict[str, Any]]) -> str:
+    above = sum(1 for r in rows if r["ci95"][0] > 0)
+    return f"{above} of {len(rows)} pairs above zero"
+
+
+def _pair_groups(s: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in s.get("image_pairs", {}).get("rows", []):
+        groups.setdefault((r["config"], r["over"]), []).append(r)
+    return groups
+
+
+def _gap(r: dict[str, Any]) -> str:
+    return f"{100 * r['gap_closed']:.0f} %" if r.get("gap_closed") is not None else "-"
+
+
+def pairs_markdown(rep: dict[str, Any]) -> str:
+    """Per fold and seed: each row's mAP50 gain with its paired interval over test images (image_pairs.py)."""
+    lines = []
+    for s in rep["studies"]:
+        pairs = s.get("image_pairs", {})
+        if not pairs.get("rows") and not pairs.get("missing"):
+            continue
+        lines += [f"### {s['name']}: gain per fold and seed over the same {s['split']} images (mAP50, points)", "",
+                  "| configuration | over | fold | seed | gain | 95 % interval over images | gap closed |",
+                  "|---|---|---:|---:|---:|---|---:|"]
+        for (c, over), rows in _pair_groups(s).items():
+            for r in rows:
+                lines.append(f"| {c} | {over} | {r['fold']} | {r['seed']} | {100 * r['gain']:+.2f} | "
+                             f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}] | {_gap(r)} |")
+        lines.append("")
+        lines += [f"- {c} over {over}: {_pair_summary(rows)}" for (c, over), rows in _pair_groups(s).items()]
+        if pairs.get("missing"):
+            lines.append(f"- cells without saved detections, left out: {_ids(pairs['missing'])} ({MISSING_DETS})")
+        lines.append("")
+    if lines:
+        lines.append("Both models of a pair are scored on each of 1000 resamples (with replacement) of the same "
+                     "test images; the interval is the 2.5-97.5 percentile of the difference. Gap closed: the gain "
+                     "over the baseline as a share of the teacher's lead over it on that pair.")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def pairs_csv(rep: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["study", "config", "over", "fold", "seed", "gain", "ci_low", "ci_high", "gap_closed"])
+    for s in rep["studies"]:
+        for r in s.get("image_pairs", {}).get("rows", []):
+            w.writerow([s["name"], r["config"], r["over"], r["fold"], r["seed"], round(r["gain"], 6),
+                        *_bounds(r["ci95"]), "" if r["gap_closed"] is None else round(r["gap_closed"], 6)])
+    return buf.getvalue()
 
 
 def table_latex(rep: dict[str, Any]) -> str:
@@ -217,6 +293,8 @@ def write_report(rep: dict[str, Any], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"table.md": table_markdown(rep), "table.csv": table_csv(rep), "table.tex": table_latex(rep),
              "gains.md": gains_markdown(rep)}
+    if any(x.get("image_pairs", {}).get("rows") for x in rep["studies"]):
+        files.update({"pairs.md": pairs_markdown(rep), "pairs.csv": pairs_csv(rep)})
     written = []
     for name, text in files.items():
         atomic.write_text(out_dir / name, text)
@@ -252,6 +330,8 @@ def print_report(rep: dict[str, Any]) -> None:
     for line in gaps(rep):
         name, _, rest = line.partition(": ")
         out.print(f"[yellow]{escape(name)}:[/] {escape(rest)}", highlight=False, soft_wrap=True)
+    for line in flatness(rep):
+        out.print(escape(line), highlight=False, soft_wrap=True)
     for s in studies:
         if not s["gains"]:
             continue
@@ -276,3 +356,19 @@ def print_report(rep: dict[str, Any]) -> None:
                           _ci(x), _p(x["wilcoxon"]),
                           f"{100 * x['win_rate']:.0f} %")
             out.print(g)
+        groups = _pair_groups(s)
+        if groups:
+            g = Table(title=f"{s['name']}: gain per fold and seed over the same {s['split']} images (points; "
+                            "paired 95 % interval over images)", title_justify="left")
+            for col in ("configuration", "over", "fold/seed", "gain", "95 % interval", "gap closed"):
+                g.add_column(col, justify="left" if col in ("configuration", "over") else "right")
+            for (c, over), rows in groups.items():
+                for r in rows:
+                    g.add_row(c, over, f"f{r['fold']}/s{r['seed']}", f"{100 * r['gain']:+.2f}",
+                              f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]", _gap(r))
+            out.print(g)
+            for (c, over), rows in groups.items():
+                out.print(f"{c} over {over}: {_pair_summary(rows)}", highlight=False)
+        if s.get("image_pairs", {}).get("missing"):
+            out.print(f"[yellow]{s['name']}:[/] no saved detections in {_ids(s['image_pairs']['missing'])}: left "
+                      f"out of the per-pair intervals ({MISSING_DETS})", highlight=False, soft_wrap=True)

@@ -89,6 +89,7 @@ def run_cell(study: Study, cell: Cell, ledger: Ledger, device: str | None = None
     code: 0 ok, 1 failed (recorded), 130 interrupted (not recorded: the next run resumes it)."""
     import torch
 
+    from kdcli.engine import detfile
     from kdcli.engine.validator import evaluate_checkpoint
 
     started, t0 = _now(), time.time()
@@ -103,8 +104,9 @@ def run_cell(study: Study, cell: Cell, ledger: Ledger, device: str | None = None
             err.print(f"{cell.id}: interrupted; the next run resumes it from last.pt", highlight=False)
             return INTERRUPTED
         weights = trainer.weights_dir / "best.pt"
+        dets = detfile.path_for(study.run_dir(cell), study.cfg.split)  # for `kdcli report`'s paired intervals
         result, _ = evaluate_checkpoint(weights, study.cfg.split, device=device or trainer.recipe.train.device,
-                                        workers=trainer.recipe.data.workers, iou_thresholds=[])
+                                        workers=trainer.recipe.data.workers, iou_thresholds=[], dets_out=dets)
     except KeyboardInterrupt:
         return INTERRUPTED
     except Exception as e:  # noqa: BLE001 - any failure of a cell is recorded and the grid goes on
@@ -119,6 +121,7 @@ def run_cell(study: Study, cell: Cell, ledger: Ledger, device: str | None = None
     metrics["val_mAP50"] = summary["best_fitness"]
     metrics["per_class_AP50"] = {r["class"]: r["AP50"] for r in result["per_class"]}
     record = {**base, "status": "ok", "split": study.cfg.split, "metrics": metrics, "weights": str(weights),
+              "dets": str(dets),
               "epochs": summary["epochs"], "best_epoch": summary["best_epoch"], "finished": _now(),
               "train_s": summary["train_seconds"], "attempt_s": round(time.time() - t0, 1),
               "time_s": round(summary["train_seconds"] + time.time() - fit_end, 1)}

@@ -11,6 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from kdcli.cli.app import app
+from kdcli.engine import detfile
 from tests.conftest import tiny_recipe
 
 runner = CliRunner()
@@ -171,6 +172,8 @@ def test_val_prints_table_json_and_files(tiny_checkpoint: Path, tmp_path: Path, 
     val_runs = sorted((tmp_path / "runs" / "val").iterdir())
     assert len(val_runs) == 2 and (val_runs[0] / "metrics.json").is_file()
     assert (val_runs[0] / "predictions.png").is_file()
+    dets, _, ids, _ = detfile.load(val_runs[1] / "dets_val.npz")  # what paired comparisons read
+    assert len(dets.scores) == json.loads((val_runs[1] / "metrics.json").read_text())["detections"] and ids
     assert json.loads((val_runs[1] / "metrics.json").read_text())["coco_backend"] == "pycocotools"
     r = run("val", str(tiny_checkpoint), "splt=val")
     assert r.exit_code == 2 and "did you mean 'split'" in r.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,28 +107,29 @@ def test_empty_detections_do_not_crash_pycocotools():
     assert m["mAP50"] == 0.0 and m["mAP50-95"] == 0.0 and m["mAP0.25"] == 0.0 and m["detections"] == 0
 
 
-def test_bootstrap_interval_equals_resampling_by_copying_images():
-    """The weighted bootstrap against the plain one: each resample built by copying the drawn images (new ids)
-    and scored by voc_per_class."""
-    from kdcli.engine.metrics import bootstrap_map
-
-    rng = np.random.default_rng(0)
-    ids = list(range(1, 13))
+def _random_split(seed: int, found: float = 0.8):
+    """Ground truth of 12 images and detections of it: most found a little off, plus false positives."""
+    rng, ids = np.random.default_rng(seed), range(1, 13)
     anns, dets = [], []
     for im in ids:
         for _ in range(rng.integers(0, 4)):
             x, y, c = *rng.uniform(0, 80, 2), int(rng.integers(0, 2))
             anns.append({"image_id": im, "category_id": c + 1, "bbox": [x, y, 20, 15]})
-            if rng.random() < 0.8:  # found, a little off
+            if rng.random() < found:
                 dets.append((im, c, rng.uniform(0.3, 1), [x + rng.normal(0, 3), y, x + 20, y + 15]))
         for _ in range(rng.integers(0, 3)):  # false positives
             x, y = rng.uniform(0, 80, 2)
             dets.append((im, int(rng.integers(0, 2)), rng.uniform(0, 0.8), [x, y, x + 10, y + 10]))
-    gt = ground_truth({"annotations": anns})
-    d = Detections(np.array([x[0] for x in dets]), np.array([x[1] for x in dets]), np.array([x[2] for x in dets]),
-                   np.array([x[3] for x in dets], float))
-    lo, hi = bootstrap_map(d, gt, ids, 2, resamples=200, seed=3)
-    draws = np.random.default_rng(3).multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=200)
+    return anns, dets
+
+
+def _as_dets(rows: list) -> Detections:
+    return Detections(np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.int64),
+                      np.array([r[2] for r in rows]), np.array([r[3] for r in rows], float).reshape(-1, 4))
+
+
+def _copy_resampled_maps(anns: list, dets: list, ids: list[int], draws: np.ndarray) -> list[float]:
+    """The plain bootstrap: each resample built by copying the drawn images (new ids), scored by voc_per_class."""
     maps = []
     for counts in draws:
         copies = [(im, k) for im, n in zip(ids, counts) for k in range(n)]
@@ -135,10 +137,63 @@ def test_bootstrap_interval_equals_resampling_by_copying_images():
         a2 = [{**a, "image_id": new_id[(a["image_id"], k)]}
               for a in anns for k in range(counts[ids.index(a["image_id"])])]
         rows = [(new_id[(x[0], k)], *x[1:]) for x in dets for k in range(counts[ids.index(x[0])])]
-        d2 = Detections(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), np.array([r[2] for r in rows]),
-                        np.array([r[3] for r in rows], float).reshape(-1, 4))
-        aps = voc_per_class(d2, ground_truth({"annotations": a2}), 2)
+        aps = voc_per_class(_as_dets(rows), ground_truth({"annotations": a2}), 2)
         maps.append(np.nanmean(aps) if np.isfinite(aps).any() else 0.0)
+    return maps
+
+
+def test_bootstrap_interval_equals_resampling_by_copying_images():
+    """The weighted bootstrap against the plain one (images copied)."""
+    from kdcli.engine.metrics import bootstrap_map
+
+    ids = list(range(1, 13))
+    anns, dets = _random_split(0)
+    gt, d = ground_truth({"annotations": anns}), _as_dets(dets)
+    lo, hi = bootstrap_map(d, gt, ids, 2, resamples=200, seed=3)
+    draws = np.random.default_rng(3).multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=200)
+    maps = _copy_resampled_maps(anns, dets, ids, draws)
     assert (lo, hi) == pytest.approx(tuple(np.percentile(maps, [2.5, 97.5])), abs=1e-9)
     full = np.nanmean(voc_per_class(d, gt, 2))
     assert lo < full < hi
+
+
+def test_paired_interval_equals_copying_images_for_both_models():
+    """Two models on the same resamples: the interval of their difference against the plain bootstrap of each
+    (images copied), the gain against voc_per_class, and a model against itself gives exactly zero."""
+    from kdcli.engine.metrics import paired_bootstrap_map
+
+    ids = list(range(1, 13))
+    anns, good = _random_split(5, found=0.9)
+    rng = np.random.default_rng(9)
+    weak = [(im, c, s * rng.uniform(0.2, 1), box) for im, c, s, box in good if rng.random() < 0.7]  # misses, shuffled
+    gt = ground_truth({"annotations": anns})
+    gain, lo, hi = paired_bootstrap_map(_as_dets(good), _as_dets(weak), gt, ids, 2, resamples=150, seed=4)
+    assert gain == pytest.approx(np.nanmean(voc_per_class(_as_dets(good), gt, 2))
+                                 - np.nanmean(voc_per_class(_as_dets(weak), gt, 2)), abs=1e-12)
+    draws = np.random.default_rng(4).multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=150)
+    diff = np.subtract(_copy_resampled_maps(anns, good, ids, draws), _copy_resampled_maps(anns, weak, ids, draws))
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(diff, [2.5, 97.5])), abs=1e-9)
+    assert gain > 0 and lo <= gain <= hi
+    assert paired_bootstrap_map(_as_dets(good), _as_dets(good), gt, ids, 2, resamples=50) == (0.0, 0.0, 0.0)
+
+
+def test_detections_file_round_trip_and_damage(tmp_path: Path):
+    from kdcli.engine import detfile
+    from kdcli.errors import KdcliError
+
+    anns, dets = _random_split(1)
+    gt_json = {"images": [{"id": i} for i in range(1, 13)], "annotations": anns}
+    path = tmp_path / "dets_test.npz"
+    detfile.save(path, _as_dets(dets), gt_json, 2)
+    d, gt, ids, k = detfile.load(path)
+    assert ids == list(range(1, 13)) and k == 2 and len(d.scores) == len(dets)
+    np.testing.assert_array_equal(d.boxes, _as_dets(dets).boxes)
+    np.testing.assert_array_equal(gt.labels, ground_truth(gt_json).labels)
+    assert detfile.same_split((d, gt, ids, k), detfile.load(path))
+    assert not detfile.same_split((d, gt, ids, k), (d, gt, ids[:-1], k))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(KdcliError, match="unreadable detections file"):
+        detfile.load(path)
+    np.savez(tmp_path / "other.npz", x=np.zeros(2))
+    with pytest.raises(KdcliError, match="not a kdcli detections file"):
+        detfile.load(tmp_path / "other.npz")

@@ -268,3 +268,81 @@ def test_a_half_finished_study_says_what_it_lacks(tmp_path: Path):
     d = write_study(tmp_path / "whole")
     res = CliRunner().invoke(app, ["report", str(d)], terminal_width=300)
     assert not any(w in res.output for w in ("failed", "not finished", "no gain")), res.output
+
+
+def test_per_pair_gains_over_the_same_test_images(tmp_path: Path):
+    """Cells that saved their test detections get, per fold and seed, a gain with its paired interval over test
+    images and the share of the teacher's lead it closes; a pooled row is also measured against the row with the
+    same labelled share and no pool; a cell without detections is named, not dropped silently."""
+    from kdcli.engine import detfile
+    from kdcli.engine.metrics import Detections, ground_truth, voc_per_class
+
+    ids = list(range(1, 41))
+    anns = [{"image_id": i, "category_id": 1, "bbox": [x, 10.0, 12, 12]} for i in ids for x in (5.0, 40.0, 80.0)]
+    gt_json = {"images": [{"id": i} for i in ids], "annotations": anns}
+
+    def dets(found: float, seed: int) -> Detections:
+        r = np.random.default_rng(seed)
+        keep = [a for a in anns if r.random() < found]
+        fps = [(i, [r.uniform(0, 90), 60.0, 10, 10]) for i in ids if r.random() < 0.5]
+        rows = [(a["image_id"], r.uniform(0.5, 1), a["bbox"]) for a in keep] + [(i, r.uniform(0, 0.9), b)
+                                                                             for i, b in fps]
+        return Detections(np.array([x[0] for x in rows]), np.zeros(len(rows), np.int64),
+                          np.array([x[1] for x in rows]),
+                          np.array([[b[0], b[1], b[0] + b[2], b[1] + b[3]] for _, _, b in rows], float))
+
+    found = {"teacher": 0.95, "hard": 0.6, "hard+pdf": 0.8, "hard@scarce": 0.4, "hard+pdf@scarce": 0.45,
+             "hard+pdf@scarcepool": 0.7}
+    d = tmp_path / "real"
+    d.mkdir()
+    (d / "study.yaml").write_text("name: real\nteacher: t.yaml\nstudent: s.yaml\nconfigs: [teacher, hard, hard+pdf, "
+                                  "hard@scarce, hard+pdf@scarce, hard+pdf@scarcepool]\nfolds: [1]\nseeds: [0, 1]\n"
+                                  "variants: {scarce: [data.label_fraction=0.1], scarcepool: "
+                                  "[data.label_fraction=0.1, distill.unlabeled=rest]}\n")
+    lines, maps = [], {}
+    for seed in (0, 1):
+        for c, f in found.items():
+            run = d / "runs" / f"{c}-f1-s{seed}"
+            run.mkdir(parents=True)
+            det = dets(f, seed * 10 + len(c))
+            maps[(c, seed)] = float(np.nanmean(voc_per_class(det, ground_truth(gt_json), 1)))
+            if c in ("teacher", "hard"):  # val curves: the teacher flat, the hard student still rising at s0
+                curve = [0.5, 0.7, 0.8, 0.8, 0.805, 0.81, 0.812, 0.812] if c == "teacher" or seed else \
+                    [0.1 * k for k in range(1, 9)]
+                (run / "results.csv").write_text("epoch,mAP50\n" + "".join(f"{k},{v}\n" for k, v in enumerate(curve)))
+            if (c, seed) != ("hard+pdf", 1):  # this one finished before cells saved their detections
+                detfile.save(detfile.path_for(run, "test"), det, gt_json, 1)
+            pool = "rest" if "pool" in c else None
+            lines.append(json.dumps({"config": c, "fold": 1, "seed": seed, "status": "ok", "finished": "2026-01-01",
+                                     "split": "test", "run_dir": str(run),
+                                     "metrics": {k: maps[(c, seed)] for k in ("mAP50", "mAP50-95", "coco_AP50",
+                                                                              "val_mAP50")},
+                                     "data": {"label_fraction": 0.1 if "@" in c else 1.0, "labeled_images": 10,
+                                              "unlabeled": pool, "unlabeled_images": 90 if pool else 0}}))
+    (d / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+    res = CliRunner().invoke(app, ["report", str(d), "--json"])
+    assert res.exit_code == 0, res.output
+    (s,) = json.loads(res.stdout)["studies"]
+    assert s["last_quarter"]["teacher"] == {"f1/s0": pytest.approx(0.2), "f1/s1": pytest.approx(0.2)}
+    assert s["last_quarter"]["hard"]["f1/s0"] == pytest.approx(20.0) and "hard+pdf" not in s["last_quarter"]
+    assert s["twin_gains"]["hard+pdf@scarcepool"]["twin"] == "hard+pdf@scarce"  # same labelled share, no pool
+    assert s["twin_gains"]["hard+pdf@scarce"]["twin"] == "hard+pdf"
+    rows = {(r["config"], r["over"], r["seed"]): r for r in s["image_pairs"]["rows"]}
+    assert s["image_pairs"]["missing"] == ["hard+pdf/f1/s1"]
+    assert ("hard+pdf", "hard", 1) not in rows and ("hard+pdf", "hard", 0) in rows
+    r = rows[("hard+pdf", "hard", 0)]
+    assert r["gain"] == pytest.approx(maps[("hard+pdf", 0)] - maps[("hard", 0)], abs=1e-9)
+    assert r["ci95"][0] <= r["gain"] <= r["ci95"][1] and r["ci95"][0] > 0  # 80 % found against 60 %
+    assert r["gap_closed"] == pytest.approx(r["gain"] / (maps[("teacher", 0)] - maps[("hard", 0)]))
+    assert rows[("teacher", "hard", 0)]["gap_closed"] is None
+    pool = rows[("hard+pdf@scarcepool", "hard+pdf@scarce", 1)]
+    assert pool["gain"] == pytest.approx(maps[("hard+pdf@scarcepool", 1)] - maps[("hard+pdf@scarce", 1)], abs=1e-9)
+    assert pool["gap_closed"] is None
+    res = CliRunner().invoke(app, ["report", str(d), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    assert "hard+pdf over hard: 1 of 1 pairs above zero" in res.output and "hard+pdf/f1/s1" in res.output
+    assert "still rising (>= 1 point): hard/f1/s0" in " ".join(res.output.split())
+    md = (tmp_path / "rep" / "pairs.md").read_text()
+    assert f"| hard+pdf | hard | 1 | 0 | {100 * r['gain']:+.2f} |" in md and "kdcli val" in md
+    got = list(csv.DictReader((tmp_path / "rep" / "pairs.csv").read_text().splitlines()))
+    assert len(got) == len(rows) and {g["over"] for g in got} == {"hard", "hard+pdf@scarce", "hard+pdf"}

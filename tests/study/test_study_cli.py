@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdcli.cli.app import app
+from kdcli.engine import detfile
 from kdcli.study.ledger import Ledger, study_records
 
 TINY = "train: {epochs: 1, batch: 4, max_batches: 2, warmup_iters: 2, ema_tau: 5, device: cpu, plots: false}\n"
@@ -63,6 +64,8 @@ def test_grid_failed_cell_resume_and_cut_ledger(tmp_path: Path, vedai25: Path, m
     ok = recs[("hard+pdf", 1, 0)]
     assert set(ok["metrics"]) >= {"mAP50", "mAP50-95", "val_mAP50"} and ok["split"] == "test"
     assert Path(ok["weights"]).is_file() and ok["teacher"] == recs[("teacher", 1, 0)]["weights"]
+    assert Path(ok["dets"]) == out / "runs" / "hard_pdf-f1-s0" / "dets_test.npz"  # for report's per-pair intervals
+    assert detfile.load(Path(ok["dets"]))[3] == 8
     assert (out / "logs" / "hard_pdf-f1-s0.log").is_file()
 
     res = CliRunner().invoke(app, ["study", str(out), "--skip-failed"])  # all done or skipped: nothing runs

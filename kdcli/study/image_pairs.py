@@ -1,0 +1,58 @@
+"""Per-pair comparisons over test images: for each fold and seed, a row's mAP50 gain over the baseline (and a
+variant row's gain over its twin) on the same test images, with the paired bootstrap interval over
+those images, from the detections each cell saved (`dets_<split>.npz`). A study with few folds and seeds cannot
+give a fold-and-seed interval worth reading; this one says, pair by pair, whether a gain is larger than what
+another draw of test images could move it, and how much of the teacher's lead over the baseline it closes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kdcli.engine import detfile
+from kdcli.engine.metrics import paired_bootstrap_map
+
+Key = tuple[str, int, int]
+
+
+def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, str], resamples: int = 1000
+          ) -> dict[str, Any]:
+    """{"rows": [{config, over, fold, seed, gain, ci95, gap_closed}], "missing": [cell ids without detections]}:
+    each row over the baseline, and a variant row over its twin (aggregate.twins). Only for mAP50, the VOC AP that
+    the saved detections score; `gap_closed` = gain / (teacher - baseline) on the pair, where the teacher leads."""
+    if metric != "mAP50":
+        return {"rows": [], "missing": []}
+    records = {k: r for k, r in study["records"].items() if r.get("status") == "ok"}
+    cache: dict[Key, Any] = {}
+    missing: list[str] = []
+
+    def loaded(key: Key) -> Any:
+        if key not in cache:
+            r = records[key]  # older records name no file: the run dir's default place
+            path = Path(r.get("dets") or detfile.path_for(Path(r.get("run_dir", ".")), r.get("split", "test")))
+            cache[key] = detfile.load(path) if path.is_file() else None
+            if cache[key] is None:
+                missing.append(f"{key[0]}/f{key[1]}/s{key[2]}")
+        return cache[key]
+
+    rows = []
+    configs = list(dict.fromkeys(c for c, _, _ in sorted(records)))
+    for config in configs:
+        over = [baseline] + ([t] if (t := twins.get(config)) and t != baseline else [])
+        for ref in over:
+            if ref == config:
+                continue
+            for (c, fold, seed) in sorted(k for k in records if k[0] == config):
+                if (ref, fold, seed) not in records:
+                    continue
+                a, b = loaded((c, fold, seed)), loaded((ref, fold, seed))
+                if a is None or b is None or not detfile.same_split(a, b):
+                    continue
+                gain, lo, hi = paired_bootstrap_map(a[0], b[0], a[1], a[2], a[3], resamples=resamples)
+                teacher = records.get(("teacher", fold, seed))
+                lead = teacher["metrics"]["mAP50"] - records[(ref, fold, seed)]["metrics"]["mAP50"] if teacher else 0
+                rows.append({"config": config, "over": ref, "fold": fold, "seed": seed, "gain": gain,
+                             "ci95": [lo, hi],
+                             "gap_closed": gain / lead if ref == baseline and config != "teacher" and lead > 0
+                             else None})
+    return {"rows": rows, "missing": sorted(set(missing))}
