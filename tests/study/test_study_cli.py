@@ -173,7 +173,7 @@ def test_quickstart_pairs_build_the_pretrained_lite_pair(tmp_path: Path):
                                                     ("study/synthetic_gpu", 24, 4),
                                                     ("study/synthetic_unlabeled", 8, 1),
                                                     ("study/synthetic_unlabeled_same", 8, 1),
-                                                    ("study/drone_cars", 44, 4)])
+                                                    ("study/drone_cars", 28, 4)])
 def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tmp_path: Path):
     from kdcli.config.schema import PAPER_CONFIGS
     from kdcli.study.grid import Study
@@ -184,9 +184,8 @@ def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tm
                                               "hard+soft@pool", "hard+crosskd+pdf@pool", "soft@pool"],
                 "study/synthetic_unlabeled_same": ["teacher", "hard", "hard@long", "hard+soft", "hard+soft@pool",
                                                    "hard+soft@strong", "hard+soft@weighted", "hard+crosskd+pdf@pool"],
-                "study/drone_cars": ["teacher", "hard", "hard@long", "hard+pdf", "hard+crosskd+pdf", "hard+soft",
-                                     "hard+defeat", "hard@scarce", "hard+pdf@scarce", "hard+pdf@scarcepool",
-                                     "hard+soft@scarcepool"],
+                "study/drone_cars": ["teacher", "hard", "hard+pdf", "hard+crosskd+pdf", "hard@scarce",
+                                     "hard+pdf@scarce", "hard+pdf@scarcepool"],
                 }.get(recipe, PAPER_CONFIGS)
     assert s.cfg.configs == expected
     for cell in s.cells():  # every cell's recipe loads (variants included)
