@@ -11,6 +11,7 @@ from typing import Any
 
 from kdcli.engine import detfile
 from kdcli.engine.metrics import paired_bootstrap_map
+from kdcli.errors import KdcliError
 
 Key = tuple[str, int, int]
 
@@ -30,9 +31,14 @@ def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, st
         if key not in cache:
             r = records[key]  # older records name no file: the run dir's default place
             path = Path(r.get("dets") or detfile.path_for(Path(r.get("run_dir", ".")), r.get("split", "test")))
-            cache[key] = detfile.load(path) if path.is_file() else None
+            cell = f"{key[0]}/f{key[1]}/s{key[2]}"
+            try:
+                cache[key] = detfile.load(path) if path.is_file() else None
+            except KdcliError as e:  # a damaged file costs its pairs, not the report
+                cache[key] = None
+                cell += f" ({e.message})"
             if cache[key] is None:
-                missing.append(f"{key[0]}/f{key[1]}/s{key[2]}")
+                missing.append(cell)
         return cache[key]
 
     rows = []

@@ -342,6 +342,13 @@ def test_per_pair_gains_over_the_same_test_images(tmp_path: Path):
     assert res.exit_code == 0, res.output
     assert "hard+pdf over hard: 1 of 1 pairs above zero" in res.output and "hard+pdf/f1/s1" in res.output
     assert "still rising (>= 1 point): hard/f1/s0" in " ".join(res.output.split())
+    (d / "runs" / "hard@scarce-f1-s1" / "dets_test.npz").write_bytes(b"not a zip")  # damaged: named, not fatal
+    res = CliRunner().invoke(app, ["report", str(d), "--json"])
+    assert res.exit_code == 0, res.output
+    (s,) = json.loads(res.stdout)["studies"]
+    assert s["image_pairs"]["missing"][0] == "hard+pdf/f1/s1"
+    assert "hard@scarce/f1/s1 (" in s["image_pairs"]["missing"][1] and "unreadable" in s["image_pairs"]["missing"][1]
+    assert not any(r["config"] == "hard@scarce" and r["seed"] == 1 for r in s["image_pairs"]["rows"])
     md = (tmp_path / "rep" / "pairs.md").read_text()
     assert f"| hard+pdf | hard | 1 | 0 | {100 * r['gain']:+.2f} |" in md and "kdcli val" in md
     got = list(csv.DictReader((tmp_path / "rep" / "pairs.csv").read_text().splitlines()))
