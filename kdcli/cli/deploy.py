@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -79,6 +80,8 @@ def predict(
 
     Example: [bold]kdcli predict best.pt scene.tif --slice 512 --overlap 0.2 --bands 3,2,1[/]
     """
+    import torch
+
     from kdcli.data import coco
     from kdcli.data.rasters import GEO_HINT, open_raster, optional_rasterio, parse_bands, require_band_choice
     from kdcli.deploy.predict import Predictor, check_slice, expand_sources, write_outputs
@@ -133,19 +136,27 @@ def predict(
     if total > len(rasters):
         err.print(f"{total} windows of {slice_size} px in {len(rasters)} image(s)", highlight=False)
     results = []
+    t0 = time.perf_counter()
     with progress() as bar:
         task = bar.add_task("predict", total=total)
         for _, path, raster in rasters:
             det = predictor.predict(raster, lambda n: bar.advance(task, n))
             raster.close()
             results.append((path, raster, det))
+    secs = time.perf_counter() - t0
+    n = sum(len(det.scores) for _, _, det in results)
+    timing = {"seconds": round(secs, 3), "images_per_s": round(len(results) / secs, 3),
+              "windows_per_s": round(total / secs, 3), "detections_per_s": round(n / secs, 3),
+              "device": str(dev), "threads": torch.get_num_threads(), "batch": batch}
     target = out_dir or unique_run_dir(paths.runs_root() / "predict", Path(weights).parent.parent.name or "predict")
     with atomic_dir(target.resolve(), force=target.exists()) as tmp:  # an existing target passed _check_out
         files = [target / f.relative_to(tmp) for f in
-                 write_outputs(tmp, results, predictor.classes, draw_conf if draw_images else None, maps)]
+                 write_outputs(tmp, results, predictor.classes, draw_conf if draw_images else None, maps, timing)]
         scores = _evaluate(gt, [i for i, _, _ in rasters], results, predictor, tmp) if gt is not None else None
-    n = sum(len(det.scores) for _, _, det in results)
     out.print(f"[green]{n} detections[/] in {len(results)} image(s), {total} window(s) -> {target}", highlight=False)
+    out.print(f"speed: {secs:.1f} s reading and detecting, {timing['images_per_s']:.2f} images/s, "
+              f"{timing['windows_per_s']:.2f} windows/s, {timing['detections_per_s']:.1f} detections/s on {dev} "
+              f"({timing['threads']} threads; images.json: timing)", highlight=False)
     if scores is not None:
         out.print(f"scenes: {scores} -> {target / 'metrics.json'}", highlight=False, soft_wrap=True)
     out.print("written: " + ", ".join(str(f) for f in files[:6]) + (" ..." if len(files) > 6 else ""),

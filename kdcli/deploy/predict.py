@@ -309,8 +309,9 @@ def _map_outputs(out_dir: Path, stem: str, raster: Raster, det: Detections, clas
 
 
 def write_outputs(out_dir: Path, results: list[tuple[Path, Raster, Detections]], classes: list[str],
-                  draw_conf: float | None = 0.25, maps: bool = True) -> list[Path]:
-    """predictions.json (COCO results), images.json (ids, file names, sizes), one GeoJSON per image in pixels
+                  draw_conf: float | None = 0.25, maps: bool = True, timing: dict | None = None) -> list[Path]:
+    """predictions.json (COCO results), images.json (ids, file names, sizes, and the `timing` of the prediction
+    when given), one GeoJSON per image in pixels
     (and with `maps`, for a georeferenced scene, in its CRS and in WGS84), one drawn PNG per image (boxes scoring
     >= draw_conf; None: no PNG)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -332,5 +333,6 @@ def write_outputs(out_dir: Path, results: list[tuple[Path, Raster, Detections]],
     atomic.write_json(out_dir / "predictions.json", coco)
     atomic.write_json(out_dir / "images.json", {"images": images,
                                                 "categories": [{"id": i + 1, "name": c}
-                                                               for i, c in enumerate(classes)]})
+                                                               for i, c in enumerate(classes)],
+                                                **({"timing": timing} if timing else {})})
     return [out_dir / "predictions.json", out_dir / "images.json", *files]

@@ -148,8 +148,11 @@ def test_a_second_run_into_the_same_out_is_refused_or_replaces_it_whole(tmp_path
     Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "a.png")
     out = tmp_path / "pred"
     args = ["predict", str(tiny_checkpoint), str(tmp_path / "a.png"), "--out", str(out), "--no-draw"]
-    res = CliRunner().invoke(app, args)
+    res = CliRunner().invoke(app, args, terminal_width=200)
     assert res.exit_code == 0, res.output
+    timing = json.loads((out / "images.json").read_text())["timing"]  # how fast: printed and kept
+    assert timing["seconds"] > 0 and timing["images_per_s"] == pytest.approx(1 / timing["seconds"], rel=0.01)
+    assert timing["device"] == "cpu" and timing["threads"] >= 1 and "images/s" in res.output
     (out / "stale.geojson").write_text("{}")  # as if an earlier run predicted another image here
     res = CliRunner().invoke(app, args, terminal_width=200)
     assert res.exit_code == 2 and "the folder is not empty" in res.output and "--force" in res.output
