@@ -157,6 +157,27 @@ def twins(study: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def share_baselines(study: dict[str, Any], baseline: str) -> dict[str, str]:
+    """{`X@variant`: the baseline row trained on the same labelled share without a pool} (`hard+pdf@scarce` and
+    `hard+pdf@scarcepool` -> `hard@scarce`): the student that had the same labels and no teacher, against which a
+    label-scarce row's distillation gain is measured. Rows on the baseline's own share are left out."""
+    ok: dict[str, list[dict[str, Any]]] = {}
+    for (c, _, _), r in study["records"].items():
+        if r.get("status") == "ok":
+            ok.setdefault(c, []).append(r)
+
+    def share(c: str) -> set[float] | None:
+        return {r["data"]["label_fraction"] for r in ok[c]} if all("data" in r for r in ok[c]) else None
+
+    bases = [x for x in ok if x.partition("@")[0] == baseline and not any(_pooled(r) for r in ok[x])]
+    out = {}
+    for c in (x for x in ok if "@" in x and x.partition("@")[0] != baseline):
+        same = [x for x in bases if share(x) is not None and share(x) == share(c)]
+        if same and baseline not in same:
+            out[c] = same[0]
+    return out
+
+
 def twin_gains(values: dict[str, dict[tuple[int, int], float]], twin: dict[str, str]) -> dict[str, dict[str, Any]]:
     """{`X@variant`: paired gain over its twin row}: what a variant (an unlabelled pool, ...) adds."""
     return {c: {"twin": t, **stats.compare(values[c], values[t])} for c, t in twin.items()
@@ -224,7 +245,7 @@ def summarize(dirs: list[Path], metric: str | None = None, baseline: str | None 
                       if c != baseline and baseline in values},
             "twin_gains": twin_gains(values, twin),
             "last_quarter": last_quarters(s),
-            "image_pairs": image_pairs.gains(s, baseline, metric, twin),
+            "image_pairs": image_pairs.gains(s, baseline, metric, twin, share_baselines(s, baseline)),
             "data": data_used(s),
             "terms": terms_used(s),
             "values": {c: [[f, sd, x] for (f, sd), x in sorted(v.items())] for c, v in values.items()},

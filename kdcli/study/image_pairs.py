@@ -1,8 +1,10 @@
 """Per-pair comparisons over test images: for each fold and seed, a row's mAP50 gain over the baseline (and a
-variant row's gain over its twin) on the same test images, with the paired bootstrap interval over
-those images, from the detections each cell saved (`dets_<split>.npz`). A study with few folds and seeds cannot
-give a fold-and-seed interval worth reading; this one says, pair by pair, whether a gain is larger than what
-another draw of test images could move it, and how much of the teacher's lead over the baseline it closes."""
+variant row's gain over its twin, and a label-scarce row's over the baseline on the same labelled share:
+`hard+pdf@scarce` over `hard@scarce`, the student with the same labels and no teacher) on the same test images,
+with the paired bootstrap interval over those images, from the detections each cell saved (`dets_<split>.npz`).
+A study with few folds and seeds cannot give a fold-and-seed interval worth reading; this one says, pair by pair,
+whether a gain is larger than what another draw of test images could move it, and how much of the teacher's lead
+over the baseline it closes."""
 
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ from kdcli.errors import KdcliError
 Key = tuple[str, int, int]
 
 
-def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, str], resamples: int = 1000
-          ) -> dict[str, Any]:
+def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, str],
+          share_baselines: dict[str, str] | None = None, resamples: int = 1000) -> dict[str, Any]:
     """{"rows": [{config, over, fold, seed, gain, ci95, gap_closed}], "missing": [cell ids without detections]}:
-    each row over the baseline, and a variant row over its twin (aggregate.twins). Only for mAP50, the VOC AP that
-    the saved detections score; `gap_closed` = gain / (teacher - baseline) on the pair, where the teacher leads."""
+    each row over the baseline, a variant row over its twin (aggregate.twins) and over the baseline row on its
+    labelled share (aggregate.share_baselines). Only
+    for mAP50, the VOC AP that the saved detections score; `gap_closed` = gain / (teacher - reference) on the pair,
+    where the teacher leads and the reference is a baseline (plain or of the row's variant)."""
     if metric != "mAP50":
         return {"rows": [], "missing": []}
     records = {k: r for k, r in study["records"].items() if r.get("status") == "ok"}
@@ -44,7 +48,8 @@ def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, st
     rows = []
     configs = list(dict.fromkeys(c for c, _, _ in sorted(records)))
     for config in configs:
-        over = [baseline] + ([t] if (t := twins.get(config)) and t != baseline else [])
+        own = (share_baselines or {}).get(config)
+        over = list(dict.fromkeys([baseline, *([t] if (t := twins.get(config)) else []), *([own] if own else [])]))
         for ref in over:
             if ref == config:
                 continue
@@ -59,6 +64,6 @@ def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, st
                 lead = teacher["metrics"]["mAP50"] - records[(ref, fold, seed)]["metrics"]["mAP50"] if teacher else 0
                 rows.append({"config": config, "over": ref, "fold": fold, "seed": seed, "gain": gain,
                              "ci95": [lo, hi],
-                             "gap_closed": gain / lead if ref == baseline and config != "teacher" and lead > 0
+                             "gap_closed": gain / lead if ref in (baseline, own) and config != "teacher" and lead > 0
                              else None})
     return {"rows": rows, "missing": sorted(set(missing))}

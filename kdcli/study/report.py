@@ -225,7 +225,8 @@ def pairs_markdown(rep: dict[str, Any]) -> str:
     if lines:
         lines.append("Both models of a pair are scored on each of 1000 resamples (with replacement) of the same "
                      "test images; the interval is the 2.5-97.5 percentile of the difference. Gap closed: the gain "
-                     "over the baseline as a share of the teacher's lead over it on that pair.")
+                     "over the baseline (or over the baseline on the row's labelled share, e.g. hard@scarce) as a "
+                     "share of the teacher's lead over it on that pair.")
     return "\n".join(lines) + "\n" if lines else ""
 
 

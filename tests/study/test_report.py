@@ -338,6 +338,12 @@ def test_per_pair_gains_over_the_same_test_images(tmp_path: Path):
     pool = rows[("hard+pdf@scarcepool", "hard+pdf@scarce", 1)]
     assert pool["gain"] == pytest.approx(maps[("hard+pdf@scarcepool", 1)] - maps[("hard+pdf@scarce", 1)], abs=1e-9)
     assert pool["gap_closed"] is None
+    # a label-scarce row is also measured against the baseline on its labelled share (no teacher, same labels)
+    for c in ("hard+pdf@scarce", "hard+pdf@scarcepool"):
+        own = rows[(c, "hard@scarce", 0)]
+        assert own["gain"] == pytest.approx(maps[(c, 0)] - maps[("hard@scarce", 0)], abs=1e-9)
+        assert own["gap_closed"] == pytest.approx(own["gain"] / (maps[("teacher", 0)] - maps[("hard@scarce", 0)]))
+    assert ("hard@scarce", "hard@scarce", 0) not in rows and ("hard+pdf", "hard@scarce", 0) not in rows
     res = CliRunner().invoke(app, ["report", str(d), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
     assert "hard+pdf over hard: 1 of 1 pairs above zero" in res.output and "hard+pdf/f1/s1" in res.output
@@ -352,4 +358,5 @@ def test_per_pair_gains_over_the_same_test_images(tmp_path: Path):
     md = (tmp_path / "rep" / "pairs.md").read_text()
     assert f"| hard+pdf | hard | 1 | 0 | {100 * r['gain']:+.2f} |" in md and "kdcli val" in md
     got = list(csv.DictReader((tmp_path / "rep" / "pairs.csv").read_text().splitlines()))
-    assert len(got) == len(rows) and {g["over"] for g in got} == {"hard", "hard+pdf@scarce", "hard+pdf"}
+    assert len(got) == len(rows) and {g["over"] for g in got} == {"hard", "hard+pdf@scarce", "hard+pdf",
+                                                                          "hard@scarce"}
