@@ -114,8 +114,8 @@ class DeFeat(DistillMethod):
         shapes = [tuple(f.shape[-2:]) for f in teacher.features]
         if c.variant == "anchors":
             fg, bg = decoupled_anchors(student.features, teacher.features,
-                                       anchor_masks(batch["boxes"], shapes, teacher.strides))
+                                       anchor_masks(batch["boxes"], shapes, student.strides))
         else:
             fg, bg = decoupled_level(student.features, teacher.features,
-                                     level_masks(batch["boxes"], shapes, teacher.strides, c.level_base))
+                                     level_masks(batch["boxes"], shapes, student.strides, c.level_base))
         return {"defeat_fg": w_fg * fg, "defeat_bg": w_bg * bg}

@@ -16,7 +16,8 @@ sees the labelled images only, every distillation term sees them all, and a term
 of an unlabelled image: DeFeat's and FGD's foreground is where objects are, and on an unlabelled image the
 teacher's detections are the best estimate of that (leaving such images out would waste the pool for them).
 With `distill.pool_view=strong` the student sees a photometrically jittered copy of each unlabelled image, the
-teacher the image itself (`views.py`).
+teacher the image itself (`views.py`). A teacher at r x the student's resolution reads `batch["teacher_images"]`
+(the trainer's full-size images; the student's are a 1/r copy): its maps cover the same ground as the student's.
 """
 
 from __future__ import annotations
@@ -163,24 +164,26 @@ class Distiller:
         if not self.is_active(epoch):
             return {}
         with torch.no_grad():
-            teacher = self.teacher(batch["images"], head=self.teacher_head, tap=self.tap)
+            teacher = self.teacher(batch.get("teacher_images", batch["images"]), head=self.teacher_head, tap=self.tap)
             if self.needs_boxes and not all(batch.get("labeled") or [True]):
                 batch = {**batch, "boxes": self.pseudo_boxes(teacher, batch)}
         return self._forward(student, teacher, batch)
 
     def pseudo_boxes(self, teacher: DetectorOutput, batch: dict[str, Any]) -> list[torch.Tensor]:
         """The batch's boxes with each unlabelled image's replaced by the teacher's detections above
-        `distill.pseudo_conf` (after its NMS), for the terms that read boxes."""
+        `distill.pseudo_conf` (after its NMS), for the terms that read boxes: in the student's pixels."""
         from kdcli.models.postprocess import postprocess
 
         cfg = self.teacher.cfg.model_copy(update={"conf": self.cfg.pseudo_conf})
         unlabeled = [i for i, k in enumerate(batch["labeled"]) if not k]
         keep = torch.zeros(len(batch["labeled"]), dtype=torch.bool, device=batch["images"].device)
         keep[unlabeled] = True
-        found = postprocess(teacher.select(keep), cfg, tuple(batch["images"].shape[-2:]))
+        seen = batch.get("teacher_images", batch["images"])
+        found = postprocess(teacher.select(keep), cfg, tuple(seen.shape[-2:]))
+        r = seen.shape[-1] / batch["images"].shape[-1]
         boxes = list(batch["boxes"])
         for i, det in zip(unlabeled, found):
-            boxes[i] = det["boxes"]
+            boxes[i] = det["boxes"] / r
         return boxes
 
     # ---- checkpoints -------------------------------------------------------------------------------------------

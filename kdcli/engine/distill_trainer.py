@@ -3,6 +3,12 @@ terms to the loss. This module only connects the two: it rebuilds the teacher fr
 teacher and student fit (dataset, fold, classes, image size, strides), and evaluates the teacher before the
 first epoch: a teacher below `distill.teacher_min_map` stops the run unless forced.
 
+A teacher may see the scene at r times the student's resolution (teacher data.imgsz = r x the student's, with r x
+its strides and anchor size, e.g. 512 px with model.maxpool=true against a 256-px student without): its maps and
+anchors then cover the same ground as the student's, one to one. Training images are read at the teacher's size;
+the student gets a 1/r copy (means of r x r pixels; boxes / r). Small objects are where a teacher knows more from more
+pixels, and where an edge student cannot afford them.
+
 With an unlabelled pool (`distill.unlabeled`), every batch of labelled images is joined by
 `unlabeled_ratio` x batch pool images, drawn from (seed, epoch): an epoch stays one pass over the labelled
 images, the hard loss sees those only, every distillation term sees the whole batch.
@@ -18,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
@@ -79,12 +86,26 @@ class DistillTrainer(Trainer):
         self.teacher_map: float | None = None
 
     # ---- setup -------------------------------------------------------------------------------------------------
+    def teacher_checkpoint(self) -> checkpoint.Checkpoint:
+        if getattr(self, "_teacher_ckpt", None) is None:
+            if not self.recipe.distill.teacher:
+                raise KdcliError("no teacher given", hint="pass --teacher runs/train/<name>/weights/best.pt")
+            self.teacher_path = Path(self.recipe.distill.teacher)
+            self._teacher_ckpt = checkpoint.load(self.teacher_path)
+        return self._teacher_ckpt
+
+    def train_imgsz(self) -> int:
+        """The teacher's size when it is a whole multiple of the student's (a teacher at r x the resolution)."""
+        t, s = self.teacher_checkpoint().model.imgsz, self.recipe.data.imgsz
+        return t if t > s and t % s == 0 else s
+
+    @property
+    def teacher_scale(self) -> int:
+        return self.train_imgsz() // self.recipe.data.imgsz
+
     def build_extra(self) -> None:
         cfg = self.recipe.distill
-        if not cfg.teacher:
-            raise KdcliError("no teacher given", hint="pass --teacher runs/train/<name>/weights/best.pt")
-        self.teacher_path = Path(cfg.teacher)
-        ckpt = checkpoint.load(self.teacher_path)
+        ckpt = self.teacher_checkpoint()
         teacher = checkpoint.model_from_checkpoint(ckpt, str(self.teacher_path))
         self._check_compatible(ckpt, teacher)
         self.teacher_sha256 = file_sha256(self.teacher_path)
@@ -92,7 +113,10 @@ class DistillTrainer(Trainer):
         self.distiller = Distiller(cfg, teacher, self.recipe.model.channels).to(self.device)
         if dist.is_main():
             err.print(f"teacher {self.teacher_path}", highlight=False)
-            for line in self.distiller.report(self.recipe.data.imgsz, self.recipe.model.channels):
+            if self.teacher_scale > 1:
+                err.print(f"teacher at {self.teacher_scale}x the student's resolution: it reads "
+                          f"{self.train_imgsz()} px, the student a {self.recipe.data.imgsz}-px copy", highlight=False)
+            for line in self.distiller.report(self.train_imgsz(), self.recipe.model.channels):
                 err.print(line, highlight=False, soft_wrap=True)
             if self.pool is not None:
                 actual = self.pool_per_batch / self.recipe.train.batch
@@ -107,12 +131,13 @@ class DistillTrainer(Trainer):
         dataset, or `DIR[:SPLIT]` (a dataset dir from `kdcli prepare images`, split `unlabeled` by default)."""
         r, cfg = self.recipe, self.recipe.distill
         d = r.data
-        transform = train_transform(r.augment, d.imgsz, d.letterbox)
+        size = self.train_imgsz()
+        transform = train_transform(r.augment, size, d.letterbox)
         if cfg.unlabeled == "rest":
             if not self.unlabeled_records:
                 raise KdcliError("distill.unlabeled=rest: data.label_fraction is 1, so no training image is left "
                                  "unlabelled", hint="set data.label_fraction below 1, or name a pool")
-            pool = DetectionDataset(self.dataset_dir, d.train_split, d.fold, d.imgsz, d.letterbox, transform,
+            pool = DetectionDataset(self.dataset_dir, d.train_split, d.fold, size, d.letterbox, transform,
                                     d.channels, records=self.unlabeled_records, labeled=False)
         else:
             where, split = self._pool_location(cfg.unlabeled)
@@ -122,7 +147,7 @@ class DistillTrainer(Trainer):
                 raise KdcliError(f"{coco.split_path(where, split, fold)}: the unlabelled pool has no images")
             self._check_pool_held_out(cfg.unlabeled, where, records, data)
             self._check_pool_fits(where, records)
-            pool = DetectionDataset(where, split, fold, d.imgsz, d.letterbox, transform, d.channels, d.cache,
+            pool = DetectionDataset(where, split, fold, size, d.letterbox, transform, d.channels, d.cache,
                                     records=records, labeled=False)
         pool.seed = r.seed + 7919  # its own augmentation draws, not the labelled images' at the same index
         self.pool_per_batch = max(1, round(cfg.unlabeled_ratio * r.train.batch))  # >= 1 (check_recipe)
@@ -250,13 +275,29 @@ class DistillTrainer(Trainer):
                              hint="a student distils on its teacher's dataset and fold: train a teacher for it")
         if t_model.classes != self.classes:
             raise KdcliError(f"class names differ: teacher {t_model.classes}, dataset {self.classes}")
-        if t_model.imgsz != self.recipe.data.imgsz:
-            raise KdcliError(f"image size differs: teacher {t_model.imgsz}, student {self.recipe.data.imgsz}",
-                             hint=f"set data.imgsz={t_model.imgsz}")
-        if teacher.strides != self.bare_model.strides:
-            raise KdcliError(f"pyramid strides differ: teacher {teacher.strides}, student "
-                             f"{self.bare_model.strides}",
+        size, student = self.recipe.data.imgsz, self.bare_model.strides
+        r = t_model.imgsz // size if t_model.imgsz % size == 0 else 0
+        if r == 0:
+            raise KdcliError(f"image size differs: teacher {t_model.imgsz}, student {size}",
+                             hint=f"set data.imgsz={t_model.imgsz} (or a size it is a whole multiple of, for a "
+                                  "teacher at that many times the student's resolution)")
+        if r == 1 and teacher.strides != student:
+            raise KdcliError(f"pyramid strides differ: teacher {teacher.strides}, student {student}",
                              hint="use the teacher's model.levels and model.maxpool")
+        if r > 1 and teacher.strides != [r * s for s in student]:
+            raise KdcliError(f"a teacher at {r}x the student's input ({t_model.imgsz} vs {size} px) needs {r}x its "
+                             f"strides, so that their maps cover the same ground: teacher {teacher.strides}, "
+                             f"student {student}",
+                             hint="e.g. a teacher with model.maxpool=true (strides 16, 32, ...) and a student with "
+                                  "model.maxpool=false (8, 16, ...), the same model.levels")
+        anchor = float(ckpt.recipe.get("data", {}).get("anchor_size", self.recipe.data.anchor_size))
+        if r > 1 and abs(anchor - r * self.recipe.data.anchor_size) > 1e-6:
+            raise KdcliError(f"a teacher at {r}x the student's input needs {r}x its anchor size: teacher "
+                             f"{anchor:g}, student {self.recipe.data.anchor_size:g}",
+                             hint=f"set data.anchor_size={anchor / r:g}")
+        if r > 1 and self.recipe.train.multiscale:
+            raise KdcliError(f"train.multiscale with a teacher at {r}x the student's input: the student's copy "
+                             "is made at one size", hint="set train.multiscale=[]")
 
     def trainable_extra(self) -> list[nn.Module]:
         return self.distiller.trainable() if hasattr(self, "distiller") else []
@@ -298,14 +339,17 @@ class DistillTrainer(Trainer):
                              hint="train it longer, check the checkpoint, or pass --force", exit_code=FAILED)
 
     def _evaluate_teacher(self) -> float:
-        if self.val_set is not None:
+        d, size = self.recipe.data, self.train_imgsz()  # the teacher reads its own size
+        if self.val_set is not None and size == d.imgsz:
             loader_set, gt = self.val_set, self.val_json
+        elif self.val_set is not None:
+            loader_set = DetectionDataset(self.dataset_dir, d.val_split, d.fold, size, d.letterbox,
+                                          channels=d.channels)
+            gt = loader_set.coco
         else:
             ds = self.train_set
             n = min(len(ds), TEACHER_CHECK_IMAGES)
-            plain = DetectionDataset(ds.dataset_dir, self.recipe.data.train_split, self.recipe.data.fold,
-                                     self.recipe.data.imgsz, self.recipe.data.letterbox,
-                                     channels=self.recipe.data.channels)
+            plain = DetectionDataset(ds.dataset_dir, d.train_split, d.fold, size, d.letterbox, channels=d.channels)
             loader_set = Subset(plain, range(n))
             ids = {r.image_id for r in plain.records[:n]}
             full = plain.coco
@@ -318,6 +362,17 @@ class DistillTrainer(Trainer):
         return float(metrics["mAP50"])
 
     # ---- loss --------------------------------------------------------------------------------------------------
+    def preprocess(self, batch: dict[str, Any], epoch: int) -> dict[str, Any]:
+        """With a teacher at r x the resolution: the teacher keeps the images as read, the student a 1/r copy (r x r
+        means), with its boxes / r."""
+        batch = super().preprocess(batch, epoch)
+        r = self.teacher_scale
+        if r == 1:
+            return batch
+        images = batch["images"]
+        small = F.avg_pool2d(images, r)  # each student pixel the mean of the r x r teacher pixels it covers
+        return {**batch, "teacher_images": images, "images": small, "boxes": [b / r for b in batch["boxes"]]}
+
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.distiller.student_loss(self.model, self.loss_fn, batch, self.epoch)
 
@@ -325,7 +380,8 @@ class DistillTrainer(Trainer):
     def checkpoint_extra(self) -> dict[str, Any]:
         cfg = self.recipe.distill
         return {"distill": {"teacher": str(self.teacher_path.resolve()), "teacher_sha256": self.teacher_sha256,
-                            "teacher_val_mAP50": self.teacher_map, "labels": cfg.labels, "method": cfg.method,
+                            "teacher_val_mAP50": self.teacher_map, "teacher_imgsz": self.train_imgsz(),
+                            "labels": cfg.labels, "method": cfg.method,
                             "labeled_images": len(self.train_set),
                             "unlabeled_images": len(self.pool) if self.pool is not None else 0,
                             "config": cfg.model_dump(mode="json")}}

@@ -179,9 +179,9 @@ class Trainer:
         dist.init(self.device)
         self.dataset_dir = paths.resolve_dataset(r.data.path).resolve()
         self.meta = coco.read_dataset_yaml(self.dataset_dir)
-        d = r.data
-        self.train_set = DetectionDataset(self.dataset_dir, d.train_split, d.fold, d.imgsz, d.letterbox,
-                                          train_transform(r.augment, d.imgsz, d.letterbox), d.channels)
+        d, size = r.data, self.train_imgsz()
+        self.train_set = DetectionDataset(self.dataset_dir, d.train_split, d.fold, size, d.letterbox,
+                                          train_transform(r.augment, size, d.letterbox), d.channels)
         if len(self.train_set) == 0:
             raise KdcliError(f"{coco.split_path(self.dataset_dir, d.train_split, d.fold)}: no training images")
         total = len(self.train_set)
@@ -324,6 +324,11 @@ class Trainer:
     def val_loader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.recipe.train.batch * 2, shuffle=False,
                           num_workers=loader_workers(self.recipe.data.workers), collate_fn=collate)
+
+    def train_imgsz(self) -> int:
+        """Hook: the size training images are read at: data.imgsz (distillation from a teacher at r x the student's
+        resolution reads them at the teacher's and gives the student a 1/r copy)."""
+        return self.recipe.data.imgsz
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def preprocess(self, batch: dict[str, Any], epoch: int) -> dict[str, Any]:

@@ -227,3 +227,67 @@ def test_teacher_check_is_cached_per_teacher_and_split(tiny_checkpoint: Path, tm
     cache.write_text(json.dumps({key: 0.0}))  # the cached result is what decides
     r = run("distill", "--teacher", str(teacher), "train.epochs=1", "distill.teacher_min_map=0.5")
     assert r.exit_code == 1 and "the teacher looks untrained: mAP50 0.0000" in r.output
+
+
+@pytest.fixture(scope="module")
+def teacher_at_2x(tmp_path_factory: pytest.TempPathFactory, vedai25: Path) -> Path:
+    """A tiny teacher trained at 192 px with strides 16-128 and anchor 32: twice a 96-px student's (8-64, 16)."""
+    from kdcli.engine.trainer import Trainer
+    from tests.conftest import tiny_recipe
+
+    run = tmp_path_factory.mktemp("runs") / "teacher192"
+    Trainer(tiny_recipe(vedai25, data={"imgsz": 192, "anchor_size": 32}, model={"maxpool": True}), run_dir=run).fit()
+    return run / "weights" / "best.pt"
+
+
+def test_teacher_at_twice_the_students_resolution(teacher_at_2x: Path, tmp_path: Path):
+    """The teacher reads the images as loaded, the student a half-size copy with halved boxes; their maps and
+    anchors coincide on the ground, so head and feature terms compare like with like."""
+    from kdcli.engine.distill_trainer import student_defaults
+
+    defaults = student_defaults(checkpoint.load(teacher_at_2x))
+    recipe = Recipe.model_validate({**defaults, "data": {**defaults["data"], "imgsz": 96, "anchor_size": 16},
+                                    "model": {**defaults["model"], "maxpool": False},
+                                    "train": {**defaults["train"], "device": "cpu"},
+                                    "distill": {"teacher": str(teacher_at_2x), "labels": "hard+soft",
+                                                "method": "pdf,defeat", "teacher_min_map": 0}})
+    t = DistillTrainer(recipe, run_dir=tmp_path / "d")
+    t.setup()
+    assert t.teacher_scale == 2 and t.train_set.imgsz == 192 and t.val_set.imgsz == 96
+    raw = next(iter(t.train_loader(0)))
+    batch = t.preprocess(raw, 0)
+    assert batch["teacher_images"].shape[-2:] == (192, 192) and batch["images"].shape[-2:] == (96, 96)
+    for before, after in zip(raw["boxes"], batch["boxes"]):
+        assert torch.allclose(after, before.float() / 2)
+    # each pixel of the student's copy is the mean of the 2 x 2 teacher pixels it covers
+    t_img = batch["teacher_images"]
+    means = (t_img[..., 0::2, 0::2] + t_img[..., 1::2, 0::2] + t_img[..., 0::2, 1::2] + t_img[..., 1::2, 1::2]) / 4
+    assert torch.allclose(batch["images"], means, atol=1e-4)
+    with torch.no_grad():
+        s_out, t_out = t.model(batch["images"]), t.teacher(batch["teacher_images"], head=True)
+    assert [f.shape[-2:] for f in s_out.features] == [f.shape[-2:] for f in t_out.features]
+    assert torch.allclose(t_out.anchors, 2 * s_out.anchors)  # the same anchors on the ground
+    terms = t.compute_loss(batch)
+    assert {"cls", "box", "soft_cls", "pdf", "defeat_fg", "defeat_bg", "total"} <= set(terms)
+    assert all(torch.isfinite(v) for v in terms.values())
+
+
+def test_teacher_at_twice_the_resolution_from_the_cli(teacher_at_2x: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    base = ["distill", "--teacher", str(teacher_at_2x), "--labels", "hard+soft", "--method", "crosskd",
+            "train.epochs=1", "train.max_batches=2", "distill.teacher_min_map=0", "data.imgsz=96"]
+    r = run(*base, "data.anchor_size=16", "model.maxpool=false", "name=s96")
+    assert r.exit_code == 0, r.output
+    assert "teacher at 2x the student's resolution: it reads 192 px, the student a 96-px copy" in " ".join(
+        r.output.split())
+    ck = checkpoint.load(tmp_path / "runs" / "distill" / "s96" / "weights" / "best.pt")
+    assert ck.model.imgsz == 96 and ck.distill["teacher_imgsz"] == 192
+    r = run(*base, "data.anchor_size=16")  # the student keeps the teacher's max-pool: strides 16-128, not 8-64
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and "needs 2x its strides" in out and "model.maxpool=false" in out
+    r = run(*base, "data.anchor_size=8", "model.maxpool=false")
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and "needs 2x its anchor size: teacher 32, student 8" in out
+    assert "data.anchor_size=16" in out
+    r = run(*base, "data.anchor_size=16", "model.maxpool=false", "train.multiscale=[64,96]")
+    assert r.exit_code == 2 and "train.multiscale" in r.output

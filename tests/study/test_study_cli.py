@@ -173,7 +173,7 @@ def test_quickstart_pairs_build_the_pretrained_lite_pair(tmp_path: Path):
                                                     ("study/synthetic_gpu", 24, 4),
                                                     ("study/synthetic_unlabeled", 8, 1),
                                                     ("study/synthetic_unlabeled_same", 8, 1),
-                                                    ("study/drone_cars", 28, 4)])
+                                                    ("study/drone_cars", 28, 4), ("study/drone_cars_hires", 24, 4)])
 def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tmp_path: Path):
     from kdcli.config.schema import PAPER_CONFIGS
     from kdcli.study.grid import Study
@@ -186,6 +186,8 @@ def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tm
                                                    "hard+soft@strong", "hard+soft@weighted", "hard+crosskd+pdf@pool"],
                 "study/drone_cars": ["teacher", "hard", "hard+pdf", "hard+crosskd+pdf", "hard@scarce",
                                      "hard+pdf@scarce", "hard+pdf@scarcepool"],
+                "study/drone_cars_hires": ["teacher", "hard", "hard+pdf", "hard@scarce", "hard+pdf@scarce",
+                                           "hard+pdf@scarcepool"],
                 }.get(recipe, PAPER_CONFIGS)
     assert s.cfg.configs == expected
     for cell in s.cells():  # every cell's recipe loads (variants included)
@@ -193,6 +195,13 @@ def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tm
             s.teacher_recipe(cell)
     assert len(s.cells()) == cells and sum(c.is_teacher for c in s.cells()) == teachers
     assert Path(s.cfg.teacher).is_file() and Path(s.cfg.student).is_file()
+    if recipe == "study/drone_cars_hires":  # the teacher at twice the student's pixels, strides and anchors
+        from kdcli.study.grid import Cell
+
+        t = s.teacher_recipe(Cell("teacher", 1, 0))
+        st = s.student_recipe(Cell("hard+pdf", 1, 0), tmp_path / "t.pt", {"data": {**t.data.model_dump()}})
+        assert (t.data.imgsz, t.data.anchor_size, t.model.maxpool, t.model.levels) == (512, 32, True, 4)
+        assert (st.data.imgsz, st.data.anchor_size, st.model.maxpool, st.model.levels) == (256, 16, False, 4)
 
 
 def test_cells_share_gpus_and_cpus(tmp_path: Path):
