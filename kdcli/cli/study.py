@@ -39,6 +39,9 @@ def study(
     device: Annotated[str | None, typer.Option("--device", help="With --cell: cpu or a GPU index.")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=0, help="With --cell: loader workers (data.workers)."
                                                 )] = None,
+    teachers_from: Annotated[Path | None, typer.Option("--teachers-from", help="A study dir whose finished "
+                                                       "teachers this study takes instead of training its own "
+                                                       "(their recipes must be identical).")] = None,
 ) -> None:
     """Run a grid of configurations x folds x seeds. One teacher per (fold, seed) is shared by the students of
     that fold and seed. Each finished cell appends a line to ledger.jsonl; rerunning skips finished cells,
@@ -57,6 +60,11 @@ def study(
     if cell is None:
         s.check_recipes()  # every cell's recipe, before any runs: not a failure after the teacher has trained
         _check_folds(s, required=not plan)
+    if teachers_from is not None:
+        if cell is not None:
+            raise KdcliError("--teachers-from applies to a whole study, not to --cell",
+                             hint=f"run `kdcli study {s.dir} --teachers-from {teachers_from}` first")
+        _adopt(s, teachers_from, write=not dry_run)
     if cell is not None:
         c = Cell.parse(cell)
         if c not in s.cells():
@@ -85,6 +93,17 @@ def study(
     if n_failed:
         raise KdcliError(f"{n_failed} cells failed or could not run (errors in {s.dir}/ledger.jsonl, logs in "
                          f"{s.dir}/logs)", hint="rerun to retry them", exit_code=FAILED)
+
+
+def _adopt(s, source: Path, write: bool) -> None:
+    from kdcli.study.adopt import adopt_teachers
+
+    if write:
+        s.save()
+    for c, rec in adopt_teachers(s, source, write):
+        out.print(f"{c.id}: {'taken' if write else 'would be taken'} from {rec['adopted_from']} (test "
+                  f"{s.cfg.metric} {rec['metrics'].get(s.cfg.metric, float('nan')):.4f})", highlight=False,
+                  soft_wrap=True)
 
 
 def _gpus(devices: str) -> list[str]:

@@ -173,7 +173,8 @@ def test_quickstart_pairs_build_the_pretrained_lite_pair(tmp_path: Path):
                                                     ("study/synthetic_gpu", 24, 4),
                                                     ("study/synthetic_unlabeled", 8, 1),
                                                     ("study/synthetic_unlabeled_same", 8, 1),
-                                                    ("study/drone_cars", 28, 4), ("study/drone_cars_hires", 24, 4)])
+                                                    ("study/drone_cars", 28, 4), ("study/drone_cars_hires", 24, 4),
+                                                    ("study/drone_cars_128", 24, 4)])
 def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tmp_path: Path):
     from kdcli.config.schema import PAPER_CONFIGS
     from kdcli.study.grid import Study
@@ -188,6 +189,8 @@ def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tm
                                      "hard+pdf@scarce", "hard+pdf@scarcepool"],
                 "study/drone_cars_hires": ["teacher", "hard", "hard+pdf", "hard@scarce", "hard+pdf@scarce",
                                            "hard+pdf@scarcepool"],
+                "study/drone_cars_128": ["teacher", "hard", "hard+pdf", "hard@scarce", "hard+pdf@scarce",
+                                         "hard+pdf@scarcepool"],
                 }.get(recipe, PAPER_CONFIGS)
     assert s.cfg.configs == expected
     for cell in s.cells():  # every cell's recipe loads (variants included)
@@ -202,6 +205,18 @@ def test_shipped_study_recipes_expand(recipe: str, cells: int, teachers: int, tm
         st = s.student_recipe(Cell("hard+pdf", 1, 0), tmp_path / "t.pt", {"data": {**t.data.model_dump()}})
         assert (t.data.imgsz, t.data.anchor_size, t.model.maxpool, t.model.levels) == (512, 32, True, 4)
         assert (st.data.imgsz, st.data.anchor_size, st.model.maxpool, st.model.levels) == (256, 16, False, 4)
+    if recipe == "study/drone_cars_128":  # students at half the teacher's pixels; the teacher is drone_cars.yaml's
+        from kdcli.config import load
+        from kdcli.models.detector import default_levels
+        from kdcli.study.grid import Cell
+
+        t = s.teacher_recipe(Cell("teacher", 2, 0))
+        st = s.student_recipe(Cell("hard+pdf", 2, 0), tmp_path / "t.pt", {"data": {**t.data.model_dump()}})
+        assert (t.data.imgsz, t.data.anchor_size, t.model.maxpool) == (256, 16, True)
+        assert (st.data.imgsz, st.data.anchor_size, st.model.maxpool) == (128, 8, False)
+        assert default_levels(256) == default_levels(128) == 4 and t.model.levels is st.model.levels is None
+        same = Study.open("study/drone_cars", tmp_path / "d").teacher_recipe(Cell("teacher", 2, 0))
+        assert load.dump(t) == load.dump(same)
 
 
 def test_cells_share_gpus_and_cpus(tmp_path: Path):
@@ -245,3 +260,33 @@ def test_new_variants_grow_a_study_changed_ones_are_refused(tmp_path: Path, veda
     assert [c.config for c in grown.cells()] == ["teacher", "soft@strong"]
     with pytest.raises(KdcliError, match="different variants"):
         Study.open(out, overrides=["variants={pool: [distill.unlabeled=rest]}"])
+
+
+def test_a_study_takes_another_studys_teachers(tmp_path: Path, vedai25: Path):
+    first = tmp_path / "a"
+    res = CliRunner().invoke(app, ["study", str(tiny_study(tmp_path, vedai25, "teacher")), "--out", str(first)])
+    assert res.exit_code == 0, res.output
+    teacher = study_records(first)[("teacher", 1, 0)]
+    second = tmp_path / "b"  # other students, the same teacher recipe: nothing to train for the teacher
+    recipe = tiny_study(tmp_path, vedai25, "teacher, hard", extra="student_overrides: [train.lr=0.02]\n")
+    res = CliRunner().invoke(app, ["study", str(recipe), "--out", str(second), "--teachers-from", str(first),
+                                   "--dry-run"])
+    assert res.exit_code == 0 and "teacher/f1/s0: would be taken from" in res.output, res.output
+    assert not (second / "ledger.jsonl").exists()
+    res = CliRunner().invoke(app, ["study", str(recipe), "--out", str(second), "--teachers-from", str(first)])
+    assert res.exit_code == 0, res.output
+    recs = study_records(second)
+    assert recs[("teacher", 1, 0)]["adopted_from"] == str(first.resolve())
+    assert recs[("teacher", 1, 0)]["metrics"] == teacher["metrics"]
+    assert recs[("hard", 1, 0)]["teacher"] == teacher["weights"]  # distilled from the first study's best.pt
+    assert not (second / "runs" / "teacher-f1-s0").exists() and len(ledger_lines(second)) == 2
+    res = CliRunner().invoke(app, ["study", str(second), "--teachers-from", str(first)])  # taken once only
+    assert res.exit_code == 0 and len(ledger_lines(second)) == 2, res.output
+
+    other = tiny_study(tmp_path, vedai25, "teacher, hard", extra="teacher_overrides: [train.epochs=2]\n")
+    res = CliRunner().invoke(app, ["study", str(other), "--out", str(tmp_path / "c"), "--teachers-from", str(first)])
+    assert res.exit_code == 2 and "train.epochs (2 here, 1 there)" in res.output, res.output
+    assert not (tmp_path / "c" / "runs").exists()
+    for bad, message in ((first, "that is this study"), (tmp_path / "none", "not a study directory")):
+        res = CliRunner().invoke(app, ["study", str(first), "--teachers-from", str(bad)])
+        assert res.exit_code == 2 and message in res.output, res.output
