@@ -14,6 +14,7 @@ Classes without ground truth are left out of means.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,20 +173,28 @@ def bootstrap_map(dets: Detections, gt: GroundTruth, image_ids: list[int], num_c
     return float(lo), float(hi)
 
 
+def mean_resampled_map(dets: Detections, gt: GroundTruth, ids: np.ndarray, w: np.ndarray, num_classes: int,
+                       iou_ts: Sequence[float] = (0.5,)) -> np.ndarray:
+    """[R]: `resampled_map` averaged over IoU thresholds (0.50:0.05:0.95 gives a VOC-style mAP50-95)."""
+    return np.mean([resampled_map(dets, gt, ids, w, num_classes, t) for t in iou_ts], axis=0)
+
+
 def paired_bootstrap_map(a: Detections, b: Detections, gt: GroundTruth, image_ids: list[int], num_classes: int,
-                         iou_t: float = 0.5, resamples: int = 1000, seed: int = 0, level: float = 0.95
-                         ) -> tuple[float, float, float]:
-    """(gain, low, high): the mAP of `a` minus that of `b` on the same images, and the percentile interval of that
-    difference over images resampled with replacement, both models scored on each same resample. Pairing removes
-    the variability the two share (easy and hard images), so the interval is narrower than either model's own."""
+                         iou_ts: Sequence[float] = (0.5,), resamples: int = 1000, seed: int = 0,
+                         level: float = 0.95) -> tuple[float, float, float]:
+    """(gain, low, high): the mAP of `a` minus that of `b` on the same images (averaged over `iou_ts`), and the
+    percentile interval of that difference over images resampled with replacement, both models scored on each
+    same resample. Pairing removes the variability the two share (easy and hard images), so the interval is
+    narrower than either model's own."""
     ids = np.asarray(sorted(image_ids))
     if len(ids) == 0:
         return 0.0, 0.0, 0.0
     w = resample_weights(len(ids), resamples, seed)
     full = np.ones((1, len(ids)))
-    gain = float(resampled_map(a, gt, ids, full, num_classes, iou_t)[0] - resampled_map(b, gt, ids, full,
-                                                                                         num_classes, iou_t)[0])
-    diff = resampled_map(a, gt, ids, w, num_classes, iou_t) - resampled_map(b, gt, ids, w, num_classes, iou_t)
+    gain = float(mean_resampled_map(a, gt, ids, full, num_classes, iou_ts)[0]
+                 - mean_resampled_map(b, gt, ids, full, num_classes, iou_ts)[0])
+    diff = mean_resampled_map(a, gt, ids, w, num_classes, iou_ts) - mean_resampled_map(b, gt, ids, w, num_classes,
+                                                                                        iou_ts)
     lo, hi = np.percentile(diff, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return gain, float(lo), float(hi)
 

@@ -1,21 +1,25 @@
-"""Per-pair comparisons over test images: for each fold and seed, a row's mAP50 gain over the baseline (and a
-variant row's gain over its twin, and a label-scarce row's over the baseline on the same labelled share:
+"""Per-pair comparisons over test images: for each fold and seed, a row's mAP50 (or mAP50-95) gain over the
+baseline (and a variant row's gain over its twin, and a label-scarce row's over the baseline on the same labelled share:
 `hard+pdf@scarce` over `hard@scarce`, the student with the same labels and no teacher) on the same test images,
 with the paired bootstrap interval over those images, from the detections each cell saved (`dets_<split>.npz`).
 A study with few folds and seeds cannot give a fold-and-seed interval worth reading; this one says, pair by pair,
 whether a gain is larger than what another draw of test images could move it, and how much of the teacher's lead
-over the baseline it closes."""
+over the baseline it closes. mAP50-95 is scored here VOC-style (all-point AP at each IoU 0.50:0.05:0.95, then the
+mean), so its gains can differ by a few tenths from the COCO-style (101-point) mAP50-95 of the tables."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kdcli.engine import detfile
-from kdcli.engine.metrics import paired_bootstrap_map
+from kdcli.engine.metrics import mean_resampled_map, paired_bootstrap_map
 from kdcli.errors import KdcliError
 
 Key = tuple[str, int, int]
+THRESHOLDS = {"mAP50": (0.5,), "mAP50-95": tuple(round(0.5 + 0.05 * i, 2) for i in range(10))}  # metrics paired
 
 
 def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, str],
@@ -23,10 +27,12 @@ def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, st
     """{"rows": [{config, over, fold, seed, gain, ci95, gap_closed}], "missing": [cell ids without detections]}:
     each row over the baseline, a variant row over its twin (aggregate.twins) and over the baseline row on its
     labelled share (aggregate.share_baselines). Only
-    for mAP50, the VOC AP that the saved detections score; `gap_closed` = gain / (teacher - reference) on the pair,
-    where the teacher leads and the reference is a baseline (plain or of the row's variant)."""
-    if metric != "mAP50":
-        return {"rows": [], "missing": []}
+    for mAP50 and mAP50-95 (THRESHOLDS), which the saved detections score; `gap_closed` = gain / (teacher -
+    reference) on the pair, both scored alike, where the teacher leads and the reference is a baseline (plain or
+    of the row's variant)."""
+    if metric not in THRESHOLDS:
+        return {"rows": [], "missing": [], "metric": metric}
+    iou_ts = THRESHOLDS[metric]
     records = {k: r for k, r in study["records"].items() if r.get("status") == "ok"}
     cache: dict[Key, Any] = {}
     missing: list[str] = []
@@ -45,6 +51,13 @@ def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, st
                 missing.append(cell)
         return cache[key]
 
+    scores: dict[Key, float] = {}
+
+    def scored(key: Key) -> float:
+        if key not in scores:
+            scores[key] = score(loaded(key), iou_ts)
+        return scores[key]
+
     rows = []
     configs = list(dict.fromkeys(c for c, _, _ in sorted(records)))
     for config in configs:
@@ -59,11 +72,19 @@ def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, st
                 a, b = loaded((c, fold, seed)), loaded((ref, fold, seed))
                 if a is None or b is None or not detfile.same_split(a, b):
                     continue
-                gain, lo, hi = paired_bootstrap_map(a[0], b[0], a[1], a[2], a[3], resamples=resamples)
-                teacher = records.get(("teacher", fold, seed))
-                lead = teacher["metrics"]["mAP50"] - records[(ref, fold, seed)]["metrics"]["mAP50"] if teacher else 0
+                gain, lo, hi = paired_bootstrap_map(a[0], b[0], a[1], a[2], a[3], iou_ts, resamples=resamples)
+                t = loaded(("teacher", fold, seed)) if ("teacher", fold, seed) in records else None
+                lead = scored(("teacher", fold, seed)) - scored((ref, fold, seed)) \
+                    if t is not None and detfile.same_split(t, b) else 0
                 rows.append({"config": config, "over": ref, "fold": fold, "seed": seed, "gain": gain,
                              "ci95": [lo, hi],
                              "gap_closed": gain / lead if ref in (baseline, own) and config != "teacher" and lead > 0
                              else None})
-    return {"rows": rows, "missing": sorted(set(missing))}
+    return {"rows": rows, "missing": sorted(set(missing)), "metric": metric}
+
+
+def score(loaded: Any, iou_ts: tuple[float, ...]) -> float:
+    """One cell's mAP on its whole split, scored as the pairs are."""
+    dets, gt, ids, k = loaded
+    ids = np.asarray(sorted(ids))
+    return float(mean_resampled_map(dets, gt, ids, np.ones((1, len(ids))), k, iou_ts)[0])

@@ -204,13 +204,15 @@ def _gap(r: dict[str, Any]) -> str:
 
 
 def pairs_markdown(rep: dict[str, Any]) -> str:
-    """Per fold and seed: each row's mAP50 gain with its paired interval over test images (image_pairs.py)."""
+    """Per fold and seed: each row's gain (mAP50 or mAP50-95) with its paired interval over test images
+    (image_pairs.py)."""
     lines = []
     for s in rep["studies"]:
         pairs = s.get("image_pairs", {})
         if not pairs.get("rows") and not pairs.get("missing"):
             continue
-        lines += [f"### {s['name']}: gain per fold and seed over the same {s['split']} images (mAP50, points)", "",
+        lines += [f"### {s['name']}: gain per fold and seed over the same {s['split']} images "
+                  f"({pairs.get('metric', 'mAP50')}, points)", "",
                   "| configuration | over | fold | seed | gain | 95 % interval over images | gap closed |",
                   "|---|---|---:|---:|---:|---|---:|"]
         for (c, over), rows in _pair_groups(s).items():

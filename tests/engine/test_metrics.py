@@ -128,8 +128,10 @@ def _as_dets(rows: list) -> Detections:
                       np.array([r[2] for r in rows]), np.array([r[3] for r in rows], float).reshape(-1, 4))
 
 
-def _copy_resampled_maps(anns: list, dets: list, ids: list[int], draws: np.ndarray) -> list[float]:
-    """The plain bootstrap: each resample built by copying the drawn images (new ids), scored by voc_per_class."""
+def _copy_resampled_maps(anns: list, dets: list, ids: list[int], draws: np.ndarray,
+                         iou_ts: tuple[float, ...] = (0.5,)) -> list[float]:
+    """The plain bootstrap: each resample built by copying the drawn images (new ids), scored by voc_per_class
+    (averaged over `iou_ts`)."""
     maps = []
     for counts in draws:
         copies = [(im, k) for im, n in zip(ids, counts) for k in range(n)]
@@ -137,8 +139,8 @@ def _copy_resampled_maps(anns: list, dets: list, ids: list[int], draws: np.ndarr
         a2 = [{**a, "image_id": new_id[(a["image_id"], k)]}
               for a in anns for k in range(counts[ids.index(a["image_id"])])]
         rows = [(new_id[(x[0], k)], *x[1:]) for x in dets for k in range(counts[ids.index(x[0])])]
-        aps = voc_per_class(_as_dets(rows), ground_truth({"annotations": a2}), 2)
-        maps.append(np.nanmean(aps) if np.isfinite(aps).any() else 0.0)
+        per_t = [voc_per_class(_as_dets(rows), ground_truth({"annotations": a2}), 2, t) for t in iou_ts]
+        maps.append(np.mean([np.nanmean(aps) if np.isfinite(aps).any() else 0.0 for aps in per_t]))
     return maps
 
 
@@ -175,6 +177,16 @@ def test_paired_interval_equals_copying_images_for_both_models():
     assert (lo, hi) == pytest.approx(tuple(np.percentile(diff, [2.5, 97.5])), abs=1e-9)
     assert gain > 0 and lo <= gain <= hi
     assert paired_bootstrap_map(_as_dets(good), _as_dets(good), gt, ids, 2, resamples=50) == (0.0, 0.0, 0.0)
+
+    # over several IoU thresholds (mAP50-95's way): the mean of the per-threshold mAPs, on the same resamples
+    ts = (0.5, 0.7, 0.9)
+    gain, lo, hi = paired_bootstrap_map(_as_dets(good), _as_dets(weak), gt, ids, 2, ts, resamples=150, seed=4)
+    assert gain == pytest.approx(np.mean([np.nanmean(voc_per_class(_as_dets(good), gt, 2, t))
+                                          - np.nanmean(voc_per_class(_as_dets(weak), gt, 2, t)) for t in ts]),
+                                 abs=1e-12)
+    diff = np.subtract(_copy_resampled_maps(anns, good, ids, draws, ts), _copy_resampled_maps(anns, weak, ids,
+                                                                                              draws, ts))
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(diff, [2.5, 97.5])), abs=1e-9)
 
 
 def test_detections_file_round_trip_and_damage(tmp_path: Path):

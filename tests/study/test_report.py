@@ -285,8 +285,8 @@ def test_per_pair_gains_over_the_same_test_images(tmp_path: Path):
         r = np.random.default_rng(seed)
         keep = [a for a in anns if r.random() < found]
         fps = [(i, [r.uniform(0, 90), 60.0, 10, 10]) for i in ids if r.random() < 0.5]
-        rows = [(a["image_id"], r.uniform(0.5, 1), a["bbox"]) for a in keep] + [(i, r.uniform(0, 0.9), b)
-                                                                             for i, b in fps]
+        rows = [(a["image_id"], r.uniform(0.5, 1), [a["bbox"][0] + r.uniform(0, 3), *a["bbox"][1:]])  # a little off
+                for a in keep] + [(i, r.uniform(0, 0.9), b) for i, b in fps]
         return Detections(np.array([x[0] for x in rows]), np.zeros(len(rows), np.int64),
                           np.array([x[1] for x in rows]),
                           np.array([[b[0], b[1], b[0] + b[2], b[1] + b[3]] for _, _, b in rows], float))
@@ -360,3 +360,16 @@ def test_per_pair_gains_over_the_same_test_images(tmp_path: Path):
     got = list(csv.DictReader((tmp_path / "rep" / "pairs.csv").read_text().splitlines()))
     assert len(got) == len(rows) and {g["over"] for g in got} == {"hard", "hard+pdf@scarce", "hard+pdf",
                                                                           "hard@scarce"}
+    # mAP50-95: the same pairs, each scored as the mean of the VOC-style mAP at IoU 0.50:0.05:0.95
+    res = CliRunner().invoke(app, ["report", str(d), "--metric", "mAP50-95", "--out", str(tmp_path / "rep95")])
+    assert res.exit_code == 0, res.output
+    got = {(g["config"], g["over"], g["seed"]): g for g in
+           csv.DictReader((tmp_path / "rep95" / "pairs.csv").read_text().splitlines())}
+    det_file = {c: detfile.load(detfile.path_for(d / "runs" / f"{c}-f1-s0", "test")) for c in ("hard+pdf", "hard")}
+    direct = {c: np.mean([np.nanmean(voc_per_class(x[0], x[1], 1, t)) for t in np.arange(0.5, 0.96, 0.05)])
+              for c, x in det_file.items()}
+    assert float(got[("hard+pdf", "hard", "0")]["gain"]) == pytest.approx(direct["hard+pdf"] - direct["hard"], abs=1e-6)
+    assert direct["hard+pdf"] < maps[("hard+pdf", 0)] - 0.05  # boxes a little off: the stricter IoUs count
+    assert "(mAP50-95, points)" in (tmp_path / "rep95" / "pairs.md").read_text()
+    res = CliRunner().invoke(app, ["report", str(d), "--metric", "coco_AP50", "--out", str(tmp_path / "rep_coco")])
+    assert res.exit_code == 0 and not (tmp_path / "rep_coco" / "pairs.csv").exists()  # no per-image pairing of it
