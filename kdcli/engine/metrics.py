@@ -179,6 +179,28 @@ def mean_resampled_map(dets: Detections, gt: GroundTruth, ids: np.ndarray, w: np
     return np.mean([resampled_map(dets, gt, ids, w, num_classes, t) for t in iou_ts], axis=0)
 
 
+def resampled_scores(dets: Detections, gt: GroundTruth, image_ids: list[int], num_classes: int,
+                     iou_ts: Sequence[float] = (0.5,), resamples: int = 1000, seed: int = 0
+                     ) -> tuple[float, np.ndarray]:
+    """(the mAP on all the images, [R] the mAP of each resample): what pairing needs of one model. Models scored
+    on the same image ids with the same resamples and seed share their resamples, so any two can be paired
+    (`paired_interval`) without scoring either again."""
+    ids = np.asarray(sorted(image_ids))
+    if len(ids) == 0:
+        return 0.0, np.zeros(resamples)
+    w = np.vstack([np.ones((1, len(ids))), resample_weights(len(ids), resamples, seed)])
+    maps = mean_resampled_map(dets, gt, ids, w, num_classes, iou_ts)
+    return float(maps[0]), maps[1:]
+
+
+def paired_interval(a: tuple[float, np.ndarray], b: tuple[float, np.ndarray], level: float = 0.95
+                    ) -> tuple[float, float, float]:
+    """(gain, low, high) of two models' `resampled_scores`: a minus b, and the percentile interval of that
+    difference over their shared resamples."""
+    lo, hi = np.percentile(a[1] - b[1], [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return a[0] - b[0], float(lo), float(hi)
+
+
 def paired_bootstrap_map(a: Detections, b: Detections, gt: GroundTruth, image_ids: list[int], num_classes: int,
                          iou_ts: Sequence[float] = (0.5,), resamples: int = 1000, seed: int = 0,
                          level: float = 0.95) -> tuple[float, float, float]:
@@ -186,17 +208,10 @@ def paired_bootstrap_map(a: Detections, b: Detections, gt: GroundTruth, image_id
     percentile interval of that difference over images resampled with replacement, both models scored on each
     same resample. Pairing removes the variability the two share (easy and hard images), so the interval is
     narrower than either model's own."""
-    ids = np.asarray(sorted(image_ids))
-    if len(ids) == 0:
+    if not image_ids:
         return 0.0, 0.0, 0.0
-    w = resample_weights(len(ids), resamples, seed)
-    full = np.ones((1, len(ids)))
-    gain = float(mean_resampled_map(a, gt, ids, full, num_classes, iou_ts)[0]
-                 - mean_resampled_map(b, gt, ids, full, num_classes, iou_ts)[0])
-    diff = mean_resampled_map(a, gt, ids, w, num_classes, iou_ts) - mean_resampled_map(b, gt, ids, w, num_classes,
-                                                                                        iou_ts)
-    lo, hi = np.percentile(diff, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return gain, float(lo), float(hi)
+    return paired_interval(resampled_scores(a, gt, image_ids, num_classes, iou_ts, resamples, seed),
+                           resampled_scores(b, gt, image_ids, num_classes, iou_ts, resamples, seed), level)
 
 
 def coco_per_class(dets: Detections, gt: GroundTruth, num_classes: int, image_ids: list[int],

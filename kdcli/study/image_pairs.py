@@ -12,10 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from kdcli.engine import detfile
-from kdcli.engine.metrics import mean_resampled_map, paired_bootstrap_map
+from kdcli.engine.metrics import paired_interval, resampled_scores
 from kdcli.errors import KdcliError
 
 Key = tuple[str, int, int]
@@ -51,11 +49,12 @@ def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, st
                 missing.append(cell)
         return cache[key]
 
-    scores: dict[Key, float] = {}
+    scores: dict[Key, tuple[float, Any]] = {}
 
-    def scored(key: Key) -> float:
+    def scored(key: Key) -> tuple[float, Any]:  # each cell scored once, on the resamples every cell shares
         if key not in scores:
-            scores[key] = score(loaded(key), iou_ts)
+            dets, gt, ids, k = loaded(key)
+            scores[key] = resampled_scores(dets, gt, ids, k, iou_ts, resamples)
         return scores[key]
 
     rows = []
@@ -72,9 +71,9 @@ def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, st
                 a, b = loaded((c, fold, seed)), loaded((ref, fold, seed))
                 if a is None or b is None or not detfile.same_split(a, b):
                     continue
-                gain, lo, hi = paired_bootstrap_map(a[0], b[0], a[1], a[2], a[3], iou_ts, resamples=resamples)
+                gain, lo, hi = paired_interval(scored((c, fold, seed)), scored((ref, fold, seed)))
                 t = loaded(("teacher", fold, seed)) if ("teacher", fold, seed) in records else None
-                lead = scored(("teacher", fold, seed)) - scored((ref, fold, seed)) \
+                lead = scored(("teacher", fold, seed))[0] - scored((ref, fold, seed))[0] \
                     if t is not None and detfile.same_split(t, b) else 0
                 rows.append({"config": config, "over": ref, "fold": fold, "seed": seed, "gain": gain,
                              "ci95": [lo, hi],
@@ -82,9 +81,3 @@ def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, st
                              else None})
     return {"rows": rows, "missing": sorted(set(missing)), "metric": metric}
 
-
-def score(loaded: Any, iou_ts: tuple[float, ...]) -> float:
-    """One cell's mAP on its whole split, scored as the pairs are."""
-    dets, gt, ids, k = loaded
-    ids = np.asarray(sorted(ids))
-    return float(mean_resampled_map(dets, gt, ids, np.ones((1, len(ids))), k, iou_ts)[0])

@@ -333,6 +333,10 @@ def test_per_pair_gains_over_the_same_test_images(tmp_path: Path):
     r = rows[("hard+pdf", "hard", 0)]
     assert r["gain"] == pytest.approx(maps[("hard+pdf", 0)] - maps[("hard", 0)], abs=1e-9)
     assert r["ci95"][0] <= r["gain"] <= r["ci95"][1] and r["ci95"][0] > 0  # 80 % found against 60 %
+    from kdcli.engine.metrics import paired_bootstrap_map  # tested against copying the drawn images
+
+    pair = [detfile.load(detfile.path_for(d / "runs" / f"{c}-f1-s0", "test")) for c in ("hard+pdf", "hard")]
+    assert r["ci95"] == pytest.approx(list(paired_bootstrap_map(pair[0][0], pair[1][0], *pair[0][1:])[1:]), abs=1e-12)
     assert r["gap_closed"] == pytest.approx(r["gain"] / (maps[("teacher", 0)] - maps[("hard", 0)]))
     assert rows[("teacher", "hard", 0)]["gap_closed"] is None
     pool = rows[("hard+pdf@scarcepool", "hard+pdf@scarce", 1)]
