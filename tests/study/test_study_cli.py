@@ -287,6 +287,13 @@ def test_a_study_takes_another_studys_teachers(tmp_path: Path, vedai25: Path):
     res = CliRunner().invoke(app, ["study", str(other), "--out", str(tmp_path / "c"), "--teachers-from", str(first)])
     assert res.exit_code == 2 and "train.epochs (2 here, 1 there)" in res.output, res.output
     assert not (tmp_path / "c" / "runs").exists()
+    weights = Path(teacher["weights"])
+    weights.rename(weights.with_suffix(".moved"))
+    recipe = tiny_study(tmp_path, vedai25, "teacher, hard")  # the same teacher recipe again
+    res = CliRunner().invoke(app, ["study", str(recipe), "--out", str(tmp_path / "d"), "--teachers-from", str(first)])
+    assert res.exit_code == 2 and "weights" in res.output and "are missing" in res.output, res.output
+    res = CliRunner().invoke(app, ["study", str(second), "--cell", "hard/f1/s0", "--teachers-from", str(first)])
+    assert res.exit_code == 2 and "not to --cell" in res.output, res.output
     for bad, message in ((first, "that is this study"), (tmp_path / "none", "not a study directory")):
         res = CliRunner().invoke(app, ["study", str(first), "--teachers-from", str(bad)])
         assert res.exit_code == 2 and message in res.output, res.output
