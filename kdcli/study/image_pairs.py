@@ -26,8 +26,8 @@ def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, st
     each row over the baseline, a variant row over its twin (aggregate.twins) and over the baseline row on its
     labelled share (aggregate.share_baselines). Only
     for mAP50 and mAP50-95 (THRESHOLDS), which the saved detections score; `gap_closed` = gain / (teacher -
-    reference) on the pair, both scored alike, where the teacher leads and the reference is a baseline (plain or
-    of the row's variant)."""
+    reference) on the pair, both scored alike, for a row that learns from the teacher, over its own reference
+    (the baseline on its labelled share, else the baseline), where the teacher leads."""
     if metric not in THRESHOLDS:
         return {"rows": [], "missing": [], "metric": metric}
     iou_ts = THRESHOLDS[metric]
@@ -61,6 +61,7 @@ def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, st
     configs = list(dict.fromkeys(c for c, _, _ in sorted(records)))
     for config in configs:
         own = (share_baselines or {}).get(config)
+        learns = config != "teacher" and config.split("@")[0] != baseline.split("@")[0]  # from the teacher
         over = list(dict.fromkeys([baseline, *([t] if (t := twins.get(config)) else []), *([own] if own else [])]))
         for ref in over:
             if ref == config:
@@ -77,7 +78,6 @@ def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, st
                     if t is not None and detfile.same_split(t, b) else 0
                 rows.append({"config": config, "over": ref, "fold": fold, "seed": seed, "gain": gain,
                              "ci95": [lo, hi],
-                             "gap_closed": gain / lead if ref in (baseline, own) and config != "teacher" and lead > 0
-                             else None})
+                             "gap_closed": gain / lead if ref == (own or baseline) and learns and lead > 0 else None})
     return {"rows": rows, "missing": sorted(set(missing)), "metric": metric}
 

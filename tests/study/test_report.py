@@ -348,6 +348,9 @@ def test_per_pair_gains_over_the_same_test_images(tmp_path: Path):
         assert own["gain"] == pytest.approx(maps[(c, 0)] - maps[("hard@scarce", 0)], abs=1e-9)
         assert own["gap_closed"] == pytest.approx(own["gain"] / (maps[("teacher", 0)] - maps[("hard@scarce", 0)]))
     assert ("hard@scarce", "hard@scarce", 0) not in rows and ("hard+pdf", "hard@scarce", 0) not in rows
+    # no gap closed where it means nothing: a row without a teacher, or a scarce row against the full baseline
+    assert rows[("hard@scarce", "hard", 0)]["gap_closed"] is None
+    assert rows[("hard+pdf@scarce", "hard", 0)]["gap_closed"] is None
     res = CliRunner().invoke(app, ["report", str(d), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
     assert "hard+pdf over hard: 1 of 1 pairs above zero" in res.output and "hard+pdf/f1/s1" in res.output
