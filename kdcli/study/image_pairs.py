@@ -73,11 +73,11 @@ def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, st
                 if a is None or b is None or not detfile.same_split(a, b):
                     continue
                 gain, lo, hi = paired_interval(scored((c, fold, seed)), scored((ref, fold, seed)))
-                t = loaded(("teacher", fold, seed)) if ("teacher", fold, seed) in records else None
-                lead = scored(("teacher", fold, seed))[0] - scored((ref, fold, seed))[0] \
-                    if t is not None and detfile.same_split(t, b) else 0
+                teacher = ("teacher", fold, seed)
+                t = loaded(teacher) if learns and ref == (own or baseline) and teacher in records else None
+                lead = scored(teacher)[0] - scored((ref, fold, seed))[0] \
+                    if t is not None and detfile.same_split(t, b) else 0  # the teacher scored only where needed
                 rows.append({"config": config, "over": ref, "fold": fold, "seed": seed, "gain": gain,
-                             "ci95": [lo, hi],
-                             "gap_closed": gain / lead if ref == (own or baseline) and learns and lead > 0 else None})
+                             "ci95": [lo, hi], "gap_closed": gain / lead if lead > 0 else None})
     return {"rows": rows, "missing": sorted(set(missing)), "metric": metric}
 
