@@ -34,6 +34,11 @@ def predict(
     split: Annotated[str | None, typer.Option("--split", help="Predict a split of the checkpoint's dataset instead "
                                                               "(e.g. val_scenes: whole xView scenes) and evaluate it."
                                               )] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="With --split: score that split of this dataset dir "
+                                                             "instead (another site, sensor or season), e.g. "
+                                                             "--split test or --split fold01_test. Its class names "
+                                                             "must be the checkpoint's.",
+                                              show_default="the checkpoint's dataset")] = None,
     slice_size: Annotated[int | None, typer.Option("--slice", help="Cut each image into windows of this "
                                                                            "side (pixels).",
                                                 show_default="whole image")]
@@ -82,10 +87,9 @@ def predict(
     """
     import torch
 
-    from kdcli.data import coco
     from kdcli.data.rasters import GEO_HINT, open_raster, optional_rasterio, parse_bands, require_band_choice
     from kdcli.deploy.predict import Predictor, check_slice, expand_sources, write_outputs
-    from kdcli.engine import checkpoint, distributed
+    from kdcli.engine import distributed
     from kdcli.engine.trainer import unique_run_dir
 
     if merge not in ("nms", "fusion"):
@@ -98,6 +102,8 @@ def predict(
     if bool(sources) == bool(split):
         raise KdcliError("give images to predict or --split, not both" if sources else "give images to predict",
                          hint="e.g. kdcli predict best.pt scene.tif --slice 512, or --split val_scenes")
+    if data is not None and not split:
+        raise KdcliError(f"--data {data}: give the split of it to score with --split", hint="e.g. --split test")
     if split and str(weights).endswith(".onnx"):
         raise KdcliError("--split reads the dataset from a kdcli checkpoint: give the .pt", hint="or list the images")
     if not 0 <= overlap < 1:
@@ -110,10 +116,8 @@ def predict(
     predictor = Predictor(weights, dev, conf, iou, max_det, slice_size, overlap, merge, batch, keep_cut)
     gt = None
     if split:
-        d = checkpoint.load(weights).data
-        fold = d.fold if coco.split_path(d.path, split, d.fold).is_file() else None
-        gt = coco.read_split(d.path, split, fold)
-        items = [(im["id"], Path(d.path) / im["file_name"]) for im in gt["images"]]
+        root, gt = _split_to_score(weights, split, data, predictor.classes)
+        items = [(im["id"], root / im["file_name"]) for im in gt["images"]]
     else:
         items = [(i, p) for i, p in enumerate(expand_sources(sources or []), start=1)]
     rasters = [(i, p, open_raster(p, band_list, (pct[0], pct[1]), normalize)) for i, p in items]
@@ -161,6 +165,31 @@ def predict(
         out.print(f"scenes: {scores} -> {target / 'metrics.json'}", highlight=False, soft_wrap=True)
     out.print("written: " + ", ".join(str(f) for f in files[:6]) + (" ..." if len(files) > 6 else ""),
               highlight=False, soft_wrap=True)
+
+
+def _split_to_score(weights: Path, split: str, data: Path | None, classes: list[str]) -> tuple[Path, dict]:
+    """(dataset root, COCO split) for --split: the checkpoint's own (its fold where the dataset has folds), or
+    --data's, whose folds the checkpoint knows nothing of (name the fold in the split) and whose class names
+    must be the checkpoint's, in its order: the model's class k is scored against the split's class k."""
+    from kdcli.data import coco
+    from kdcli.engine import checkpoint
+
+    if data is None:
+        d = checkpoint.load(weights).data
+        fold = d.fold if coco.split_path(d.path, split, d.fold).is_file() else None
+        return Path(d.path), coco.read_split(d.path, split, fold)
+    path = coco.split_path(data, split)
+    if not path.is_file():
+        have = sorted(p.stem for p in (data / coco.ANNOTATIONS).glob("*.json"))
+        raise KdcliError(f"--data {data}: no split '{split}'" + ("" if have else " (not a prepared dataset dir)"),
+                         hint=f"available: {', '.join(have)}" if have else "run `kdcli prepare` on it first")
+    gt = coco.read_split(data, split)
+    names = [c["name"] for c in sorted(gt.get("categories", []), key=lambda c: c["id"])]
+    if names != list(classes):
+        raise KdcliError(f"{path}: classes {', '.join(names) or '(none)'} are not the checkpoint's "
+                         f"({', '.join(classes)})",
+                         hint=f"prepare it with the checkpoint's classes, e.g. --classes {','.join(classes)}")
+    return Path(data), gt
 
 
 def _check_out(out_dir: Path, force: bool) -> None:

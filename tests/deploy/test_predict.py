@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,26 @@ def test_xview_whole_scenes_end_to_end(tmp_path: Path, xview_raw: Path):
     assert 0 <= m["mAP50"] <= 1 and "scenes: mAP50" in res.output
     ids = {r["image_id"] for r in json.loads((out / "predictions.json").read_text())}
     assert ids <= {im["id"] for im in scenes["images"]}
+
+    # --data: another dataset dir's split is scored (here a copy holding one scene of the two), not the checkpoint's
+    other = tmp_path / "other"
+    shutil.copytree(data, other, symlinks=True)
+    one = {**scenes, "images": scenes["images"][-1:],
+           "annotations": [a for a in scenes["annotations"] if a["image_id"] == scenes["images"][-1]["id"]]}
+    (other / "annotations" / "test.json").write_text(json.dumps(one))
+    base = ["predict", str(run / "weights" / "best.pt"), "--slice", "128", "--conf", "0.01", "--no-draw"]
+    res = CliRunner().invoke(app, [*base, "--split", "test", "--data", str(other), "--out", str(tmp_path / "p2")])
+    assert res.exit_code == 0, res.output
+    m2 = json.loads((tmp_path / "p2" / "metrics.json").read_text())
+    assert m2["images"] == 1 < len(scenes["images"]) and m2["objects"] == len(one["annotations"]) > 0
+    res = CliRunner().invoke(app, [*base, "--split", "holdout", "--data", str(other)])
+    assert res.exit_code == 2 and "no split 'holdout'" in res.output and "val_scenes" in res.output
+    res = CliRunner().invoke(app, [*base, "--data", str(other)])
+    assert res.exit_code == 2 and "--split" in res.output
+    wrong = {**one, "categories": [{**c, "name": f"{c['name']}x"} for c in one["categories"]]}
+    (other / "annotations" / "test.json").write_text(json.dumps(wrong))
+    res = CliRunner().invoke(app, [*base, "--split", "test", "--data", str(other)])
+    assert res.exit_code == 2 and "test.json: classes" in res.output and "--classes" in res.output
 
 
 def test_predict_errors(tmp_path: Path, tiny_checkpoint: Path):
