@@ -155,7 +155,8 @@ def predict(
     target = out_dir or unique_run_dir(paths.runs_root() / "predict", Path(weights).parent.parent.name or "predict")
     with atomic_dir(target.resolve(), force=target.exists()) as tmp:  # an existing target passed _check_out
         files = [target / f.relative_to(tmp) for f in
-                 write_outputs(tmp, results, predictor.classes, draw_conf if draw_images else None, maps, timing)]
+                 write_outputs(tmp, results, predictor.classes, draw_conf if draw_images else None, maps, timing,
+                                [i for i, _, _ in rasters])]
         scores = _evaluate(gt, [i for i, _, _ in rasters], results, predictor, tmp) if gt is not None else None
     out.print(f"[green]{n} detections[/] in {len(results)} image(s), {total} window(s) -> {target}", highlight=False)
     out.print(f"speed: {secs:.1f} s reading and detecting, {timing['images_per_s']:.2f} images/s, "

@@ -309,15 +309,17 @@ def _map_outputs(out_dir: Path, stem: str, raster: Raster, det: Detections, clas
 
 
 def write_outputs(out_dir: Path, results: list[tuple[Path, Raster, Detections]], classes: list[str],
-                  draw_conf: float | None = 0.25, maps: bool = True, timing: dict | None = None) -> list[Path]:
+                  draw_conf: float | None = 0.25, maps: bool = True, timing: dict | None = None,
+                  image_ids: list[int] | None = None) -> list[Path]:
     """predictions.json (COCO results), images.json (ids, file names, sizes, and the `timing` of the prediction
     when given), one GeoJSON per image in pixels
     (and with `maps`, for a georeferenced scene, in its CRS and in WGS84), one drawn PNG per image (boxes scoring
-    >= draw_conf; None: no PNG)."""
+    >= draw_conf; None: no PNG). `image_ids`: a scored split's own ids, so that predictions.json joins with its
+    COCO file (pycocotools' loadRes); else 1, 2, ..."""
     out_dir.mkdir(parents=True, exist_ok=True)
     coco, images, files = [], [], []
     stems: dict[str, int] = {}
-    for image_id, (path, raster, det) in enumerate(results, start=1):
+    for image_id, (path, raster, det) in zip(image_ids or range(1, len(results) + 1), results, strict=True):
         coco += coco_results(image_id, det)
         images.append({"id": image_id, "file_name": str(path), "width": raster.width, "height": raster.height})
         n = stems.get(path.stem, 0)

@@ -123,6 +123,10 @@ def test_xview_whole_scenes_end_to_end(tmp_path: Path, xview_raw: Path):
     assert res.exit_code == 0, res.output
     m2 = json.loads((tmp_path / "p2" / "metrics.json").read_text())
     assert m2["images"] == 1 < len(scenes["images"]) and m2["objects"] == len(one["annotations"]) > 0
+    kept = one["images"][0]["id"]
+    assert kept != 1 and {r["image_id"] for r in json.loads((tmp_path / "p2" / "predictions.json").read_text())} \
+        == {kept}  # the split's own ids: predictions.json joins with its COCO file
+    assert [im["id"] for im in json.loads((tmp_path / "p2" / "images.json").read_text())["images"]] == [kept]
     res = CliRunner().invoke(app, [*base, "--split", "holdout", "--data", str(other)])
     assert res.exit_code == 2 and "no split 'holdout'" in res.output and "val_scenes" in res.output
     res = CliRunner().invoke(app, [*base, "--data", str(other)])
