@@ -103,6 +103,7 @@ def _register() -> None:
     app.command("train", rich_help_panel="Train and evaluate")(train.train)
     app.command("distill", rich_help_panel="Train and evaluate", cls=ListingCommand)(distill.distill)
     app.command("val", rich_help_panel="Train and evaluate")(train.val)
+    app.command("compare", rich_help_panel="Train and evaluate")(train.compare)
     info = typer.Typer(help="Describe models.", no_args_is_help=True, rich_markup_mode="rich")
     info.command("model", cls=ListingCommand)(train.info_model)
     app.add_typer(info, name="info", rich_help_panel="Train and evaluate")

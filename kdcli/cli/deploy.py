@@ -157,7 +157,8 @@ def predict(
         files = [target / f.relative_to(tmp) for f in
                  write_outputs(tmp, results, predictor.classes, draw_conf if draw_images else None, maps, timing,
                                 [i for i, _, _ in rasters])]
-        scores = _evaluate(gt, [i for i, _, _ in rasters], results, predictor, tmp) if gt is not None else None
+        scores = (_evaluate(gt, [i for i, _, _ in rasters], results, predictor, tmp, split or "")
+                  if gt is not None else None)
     out.print(f"[green]{n} detections[/] in {len(results)} image(s), {total} window(s) -> {target}", highlight=False)
     out.print(f"speed: {secs:.1f} s reading and detecting, {timing['images_per_s']:.2f} images/s, "
               f"{timing['windows_per_s']:.2f} windows/s, {timing['detections_per_s']:.1f} detections/s on {dev} "
@@ -208,12 +209,14 @@ def _check_out(out_dir: Path, force: bool) -> None:
                          "--force replaces only those", hint="choose a new or empty folder")
 
 
-def _evaluate(gt: dict, ids: list[int], results: list, predictor, target: Path) -> str:
+def _evaluate(gt: dict, ids: list[int], results: list, predictor, target: Path, split: str) -> str:
     """Score whole-scene predictions against the split's boxes (the same metrics as `kdcli val`), write
-    metrics.json into `target`; returns the headline figures."""
+    metrics.json and the detections with their boxes (dets_<split>.npz, for `kdcli compare`) into `target`;
+    returns the headline figures."""
     import numpy as np
 
     from kdcli import atomic
+    from kdcli.engine import detfile
     from kdcli.engine import metrics as M
     from kdcli.engine.validator import compute_metrics
 
@@ -224,6 +227,7 @@ def _evaluate(gt: dict, ids: list[int], results: list, predictor, target: Path) 
     max_det = max(1, max((len(d.scores) for _, _, d in results), default=1))
     m = compute_metrics(dets, gt, predictor.classes, max_det, [0.1, 0.25])
     atomic.write_json(target / "metrics.json", m, indent=2)
+    detfile.save(detfile.path_for(target, split), dets, gt, len(predictor.classes))
     return (f"mAP50 {m['mAP50']:.4f}  COCO AP50 {m['coco_AP50']:.4f}  mAP50-95 {m['mAP50-95']:.4f}  "
             f"AP@0.25 {m['mAP0.25']:.4f}  ({m['objects']} objects, {m['detections']} detections)")
 

@@ -9,9 +9,11 @@ from typing import Annotated, Literal
 
 import typer
 from pydantic import Field
+from rich.markup import escape
 from rich.table import Table
 
 from kdcli import atomic, paths
+from kdcli.atomic import ensure_dir_possible
 from kdcli.config import load
 from kdcli.config import schema
 from kdcli.config.base import Device, Strict
@@ -152,6 +154,62 @@ def val(
                   f"[{lo:.4f}, {hi:.4f}]", highlight=False)
     out.print(f"written: {run_dir}/metrics.json, predictions.png, {dets.name} (its detections, for paired "
               "comparisons: docs/studies.md)", highlight=False)
+
+
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more detections files (dets_<split>.npz) or run dirs "
+                                                    "holding one (`kdcli val`, `kdcli predict --split`, a study "
+                                                    "cell), the reference first.")],
+    metric: Annotated[str, typer.Option("--metric", help="mAP50 or mAP50-95 (VOC-style at IoU 0.50:0.05:0.95, "
+                                                         "averaged).")] = "mAP50",
+    resamples: Annotated[int, typer.Option("--resamples", min=100, help="Bootstrap resamples of the images.")]
+    = 1000,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Also write the table as CSV here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+) -> None:
+    """Paired gains over the same images: each run's mAP on its split, and its gain over the first run with a
+    95 % interval over images resampled with replacement, both models scored on each resample. For models
+    scored outside a study (another site with `kdcli predict --split --data`, a `kdcli val` of an INT8 export);
+    `kdcli report` gives the same for a study's cells.
+
+    Example: [bold]kdcli compare runs/predict/hard runs/predict/hard_pdf runs/predict/teacher --metric mAP50-95[/]
+    """
+    import csv
+    import io
+
+    from kdcli.engine import detfile
+    from kdcli.engine.metrics import PAIRED_THRESHOLDS
+
+    if metric not in PAIRED_THRESHOLDS:
+        raise KdcliError(f"--metric {metric}: use {' or '.join(PAIRED_THRESHOLDS)}")
+    if len(runs) < 2:
+        raise KdcliError("give two or more runs to compare, the reference first")
+    if csv_out is not None:
+        ensure_dir_possible(csv_out.parent, "--csv folder")
+    rows = detfile.paired_gains([detfile.find(r) for r in runs], metric, resamples)
+    if csv_out is not None:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["file", metric, f"gain over {rows[0]['file']}", "ci95_low", "ci95_high"])
+        for r in rows:
+            ci = r["ci95"] or ["", ""]
+            w.writerow([r["file"], f"{r['score']:.6f}", "" if r["gain"] is None else f"{r['gain']:.6f}",
+                        *(f"{x:.6f}" if x != "" else "" for x in ci)])
+        atomic.write_text(csv_out, buf.getvalue())
+    if as_json:
+        typer.echo(json.dumps({"metric": metric, "resamples": resamples, "rows": rows}))
+        return
+    t = Table(title=f"{metric} (points) on the same images, gains over {rows[0]['file']} with 95 % intervals over "
+                    f"{resamples} resamples of them", title_justify="left")
+    for col in ("run", metric, "gain", "95 % interval"):
+        t.add_column(col, justify="left" if col == "run" else "right")
+    for r in rows:
+        gain = "" if r["gain"] is None else f"{100 * r['gain']:+.2f}"
+        ci = "" if r["ci95"] is None else f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]"
+        t.add_row(escape(r["file"]), f"{100 * r['score']:.2f}", gain, ci)
+    out.print(t)
+    if csv_out is not None:
+        out.print(f"written: {csv_out}", highlight=False)
 
 
 def info_model(

@@ -45,6 +45,39 @@ def load(path: Path) -> tuple[M.Detections, M.GroundTruth, list[int], int]:
                          hint="write it again: kdcli val WEIGHTS split=SPLIT (into its val run dir)") from None
 
 
+def find(path: Path) -> Path:
+    """The detections file a path names: the file itself, or the one `dets_*.npz` in a run dir (`kdcli val`'s,
+    `kdcli predict --split`'s, a study cell's)."""
+    if path.is_file():
+        return path
+    found = sorted(path.glob("dets_*.npz")) if path.is_dir() else []
+    if len(found) != 1:
+        names = f": {', '.join(f.name for f in found)}" if found else ""
+        what = f"{len(found)} detections files (dets_*.npz) in it{names}" if path.exists() else "no such file or folder"
+        raise KdcliError(f"{path}: {what}", hint="give a dets_<split>.npz, or the run dir of `kdcli val`, of "
+                                                  "`kdcli predict --split` or of a study cell")
+    return found[0]
+
+
+def paired_gains(paths: list[Path], metric: str, resamples: int = 1000, seed: int = 0) -> list[dict]:
+    """[{file, score, gain, ci95}]: each file's mAP (`metric`: mAP50 or mAP50-95, VOC-style) on its split, and from
+    the second on its gain over the first with the paired percentile interval over images resampled with
+    replacement (each model scored once on the shared resamples). Every file must score the same images against
+    the same boxes: pairing another split would compare the images, not the models."""
+    iou_ts = M.PAIRED_THRESHOLDS[metric]
+    loaded = [load(p) for p in paths]
+    for p, other in zip(paths[1:], loaded[1:]):
+        if not same_split(loaded[0], other):
+            raise KdcliError(f"{p}: scores other images or boxes than {paths[0]}",
+                             hint="compare models scored on the same split of the same dataset")
+    scores = [M.resampled_scores(d, g, ids, k, iou_ts, resamples, seed) for d, g, ids, k in loaded]
+    rows = []
+    for i, (p, sc) in enumerate(zip(paths, scores)):
+        gain, lo, hi = M.paired_interval(sc, scores[0]) if i else (None, None, None)
+        rows.append({"file": str(p), "score": sc[0], "gain": gain, "ci95": None if lo is None else [lo, hi]})
+    return rows
+
+
 def same_split(a: tuple, b: tuple) -> bool:
     """Whether two loaded files score the same images against the same ground truth (pairing needs both)."""
     (_, ga, ia, ka), (_, gb, ib, kb) = a, b

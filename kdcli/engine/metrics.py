@@ -21,6 +21,8 @@ import numpy as np
 
 COCO_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 REC_THRESHOLDS = np.linspace(0.0, 1.0, 101)
+# the metrics a paired comparison over images scores from saved detections: VOC-style AP at these IoUs, averaged
+PAIRED_THRESHOLDS = {"mAP50": (0.5,), "mAP50-95": tuple(round(0.5 + 0.05 * i, 2) for i in range(10))}
 
 
 @dataclass

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.engine import detfile
+from kdcli.engine.metrics import PAIRED_THRESHOLDS as THRESHOLDS
 from kdcli.engine.metrics import paired_interval, resampled_scores
 from kdcli.errors import KdcliError
 
 Key = tuple[str, int, int]
-THRESHOLDS = {"mAP50": (0.5,), "mAP50-95": tuple(round(0.5 + 0.05 * i, 2) for i in range(10))}  # metrics paired
 
 
 def gains(study: dict[str, Any], baseline: str, metric: str, twins: dict[str, str],

@@ -127,6 +127,12 @@ def test_xview_whole_scenes_end_to_end(tmp_path: Path, xview_raw: Path):
     assert kept != 1 and {r["image_id"] for r in json.loads((tmp_path / "p2" / "predictions.json").read_text())} \
         == {kept}  # the split's own ids: predictions.json joins with its COCO file
     assert [im["id"] for im in json.loads((tmp_path / "p2" / "images.json").read_text())["images"]] == [kept]
+    assert (out / "dets_val_scenes.npz").is_file() and (tmp_path / "p2" / "dets_test.npz").is_file()
+    res = CliRunner().invoke(app, ["compare", str(tmp_path / "p2"), str(tmp_path / "p2"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["rows"][1]["gain"] == 0
+    assert json.loads(res.output)["rows"][1]["score"] == pytest.approx(m2["mAP50"], abs=1e-4)
+    res = CliRunner().invoke(app, ["compare", str(out), str(tmp_path / "p2")])
+    assert res.exit_code == 2 and "scores other images" in res.output
     res = CliRunner().invoke(app, [*base, "--split", "holdout", "--data", str(other)])
     assert res.exit_code == 2 and "no split 'holdout'" in res.output and "val_scenes" in res.output
     res = CliRunner().invoke(app, [*base, "--data", str(other)])
