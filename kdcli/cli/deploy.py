@@ -153,12 +153,11 @@ def predict(
               "windows_per_s": round(total / secs, 3), "detections_per_s": round(n / secs, 3),
               "device": str(dev), "threads": torch.get_num_threads(), "batch": batch}
     target = out_dir or unique_run_dir(paths.runs_root() / "predict", Path(weights).parent.parent.name or "predict")
+    ids = [i for i, _, _ in rasters]
     with atomic_dir(target.resolve(), force=target.exists()) as tmp:  # an existing target passed _check_out
         files = [target / f.relative_to(tmp) for f in
-                 write_outputs(tmp, results, predictor.classes, draw_conf if draw_images else None, maps, timing,
-                                [i for i, _, _ in rasters])]
-        scores = (_evaluate(gt, [i for i, _, _ in rasters], results, predictor, tmp, split or "")
-                  if gt is not None else None)
+                 write_outputs(tmp, results, predictor.classes, draw_conf if draw_images else None, maps, timing, ids)]
+        scores = _evaluate(gt, ids, results, predictor, tmp, split or "") if gt is not None else None
     out.print(f"[green]{n} detections[/] in {len(results)} image(s), {total} window(s) -> {target}", highlight=False)
     out.print(f"speed: {secs:.1f} s reading and detecting, {timing['images_per_s']:.2f} images/s, "
               f"{timing['windows_per_s']:.2f} windows/s, {timing['detections_per_s']:.1f} detections/s on {dev} "

@@ -191,10 +191,9 @@ def compare(
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["file", metric, f"gain over {rows[0]['file']}", "ci95_low", "ci95_high"])
+        fmt = lambda x: "" if x is None else f"{x:.6f}"  # noqa: E731 - the reference row has no gain
         for r in rows:
-            ci = r["ci95"] or ["", ""]
-            w.writerow([r["file"], f"{r['score']:.6f}", "" if r["gain"] is None else f"{r['gain']:.6f}",
-                        *(f"{x:.6f}" if x != "" else "" for x in ci)])
+            w.writerow([r["file"], fmt(r["score"]), fmt(r["gain"]), *map(fmt, r["ci95"] or [None, None])])
         atomic.write_text(csv_out, buf.getvalue())
     if as_json:
         typer.echo(json.dumps({"metric": metric, "resamples": resamples, "rows": rows}))
